@@ -1,0 +1,290 @@
+"""Causal Wan2.1 text-to-video DiT with two entry points.
+
+`forward` runs the full sequence (bidirectional, or with a block-causal mask); `forward_chunk` runs one chunk of
+latent frames against a `KVCache` (sink + rolling window + memory) with the text K/V cached per prompt
+(`CrossKV`). One timestep per latent frame. Parameter names are the original Wan2.1 checkpoint keys.
+
+Math follows Wan2.1 `wan/modules/model.py` (Apache-2.0) and the block-causal streaming of Self-Forcing
+`wan/modules/causal_model.py`; the residual stream, norms and adaLN modulation run in float32 as in Wan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..cache import KVCache
+from ..config import DiTConfig
+from .attention import attention
+from .rope import RopeTables, apply_rope
+
+# (layer index, k, v) -> context (k rotated, v); the two entry points differ only here.
+ContextFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CrossKV:
+    """Cross-attention K/V of one prompt for every layer: k, v [layers, B, text_len, H, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def blend(self, other: CrossKV, alpha: float) -> CrossKV:
+        """(1 - alpha) * self + alpha * other: the soft prompt transition. Returns a new object."""
+        return CrossKV(torch.lerp(self.k, other.k, alpha), torch.lerp(self.v, other.v, alpha))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 (x may be float32 already: the residual stream is)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(
+        self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int,
+        backend: str, mask: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """x: [B, L, dim] in the compute dtype -> [B, L, dim]."""
+        heads = (x.shape[0], x.shape[1], self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).view(heads)
+        k = self.norm_k(self.k(x)).view(heads)
+        v = self.v(x).view(heads)
+        k_ctx, v_ctx = context(layer, k, v)
+        out = attention(apply_rope(q, *rope_q), k_ctx, v_ctx, backend, mask)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context: [B, Lt, dim] (after text_embedding) -> k, v [B, Lt, H, D]."""
+        heads = (context.shape[0], context.shape[1], self.num_heads, self.head_dim)
+        return self.norm_k(self.k(context)).view(heads), self.v(context).view(heads)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
+        return self.o(attention(q, k, v, backend).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(
+        self, x: torch.Tensor, e0: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], frames: int,
+        rope_q: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int, backend: str,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """x: [B, L, dim] float32 residual stream; e0: [B, F, 6, dim] float32 per-frame modulation."""
+        dtype = self.norm3.weight.dtype  # the compute dtype (never quantized, unlike the linears)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
+
+        def per_frame(t: torch.Tensor) -> torch.Tensor:  # [B, L, dim] <-> [B, F, L/F, dim]
+            return t.unflatten(1, (frames, -1))
+
+        # 1. Self-attention over the context (full sequence or cache), gated per frame.
+        h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
+        y = self.self_attn(h.to(dtype), rope_q, context, layer, backend, mask)
+        x = x + (per_frame(y.float()) * gate1).flatten(1, 2)
+        # 2. Cross-attention to the prompt.
+        x = x + self.cross_attn(self.norm3(x).to(dtype), *cross, backend).float()
+        # 3. Feed-forward, gated per frame.
+        h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
+        y = self.ffn(h.to(dtype))
+        return x + (per_frame(y.float()) * gate2).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_channels)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, frames: int) -> torch.Tensor:
+        """x: [B, L, dim] float32, e: [B, F, dim] float32 -> [B, L, patch_volume * out_channels]."""
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        h = (self.norm(x).unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+        return self.head(h.to(self.head.weight.dtype))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [*t.shape, dim] in float32: cos half then sin half, as Wan."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class CausalWanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.rope = RopeTables(cfg.rope_split, cfg.rope_max_positions, cfg.rope_theta)
+        self.attention_backend = "sdpa"
+        self._rope_memo: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+
+    def reset_buffers(self) -> None:
+        """Forget device-bound tables (call after moving a meta-initialised model to real tensors)."""
+        self.rope = RopeTables(self.cfg.rope_split, self.cfg.rope_max_positions, self.cfg.rope_theta)
+        self._rope_memo = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # conditioning --------------------------------------------------------------------------------------------------
+    def encode_text(self, text: torch.Tensor) -> CrossKV:
+        """text: [B, text_len, text_dim] umT5 states (zero-padded to 512) -> per-layer cross-attention K/V."""
+        context = self.text_embedding(text.to(self.text_embedding[0].weight.dtype))
+        kv = [block.cross_attn.text_kv(context) for block in self.blocks]
+        return CrossKV(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
+
+    def _time(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [B] or [B, F] -> e [B, F, dim], e0 [B, F, 6, dim], both float32 (Wan keeps this path in fp32)."""
+        t = t.to(self.device).float()
+        t = t[:, None].expand(batch, frames) if t.dim() == 1 else t
+        if t.shape != (batch, frames):
+            raise ValueError(f"timesteps must be [B] or [B, F] = [{batch}, {frames}], got {list(t.shape)}")
+        lin1, lin2, proj = self.time_embedding[0], self.time_embedding[2], self.time_projection[1]
+        e = F.linear(timestep_embedding(t, self.cfg.freq_dim), lin1.weight.float(), lin1.bias.float())
+        e = F.linear(F.silu(e), lin2.weight.float(), lin2.bias.float())
+        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float()).unflatten(-1, (6, self.cfg.dim))
+        return e, e0
+
+    # shared trunk ----------------------------------------------------------------------------------------------
+    def _run(
+        self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, rope_q: tuple[torch.Tensor, torch.Tensor],
+        context: ContextFn, mask: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """x: [B, C, F, H, W] latents -> velocity [B, C_out, F, H, W]."""
+        b, _, f, h, w = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2).float()
+        e, e0 = self._time(t, b, f // pt)
+        for i, block in enumerate(self.blocks):
+            tokens = block(
+                tokens, e0, (cross.k[i], cross.v[i]), f // pt, rope_q, context, i, self.attention_backend, mask
+            )
+        out = self.head(tokens, e, f // pt).float()
+        # unpatchify: [B, F*h*w, pt*ph*pw*C] -> [B, C, F*pt, h*ph, w*pw]
+        out = out.view(b, f // pt, h // ph, w // pw, pt, ph, pw, -1)
+        return torch.einsum("bfhwpqrc->bcfphqwr", out).reshape(b, -1, f, h, w)
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        _, c, f, h, w = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        if c != self.cfg.in_channels or f % pt or h % ph or w % pw:
+            raise ValueError(
+                f"latents {list(x.shape)} do not fit the DiT: need {self.cfg.in_channels} channels and "
+                f"frames/height/width divisible by the patch {self.cfg.patch_size}"
+            )
+        return f // pt, h // ph, w // pw
+
+    def _rope(self, positions: tuple[int, ...], h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (positions, h, w, self.device)
+        if self._rope_memo is None or self._rope_memo[0] != key:
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            self._rope_memo = (key, self.rope.grid(pos, h, w))
+        return self._rope_memo[1]
+
+    # entry points --------------------------------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | CrossKV, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Full-sequence forward. x: [B, C, F, H, W]; t: [B] or [B, F]; text: [B, 512, text_dim] or CrossKV;
+        mask: bool [L, L] over tokens (True = attend), e.g. `cache.block_causal_mask`, or None (bidirectional)."""
+        f, h, w = self._grid(x)
+        cross = text if isinstance(text, CrossKV) else self.encode_text(text)
+        cos, sin = self.rope.grid(torch.arange(f, device=self.device), h, w)
+
+        def full_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return apply_rope(k, cos, sin), v
+
+        return self._run(x, t, cross, (cos, sin), full_context, None if mask is None else mask.to(self.device))
+
+    def forward_chunk(
+        self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, cache: KVCache, start_frame: int, commit: bool = False
+    ) -> torch.Tensor:
+        """One chunk of latent frames starting at absolute latent frame `start_frame`, attending to the cache.
+
+        x: [B, C, F, H, W] (F <= cache chunk); t: [B] or [B, F]. With `commit=True` (the clean t=0 pass) the chunk's
+        K/V are kept in the cache afterwards; denoising passes leave the cache as it was.
+        """
+        f, h, w = self._grid(x)
+        if cache.tokens_per_frame != h * w:
+            raise ValueError(f"cache holds {cache.tokens_per_frame} tokens per frame, latents give {h * w}")
+        layout = cache.begin_chunk(start_frame, f)
+        ctx_cos, ctx_sin = self._rope(layout.context_positions, h, w)
+        q_cos, q_sin = self.rope.grid(torch.tensor(layout.query_positions, device=self.device), h, w)
+
+        def cached_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k_ctx, v_ctx = cache.context(layer, k, v)
+            return apply_rope(k_ctx, ctx_cos, ctx_sin), v_ctx
+
+        out = self._run(x, t, cross, (q_cos, q_sin), cached_context, None)
+        if commit:
+            cache.commit()
+        return out
+
+    def new_cache(self, cfg, tokens_per_frame: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache sized for this model on its device."""
+        return KVCache(
+            cfg,
+            num_layers=self.cfg.num_layers,
+            tokens_per_frame=tokens_per_frame,
+            num_heads=self.cfg.num_heads,
+            head_dim=self.cfg.head_dim,
+            batch=batch,
+            device=self.device,
+            dtype=dtype or self.blocks[0].self_attn.k.weight.dtype,
+            rope_limit=self.cfg.rope_max_positions,
+        )

@@ -1,0 +1,219 @@
+"""DiT parity with diffusers and streaming exactness of the KV-cache path."""
+
+import pytest
+import torch
+
+from iamflow_core.cache import KVCache, WindowState, block_causal_mask, commit_frames, frame_visibility, rope_positions
+from iamflow_core.config import CacheConfig
+from iamflow_core.models.dit import CausalWanDiT, CrossKV
+
+from ._tiny_dit import TINY_DIT, diffusers_twin, tiny_dit
+
+H, W = 4, 6  # latent size -> 2x3 = 6 tokens per frame
+
+
+def _inputs(frames: int, batch: int = 1, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, TINY_DIT.in_channels, frames, H, W, generator=g)
+    text = torch.randn(batch, TINY_DIT.text_len, TINY_DIT.text_dim, generator=g)
+    text[:, 20:] = 0  # zero padding past the prompt, as the text encoder gives it
+    return x, text
+
+
+@pytest.fixture(scope="module")
+def model() -> CausalWanDiT:
+    return tiny_dit()
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    pytest.importorskip("diffusers")
+    return diffusers_twin(model)
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0, 500.0, 937.5, 999.0])
+def test_full_forward_matches_diffusers(model, reference, t):
+    x, text = _inputs(frames=5, batch=2)
+    timestep = torch.full((2,), t)
+    with torch.no_grad():
+        ours = model(x, timestep, text)
+        theirs = reference(x, timestep, text, return_dict=False)[0]
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_per_frame_timesteps_match_diffusers(model, reference):
+    """diffusers' per-token timestep path ([B, L]) carries per-frame timesteps; ours takes [B, F]."""
+    frames = 4
+    x, text = _inputs(frames=frames, batch=1)
+    t_frames = torch.tensor([[0.0, 250.0, 625.0, 1000.0]])
+    tokens_per_frame = (H // 2) * (W // 2)
+    with torch.no_grad():
+        ours = model(x, t_frames, text)
+        theirs = reference(x, t_frames.repeat_interleave(tokens_per_frame, 1), text, return_dict=False)[0]
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_per_frame_timesteps_equal_scalar_when_equal(model):
+    x, text = _inputs(frames=3)
+    with torch.no_grad():
+        a = model(x, torch.tensor([400.0]), text)
+        b = model(x, torch.full((1, 3), 400.0), text)
+    assert torch.equal(a, b)
+
+
+def _stream(model, x, text, cfg, t_chunks):
+    """Generate chunk by chunk through the cache, committing each chunk: returns the concatenated outputs."""
+    cache = model.new_cache(cfg, tokens_per_frame=(H // 2) * (W // 2))
+    cross = model.encode_text(text)
+    outs = []
+    for i, t in enumerate(t_chunks):
+        s = i * cfg.chunk_frames
+        outs.append(model.forward_chunk(x[:, :, s : s + cfg.chunk_frames], torch.tensor([t]), cross, cache, s, True))
+    return torch.cat(outs, dim=2), cache
+
+
+def _full_masked(model, x, text, cfg, t_chunks):
+    frames = x.shape[2]
+    t = torch.tensor(t_chunks).repeat_interleave(cfg.chunk_frames)[None, :frames]
+    mask = block_causal_mask(frames, (H // 2) * (W // 2), cfg)
+    return model(x, t, text, mask=mask)
+
+
+def test_streaming_equals_block_causal_full_forward_when_window_covers_video(model):
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=12, memory_frames=0)
+    x, text = _inputs(frames=12)  # 4 chunks: the last one sees every earlier frame
+    t_chunks = [937.5, 0.0, 625.0, 833.3]
+    with torch.no_grad():
+        streamed, _ = _stream(model, x, text, cfg, t_chunks)
+        full = _full_masked(model, x, text, cfg, t_chunks)
+    assert (streamed - full).abs().max().item() <= 1e-4
+    assert frame_visibility(12, cfg).all(dim=1)[-3:].all()  # the window really covers the video
+
+
+def test_streaming_past_the_window_equals_sink_plus_window_mask(model):
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=9, memory_frames=0)
+    x, text = _inputs(frames=18)  # 6 chunks; the window holds sink + 3 previous frames
+    t_chunks = [0.0, 250.0, 500.0, 750.0, 1000.0, 0.0]
+    with torch.no_grad():
+        streamed, cache = _stream(model, x, text, cfg, t_chunks)
+        full = _full_masked(model, x, text, cfg, t_chunks)
+    assert (streamed - full).abs().max().item() <= 1e-4
+    assert cache.state.sink == (0, 1, 2)
+    assert sorted(cache.state.local) == [15, 16, 17]
+
+
+def test_denoising_passes_leave_the_cache_untouched(model):
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=12, memory_frames=0)
+    x, text = _inputs(frames=6)
+    cache = model.new_cache(cfg, tokens_per_frame=(H // 2) * (W // 2))
+    cross = model.encode_text(text)
+    with torch.no_grad():
+        model.forward_chunk(x[:, :, :3], torch.tensor([0.0]), cross, cache, 0, commit=True)
+        state, k_sink = cache.state, cache.k[:, :, : 3 * 6].clone()
+        a = model.forward_chunk(x[:, :, 3:], torch.tensor([500.0]), cross, cache, 3)
+        b = model.forward_chunk(x[:, :, 3:], torch.tensor([500.0]), cross, cache, 3)
+    assert cache.state == state and torch.equal(cache.k[:, :, : 3 * 6], k_sink)
+    assert torch.equal(a, b)
+
+
+def test_runs_past_1024_latent_frames(model):
+    """Positions slide back past the RoPE table instead of failing (Self-Forcing crashes here)."""
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=12, memory_frames=0)
+    x, text = _inputs(frames=3)
+    cache = model.new_cache(cfg, tokens_per_frame=(H // 2) * (W // 2))
+    cross = model.encode_text(text)
+    with torch.no_grad():
+        model.forward_chunk(x, torch.tensor([0.0]), cross, cache, 0, commit=True)
+        for start in range(1020, 1035, 3):
+            layout = cache.begin_chunk(start, 3)
+            assert max(layout.context_positions) < 1024 and layout.query_positions[-1] == min(start + 2, 1023)
+            out = model.forward_chunk(x, torch.tensor([0.0]), cross, cache, start, commit=True)
+            assert torch.isfinite(out).all()
+    assert cache.state.sink == (0, 1, 2)
+    assert sorted(cache.state.local) == list(range(1029, 1035))
+
+
+def test_memory_frames_join_the_context(model):
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=6, memory_frames=2)
+    x, text = _inputs(frames=12)
+    cache = model.new_cache(cfg, tokens_per_frame=(H // 2) * (W // 2))
+    cross = model.encode_text(text)
+    with torch.no_grad():
+        for i in range(3):
+            model.forward_chunk(x[:, :, 3 * i : 3 * i + 3], torch.tensor([0.0]), cross, cache, 3 * i, commit=True)
+        # frame 4 has left the window (window 6 = sink 3 + chunk 3: no local frames); bring it back as memory.
+        assert 4 not in cache.state.frames()
+        without = model.forward_chunk(x[:, :, 9:12], torch.tensor([0.0]), cross, cache, 9)
+        k1, v1 = cache.frame_kv(1)
+        cache.set_memory(k1, v1, [1])
+        with_memory = model.forward_chunk(x[:, :, 9:12], torch.tensor([0.0]), cross, cache, 9)
+    assert cache.layout.context_tokens == (3 + 3 + 1) * 6
+    assert not torch.allclose(without, with_memory)
+
+
+def test_cross_kv_blend():
+    a = CrossKV(torch.zeros(2, 1, 4, 2, 8), torch.zeros(2, 1, 4, 2, 8))
+    b = CrossKV(torch.ones(2, 1, 4, 2, 8), 2 * torch.ones(2, 1, 4, 2, 8))
+    mid = a.blend(b, 0.25)
+    assert torch.allclose(mid.k, torch.full_like(mid.k, 0.25)) and torch.allclose(mid.v, torch.full_like(mid.v, 0.5))
+    assert torch.equal(a.k, torch.zeros_like(a.k))  # inputs are never mutated
+
+
+# eviction and positions as pure functions ------------------------------------------------------------------------
+def test_commit_frames_fills_sink_then_rolls_window():
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=12, memory_frames=0)
+    state = WindowState.empty(cfg)
+    state, placed = commit_frames(state, [0, 1, 2])
+    assert state.sink == (0, 1, 2) and placed == [(0, 0), (1, 1), (2, 2)]
+    for start in range(3, 30, 3):
+        state, _ = commit_frames(state, [start, start + 1, start + 2])
+        expected = list(range(max(3, start + 3 - cfg.local_frames), start + 3))
+        assert sorted(f for f in state.local if f is not None) == expected
+        assert state.sink == (0, 1, 2)
+
+
+def test_commit_frames_without_local_slots_keeps_only_the_sink():
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=6, memory_frames=0)
+    state, _ = commit_frames(WindowState.empty(cfg), [0, 1, 2])
+    state, placed = commit_frames(state, [3, 4, 5])
+    assert placed == [] and state.frames() == [0, 1, 2]
+
+
+def test_sink_smaller_than_a_chunk():
+    cfg = CacheConfig(chunk_frames=3, sink_frames=1, window_frames=7, memory_frames=0)
+    state, _ = commit_frames(WindowState.empty(cfg), [0, 1, 2])
+    assert state.sink == (0,)
+    assert state.local == (1, 2, None)
+
+
+def test_rope_positions_exact_below_limit_and_bounded_above():
+    frames = [0, 1, 2, 500, 1000, 1001, 1002]
+    assert rope_positions(frames, 1003, sink_frames=3, limit=1024) == frames
+    above = rope_positions([0, 1, 2, 10, 2000, 2001, 2002], 2003, sink_frames=3, limit=1024)
+    assert above[:3] == [0, 1, 2]
+    assert above[3] == 3  # an old memory frame is clamped just after the sink
+    assert above[4:] == [1021, 1022, 1023]  # the current chunk sits at the end of the table
+    assert max(above) < 1024
+
+
+def test_bad_chunk_inputs_give_clear_errors(model):
+    cfg = CacheConfig(memory_frames=0)
+    cache = model.new_cache(cfg, tokens_per_frame=6)
+    cross = model.encode_text(torch.zeros(1, 512, TINY_DIT.text_dim))
+    with pytest.raises(ValueError, match="channels"):
+        model.forward_chunk(torch.zeros(1, 4, 3, H, W), torch.tensor([0.0]), cross, cache, 0)
+    with pytest.raises(ValueError, match="1..3 latent frames"):
+        model.forward_chunk(torch.zeros(1, 16, 4, H, W), torch.tensor([0.0]), cross, cache, 0)
+    with pytest.raises(ValueError, match="tokens per frame"):
+        model.forward_chunk(torch.zeros(1, 16, 3, 8, 8), torch.tensor([0.0]), cross, cache, 0)
+
+
+def test_kv_cache_rejects_going_back_in_time(model):
+    cfg = CacheConfig(memory_frames=0)
+    cache: KVCache = model.new_cache(cfg, tokens_per_frame=6)
+    x, text = _inputs(frames=3)
+    cross = model.encode_text(text)
+    with torch.no_grad():
+        model.forward_chunk(x, torch.tensor([0.0]), cross, cache, 0, commit=True)
+    with pytest.raises(ValueError, match="already holds"):
+        model.forward_chunk(x, torch.tensor([0.0]), cross, cache, 0)
