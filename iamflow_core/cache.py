@@ -79,6 +79,7 @@ class ChunkLayout:
 
     ranges: tuple[tuple[int, int], ...]
     query_range: tuple[int, int]
+    context_frames: tuple[int, ...]
     context_positions: tuple[int, ...]
     query_positions: tuple[int, ...]
 
@@ -118,7 +119,8 @@ class KVCache:
         self.cfg = cfg
         self.tokens_per_frame = tokens_per_frame
         self.rope_limit = rope_limit
-        slots = cfg.sink_frames + cfg.local_frames + cfg.chunk_frames + cfg.memory_frames
+        # sink + local window + query region (a chunk, or a recache of local + chunk frames) + memory
+        slots = cfg.sink_frames + 2 * cfg.local_frames + cfg.chunk_frames + cfg.memory_frames
         shape = (num_layers, batch, slots * tokens_per_frame, num_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -137,37 +139,56 @@ class KVCache:
 
     @property
     def _memory_slot(self) -> int:
-        return self._query_slot + self.cfg.chunk_frames
+        return self._query_slot + self.query_capacity
 
     # lifecycle ---------------------------------------------------------------------------------------------------
+    @property
+    def query_capacity(self) -> int:
+        """Frames one forward may query: a chunk, or a recache of the window (previous frames plus one chunk)."""
+        return self.cfg.window_frames - self.cfg.sink_frames
+
     def begin_chunk(self, start_frame: int, num_frames: int) -> ChunkLayout:
-        """Lay out the context for the chunk of latent frames [start_frame, start_frame + num_frames)."""
+        """Lay out the context for the new chunk of latent frames [start_frame, start_frame + num_frames)."""
         if not 0 < num_frames <= self.cfg.chunk_frames:
             raise ValueError(f"a chunk has 1..{self.cfg.chunk_frames} latent frames, got {num_frames}")
-        stored = self.state.frames()
-        if stored and start_frame <= max(stored):
-            raise ValueError(f"chunk starts at frame {start_frame} but the cache already holds frame {max(stored)}")
-        ranges, frames = [], []
+        return self.begin(range(start_frame, start_frame + num_frames))
+
+    def begin(self, frames: Sequence[int]) -> ChunkLayout:
+        """Lay out the context for a forward over consecutive latent `frames`.
+
+        The context is every stored frame that is not being queried, the queried frames themselves, and the memory
+        segment. Queried frames that are already stored (a recache) get their slots rewritten on `commit`.
+        """
+        frames = list(frames)
+        if not frames or frames != list(range(frames[0], frames[0] + len(frames))):
+            raise ValueError(f"a forward queries consecutive latent frames, got {frames}")
+        if len(frames) > self.query_capacity:
+            raise ValueError(f"{len(frames)} frames exceed the {self.query_capacity} frames one forward can query")
+        ranges, context = [], []
         for slot, frame in enumerate((*self.state.sink, *self.state.local)):
-            if frame is not None:
+            if frame is not None and frame not in frames:
+                if frame > frames[0]:
+                    raise ValueError(
+                        f"the forward starts at frame {frames[0]} but the cache already holds frame {frame}; "
+                        "frames must be generated in order (reset the cache to start over)"
+                    )
                 ranges.append(self._slot_tokens(slot))
-                frames.append(frame)
-        query = self._slot_tokens(self._query_slot, num_frames)
-        query_frames = list(range(start_frame, start_frame + num_frames))
+                context.append(frame)
+        query = self._slot_tokens(self._query_slot, len(frames))
         ranges.append(query)
-        frames += query_frames
+        context += frames
         if self.memory:
             ranges.append(self._slot_tokens(self._memory_slot, len(self.memory)))
-            frames += list(self.memory)
-        query_end = start_frame + num_frames
-        positions = rope_positions(frames, query_end, self.cfg.sink_frames, self.rope_limit)
+            context += list(self.memory)
+        query_end = frames[-1] + 1
         self.layout = ChunkLayout(
             ranges=_merge(ranges),
             query_range=query,
-            context_positions=tuple(positions),
-            query_positions=tuple(rope_positions(query_frames, query_end, self.cfg.sink_frames, self.rope_limit)),
+            context_frames=tuple(context),
+            context_positions=tuple(rope_positions(context, query_end, self.cfg.sink_frames, self.rope_limit)),
+            query_positions=tuple(rope_positions(frames, query_end, self.cfg.sink_frames, self.rope_limit)),
         )
-        self._query_frames = tuple(query_frames)
+        self._query_frames = tuple(frames)
         return self.layout
 
     def context(self, layer: int, k_query: torch.Tensor, v_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,8 +208,16 @@ class KVCache:
         )
 
     def commit(self) -> None:
-        """Keep the last forward's chunk K/V (the clean pass) in the sink / rolling window."""
-        self.state, placements = commit_frames(self.state, self._query_frames)
+        """Keep the last forward's K/V (the clean pass) in the sink / rolling window.
+
+        New frames are placed by `commit_frames`; frames already stored (a recache) overwrite their own slots;
+        frames older than the window (the head of a recache) are dropped.
+        """
+        stored = {frame: slot for slot, frame in enumerate((*self.state.sink, *self.state.local)) if frame is not None}
+        newest = max(stored, default=-1)
+        fresh = [f for f in self._query_frames if f > newest]
+        self.state, placements = commit_frames(self.state, fresh)
+        placements += [(f, stored[f]) for f in self._query_frames if f in stored]
         first = self._query_frames[0] if self._query_frames else 0
         for frame, slot in placements:
             src = self._slot_tokens(self._query_slot + frame - first)

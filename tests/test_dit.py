@@ -202,8 +202,8 @@ def test_bad_chunk_inputs_give_clear_errors(model):
     cross = model.encode_text(torch.zeros(1, 512, TINY_DIT.text_dim))
     with pytest.raises(ValueError, match="channels"):
         model.forward_chunk(torch.zeros(1, 4, 3, H, W), torch.tensor([0.0]), cross, cache, 0)
-    with pytest.raises(ValueError, match="1..3 latent frames"):
-        model.forward_chunk(torch.zeros(1, 16, 4, H, W), torch.tensor([0.0]), cross, cache, 0)
+    with pytest.raises(ValueError, match="exceed the 9 frames"):
+        model.forward_chunk(torch.zeros(1, 16, 10, H, W), torch.tensor([0.0]), cross, cache, 0)
     with pytest.raises(ValueError, match="tokens per frame"):
         model.forward_chunk(torch.zeros(1, 16, 3, 8, 8), torch.tensor([0.0]), cross, cache, 0)
 
@@ -211,9 +211,30 @@ def test_bad_chunk_inputs_give_clear_errors(model):
 def test_kv_cache_rejects_going_back_in_time(model):
     cfg = CacheConfig(memory_frames=0)
     cache: KVCache = model.new_cache(cfg, tokens_per_frame=6)
-    x, text = _inputs(frames=3)
+    x, text = _inputs(frames=9)
     cross = model.encode_text(text)
     with torch.no_grad():
-        model.forward_chunk(x, torch.tensor([0.0]), cross, cache, 0, commit=True)
-    with pytest.raises(ValueError, match="already holds"):
-        model.forward_chunk(x, torch.tensor([0.0]), cross, cache, 0)
+        for s in (0, 3, 6):
+            model.forward_chunk(x[:, :, s : s + 3], torch.tensor([0.0]), cross, cache, s, commit=True)
+    with pytest.raises(ValueError, match="already holds frame"):
+        model.forward_chunk(x[:, :, :3], torch.tensor([0.0]), cross, cache, 3)
+
+
+def test_recache_rewrites_the_window_and_keeps_the_sink(model):
+    """A recache (LongLive) re-runs the clean pass over the latest frames under a new prompt: the window's K/V
+    change, the sink keeps the old prompt's K/V, frames older than the window are dropped again."""
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=12, memory_frames=0)
+    x, text = _inputs(frames=15)
+    cache = model.new_cache(cfg, tokens_per_frame=6)
+    cross = model.encode_text(text)
+    with torch.no_grad():
+        for s in range(0, 15, 3):
+            model.forward_chunk(x[:, :, s : s + 3], torch.tensor([0.0]), cross, cache, s, commit=True)
+        state, k_before = cache.state, cache.k.clone()
+        new_cross = model.encode_text(torch.randn_like(text))
+        model.forward_chunk(x[:, :, 6:15], torch.tensor([0.0]), new_cross, cache, 6, commit=True)  # 9 frames
+    assert cache.state == state  # same frames in the same slots: sink 0-2, window 9-14
+    sink_tokens = 3 * 6
+    assert torch.equal(cache.k[:, :, :sink_tokens], k_before[:, :, :sink_tokens])
+    window = slice(sink_tokens, sink_tokens + 6 * 6)
+    assert not torch.allclose(cache.k[:, :, window], k_before[:, :, window])

@@ -256,13 +256,18 @@ class CausalWanDiT(nn.Module):
     ) -> torch.Tensor:
         """One chunk of latent frames starting at absolute latent frame `start_frame`, attending to the cache.
 
-        x: [B, C, F, H, W] (F <= cache chunk); t: [B] or [B, F]. With `commit=True` (the clean t=0 pass) the chunk's
-        K/V are kept in the cache afterwards; denoising passes leave the cache as it was.
+        x: [B, C, F, H, W]; t: [B] or [B, F]. With `commit=True` (the clean t=0 pass) the chunk's K/V are kept in the
+        cache afterwards; denoising passes leave the cache as it was. F may exceed a chunk up to
+        `cache.query_capacity` to recache frames already in the window under a new prompt (LongLive's KV recache).
         """
         f, h, w = self._grid(x)
         if cache.tokens_per_frame != h * w:
             raise ValueError(f"cache holds {cache.tokens_per_frame} tokens per frame, latents give {h * w}")
-        layout = cache.begin_chunk(start_frame, f)
+        layout = (
+            cache.begin_chunk(start_frame, f)
+            if f <= cache.cfg.chunk_frames
+            else cache.begin(range(start_frame, start_frame + f))
+        )
         ctx_cos, ctx_sin = self._rope(layout.context_positions, h, w)
         q_cos, q_sin = self.rope.grid(torch.tensor(layout.query_positions, device=self.device), h, w)
 

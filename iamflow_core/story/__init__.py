@@ -1,0 +1,25 @@
+"""Stories: the script format (segments of prompt and seconds) and its plan in chunks."""
+
+from .script import (
+    DEFAULT_SECONDS,
+    ChunkPlan,
+    Segment,
+    Story,
+    StoryError,
+    load_stories,
+    load_story,
+    parse_story_text,
+    plan_chunks,
+)
+
+__all__ = [
+    "DEFAULT_SECONDS",
+    "ChunkPlan",
+    "Segment",
+    "Story",
+    "StoryError",
+    "load_stories",
+    "load_story",
+    "parse_story_text",
+    "plan_chunks",
+]
