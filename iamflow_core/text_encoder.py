@@ -1,0 +1,232 @@
+"""Prompt -> umT5 text embeddings, the way Wan2.1 prepares them for the DiT.
+
+Wan cleans the prompt (ftfy, HTML entities, whitespace), tokenizes it to exactly `text_len` (512) tokens with `</s>`
+appended, runs the umT5 encoder and zeros every position past the prompt's length. `TextEncoder` does the same;
+`load_umt5_tokenizer` reads the tokenizer from a local folder (Wan ships it as `google/umt5-xxl/`).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .models.t5 import UMT5Encoder
+
+try:
+    import ftfy
+except ImportError:  # a declared dependency; without it only the repair of broken unicode is skipped
+    ftfy = None
+
+logger = logging.getLogger(__name__)
+
+_EXPECTED = "expected tokenizer.json (and tokenizer_config.json) or spiece.model, as in Wan's google/umt5-xxl/ folder"
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: fix mojibake (ftfy, when installed), unescape HTML twice, collapse whitespace."""
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_umt5_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load the umT5 tokenizer from a local folder (or a bare `spiece.model` file); never downloads.
+
+    A folder with `tokenizer.json` / `tokenizer_config.json` goes through `AutoTokenizer`. A folder with only
+    `spiece.model` is converted in code (see `umt5_tokenizer_from_spiece`), without the `protobuf` package.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"umT5 tokenizer path {path} does not exist; {_EXPECTED}")
+    if path.is_file():
+        if path.suffix != ".model":
+            raise ValueError(f"umT5 tokenizer file {path} is not a SentencePiece .model; pass its folder instead")
+        return _checked(umt5_tokenizer_from_spiece(path.read_bytes(), source=str(path)), path)
+
+    found = sorted(p.name for p in path.iterdir())
+    spiece = path / "spiece.model"
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as err:  # the Rust `tokenizers` raises a bare Exception on a malformed tokenizer.json
+            if not spiece.is_file():
+                raise ValueError(f"could not load the umT5 tokenizer from {path} (found {found}): {err}") from err
+            logger.warning("AutoTokenizer failed on %s (%s); building the tokenizer from spiece.model", path, err)
+            tokenizer = umt5_tokenizer_from_spiece(spiece.read_bytes(), source=str(spiece))
+    elif spiece.is_file():
+        tokenizer = umt5_tokenizer_from_spiece(spiece.read_bytes(), source=str(spiece))
+    else:
+        raise FileNotFoundError(f"no umT5 tokenizer in {path} (found {found or 'an empty folder'}); {_EXPECTED}")
+    return _checked(tokenizer, path)
+
+
+def _checked(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase:
+    """Fail early on a tokenizer that cannot pad or does not end prompts with `</s>`, which Wan relies on."""
+    # A lone tokenizer.json carries no special-token roles; umT5's pieces are named the T5 way.
+    vocab = tokenizer.get_vocab()
+    if tokenizer.pad_token is None and "<pad>" in vocab:
+        tokenizer.pad_token = "<pad>"
+    if tokenizer.eos_token is None and "</s>" in vocab:
+        tokenizer.eos_token = "</s>"
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"the tokenizer in {path} has pad token {tokenizer.pad_token!r} and eos token {tokenizer.eos_token!r}; "
+            "umT5 needs both (<pad> and </s>); use the tokenizer files from google/umt5-xxl"
+        )
+    if tokenizer("a")["input_ids"][-1] != tokenizer.eos_token_id:
+        raise ValueError(f"the tokenizer in {path} does not append </s> to prompts; use the one from google/umt5-xxl")
+    return tokenizer
+
+
+def umt5_tokenizer_from_spiece(data: bytes, source: str = "spiece.model bytes") -> PreTrainedTokenizerFast:
+    """A fast tokenizer equal to the SentencePiece unigram model serialized in `data`, plus `</s>` at the end.
+
+    Takes bytes so that a tokenizer stored inside a checkpoint file needs no temp file; `source` names it in
+    errors. The pieces and scores come from `sentencepiece`; the normalization table is read straight from the
+    model's protobuf bytes, so the `protobuf` package is not needed. (transformers 5's `T5Tokenizer(vocab_file=...)`
+    silently ignores the file, and `T5Tokenizer.from_pretrained` on a bare spiece.model needs protobuf.)
+    """
+    import sentencepiece
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+    except RuntimeError as err:
+        raise ValueError(f"{source} is not a valid SentencePiece model ({err}); {_EXPECTED}") from err
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    backend = Tokenizer(Unigram(pieces, unk_id=sp.unk_id(), byte_fallback=False))
+    charsmap = _spm_precompiled_charsmap(data)
+    if charsmap:
+        backend.normalizer = normalizers.Precompiled(charsmap)
+    # SentencePiece's defaults: drop extra whitespace, mark each word start with "▁" (add_dummy_prefix).
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    eos, pad, unk = (sp.id_to_piece(i) for i in (sp.eos_id(), sp.pad_id(), sp.unk_id()))
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", eos], pair=["$A", eos, "$B", eos], special_tokens=[(eos, sp.eos_id())]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad, unk_token=unk)
+
+
+def _spm_precompiled_charsmap(model_proto: bytes) -> bytes | None:
+    """`ModelProto.normalizer_spec.precompiled_charsmap` (fields 3 then 2) from the protobuf wire format."""
+    for field, value in _proto_fields(model_proto):
+        if field == 3 and isinstance(value, bytes):
+            return next((v for f, v in _proto_fields(value) if f == 2 and isinstance(v, bytes)), None)
+    return None
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """Yield (field number, value) of one protobuf message; varints as int, length-delimited as bytes."""
+
+    def varint(pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = buf[pos]
+            value |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if byte < 0x80:
+                return value, pos
+
+    pos = 0
+    while pos < len(buf):
+        key, pos = varint(pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = varint(pos)
+        elif wire == 2:
+            size, pos = varint(pos)
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire in (1, 5):  # fixed 64 / 32 bit
+            width = 8 if wire == 1 else 4
+            value, pos = buf[pos : pos + width], pos + width
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} in a SentencePiece model")
+        yield key >> 3, value
+
+
+class TextEncoder:
+    """umT5 encoder + tokenizer: `encode(prompts)` gives Wan's `[B, text_len, dim]` context, zero past each prompt.
+
+    `encoder` is moved (in place) to `device`, and cast to `dtype` when one is given; outputs come back there.
+    `tokenizer` is a loaded tokenizer or a path for `load_umt5_tokenizer`.
+    """
+
+    def __init__(
+        self,
+        encoder: UMT5Encoder,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            tokenizer = load_umt5_tokenizer(tokenizer)
+        vocab = encoder.cfg.vocab_size
+        if len(tokenizer) > vocab:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the encoder embeds only {vocab}; "
+                "use the tokenizer that belongs to these weights (google/umt5-xxl for Wan)"
+            )
+        self.encoder = encoder.to(device=device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.token_embedding.weight.dtype
+
+    @property
+    def text_len(self) -> int:
+        return self.encoder.cfg.text_len
+
+    def to(self, device: torch.device | str) -> TextEncoder:
+        """Move the encoder to `device` (in place) and return self, like `nn.Module.to`."""
+        self.encoder.to(device)
+        return self
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cleaned prompts -> (ids [B, text_len] int64, mask [B, text_len] int64), right-padded, on the CPU."""
+        if isinstance(prompts, str) or not prompts:
+            raise TypeError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        cleaned = [clean_prompt(p) for p in prompts]
+        batch = self.tokenizer(
+            cleaned,
+            padding="max_length",
+            padding_side="right",  # the zeroing in `encode` and the DiT both assume the prompt comes first
+            max_length=self.text_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        self._warn_if_truncated(cleaned)
+        return batch["input_ids"], batch["attention_mask"]
+
+    def _warn_if_truncated(self, cleaned: list[str]) -> None:
+        # Wan truncates silently; a story prompt written by an LLM can run long, so say which ones lost words.
+        lengths = [len(ids) for ids in self.tokenizer(cleaned, add_special_tokens=True)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > self.text_len:
+                logger.warning("prompt %d has %d tokens; only the first %d are used", i, n, self.text_len)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """prompts: B strings -> [B, text_len, dim] on `self.device` in `self.dtype`, zero past each prompt's end."""
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.encoder(ids, mask)
+        return out.masked_fill(mask[:, :, None] == 0, 0.0)
