@@ -1,0 +1,89 @@
+"""Memory policies: what the streaming loop puts into the cache's memory segment, and when.
+
+The loop calls a policy at fixed points (`start`, `on_switch`, `before_chunk`, `after_chunk`, `on_frames`) with a
+`StepContext`; a policy never reaches into the loop. `NoMemory` does nothing; `MemFlowMemory` is the MemFlow
+baseline bank; the identity-aware memory of IAMFlow plugs in the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..cache import KVCache
+from ..models.dit import CrossKV
+
+
+@dataclass
+class StepContext:
+    """What a memory policy may read (and, for the cache's memory segment, write) at one step of the loop."""
+
+    chunk: int
+    start_frame: int
+    num_frames: int
+    segment: int
+    prompt: str
+    cache: KVCache
+    cross: CrossKV
+    text: torch.Tensor  # [text_len, text_dim] umT5 states of the current prompt, zero-padded
+    latents: torch.Tensor | None = None  # [B, C, F, h, w] clean latents of the chunk (after_chunk)
+    info: dict[str, Any] = field(default_factory=dict)  # per-chunk report, copied into the chunk event
+
+
+class MemoryPolicy(Protocol):
+    name: str
+
+    def start(self, ctx: StepContext) -> None: ...
+    def on_switch(self, ctx: StepContext) -> None: ...
+    def before_chunk(self, ctx: StepContext) -> None: ...
+    def after_chunk(self, ctx: StepContext) -> None: ...
+    def on_frames(self, chunk: int, frames: np.ndarray) -> None: ...
+
+
+class NoMemory:
+    """No memory segment: the chunk sees the sink and the rolling window only (LongLive)."""
+
+    name = "none"
+
+    def start(self, ctx: StepContext) -> None:
+        ctx.cache.clear_memory()
+
+    def on_switch(self, ctx: StepContext) -> None:
+        pass
+
+    def before_chunk(self, ctx: StepContext) -> None:
+        pass
+
+    def after_chunk(self, ctx: StepContext) -> None:
+        pass
+
+    def on_frames(self, chunk: int, frames: np.ndarray) -> None:
+        pass
+
+
+def text_query(cross: CrossKV, text: torch.Tensor) -> torch.Tensor:
+    """Mean cross-attention key of the prompt's real tokens per layer and head: [layers, B, H, D].
+
+    Padding rows (zero umT5 states) are left out: they all map to one constant key that would otherwise dominate
+    the mean of a short prompt (MemFlow averages all 512 slots).
+    """
+    real = text.float().abs().sum(-1) > 0
+    keys = cross.k[:, :, real] if real.any() else cross.k
+    return keys.float().mean(2)
+
+
+def frame_relevance(query: torch.Tensor, frame_k: torch.Tensor) -> torch.Tensor:
+    """Relevance of stored frames to a text query: mean over layers and heads of <q, mean frame key> / sqrt(D).
+
+    query: [layers, B, H, D]; frame_k: [n, layers, B, T, H, D] unrotated keys -> [n].
+    """
+    k_mean = frame_k.float().mean(3)  # [n, layers, B, H, D]
+    return (k_mean * query[None]).sum(-1).mean((1, 2, 3)) / query.shape[-1] ** 0.5
+
+
+from .memflow import MemFlowMemory  # noqa: E402  (re-export; memflow imports the helpers above)
+
+__all__ = ["MemFlowMemory", "MemoryPolicy", "NoMemory", "StepContext", "frame_relevance", "text_query"]

@@ -1,0 +1,87 @@
+"""MemFlow's memory bank (baseline): remember a frame every few chunks, keep those most relevant to the prompt.
+
+Every `record_interval` chunks the first latent frame of the chunk is captured from the cache (its clean K/V).
+Before each chunk the captured frames are ranked by relevance to the current prompt's text keys and the top
+`bank_size` go into the cache's memory segment. Unlike the MemFlow release, a frame is never held twice,
+relevance uses only the prompt's real tokens and unrotated keys, and one ranking serves all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import StepContext, frame_relevance, text_query
+
+
+@dataclass
+class _Frame:
+    index: int
+    k: torch.Tensor  # [layers, B, T, H, D]
+    v: torch.Tensor
+
+
+class MemFlowMemory:
+    name = "memflow"
+
+    def __init__(self, bank_size: int = 3, record_interval: int = 3, candidates: int | None = None) -> None:
+        if bank_size < 1 or record_interval < 1:
+            raise ValueError(f"bank_size and record_interval must be >= 1, got {bank_size}, {record_interval}")
+        self.bank_size = bank_size
+        self.record_interval = record_interval
+        # Captured frames kept as candidates: the bank plus the newest capture (MemFlow keeps bank_size - 1 + 1).
+        self.candidates = candidates or bank_size + 1
+        self.frames: list[_Frame] = []
+        self._selected: tuple[int, ...] = ()
+
+    def start(self, ctx: StepContext) -> None:
+        if ctx.cache.cfg.memory_frames < self.bank_size:
+            raise ValueError(
+                f"bank_size {self.bank_size} exceeds the cache memory segment ({ctx.cache.cfg.memory_frames} frames); "
+                "raise CacheConfig.memory_frames or lower bank_size"
+            )
+        self.frames.clear()
+        self._selected = ()
+        ctx.cache.clear_memory()
+
+    def on_switch(self, ctx: StepContext) -> None:
+        self._select(ctx)
+
+    def before_chunk(self, ctx: StepContext) -> None:
+        self._select(ctx)
+        ctx.info["memory_frames"] = list(self._selected)
+
+    def after_chunk(self, ctx: StepContext) -> None:
+        if ctx.chunk % self.record_interval:
+            return
+        k, v = ctx.cache.frame_kv(ctx.start_frame)
+        self.frames.append(_Frame(ctx.start_frame, k, v))
+        if len(self.frames) > self.candidates:
+            self._drop_least_relevant(ctx)
+        ctx.info["recorded_frame"] = ctx.start_frame
+
+    def on_frames(self, chunk: int, frames: np.ndarray) -> None:
+        pass
+
+    def _scores(self, ctx: StepContext) -> torch.Tensor:
+        query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device))
+        return frame_relevance(query, torch.stack([f.k for f in self.frames]))
+
+    def _drop_least_relevant(self, ctx: StepContext) -> None:
+        scores = self._scores(ctx)[:-1]  # the newest capture always stays a candidate
+        del self.frames[int(scores.argmin())]
+
+    def _select(self, ctx: StepContext) -> None:
+        if not self.frames:
+            return
+        scores = self._scores(ctx)
+        top = scores.topk(min(self.bank_size, len(self.frames))).indices.tolist()
+        chosen = sorted((self.frames[i] for i in top), key=lambda f: f.index)
+        selected = tuple(f.index for f in chosen)
+        if selected != self._selected:
+            k = torch.cat([f.k for f in chosen], dim=2)
+            v = torch.cat([f.v for f in chosen], dim=2)
+            ctx.cache.set_memory(k, v, selected)
+            self._selected = selected

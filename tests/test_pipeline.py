@@ -1,0 +1,124 @@
+"""The streaming story pipeline on tiny random models (CPU)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from iamflow_core.config import CacheConfig
+from iamflow_core.memory import MemFlowMemory, NoMemory
+from iamflow_core.pipeline import SamplerConfig, StreamingPipeline
+from iamflow_core.presets import tiny_models
+from iamflow_core.story import Segment, Story
+from iamflow_core.transition import TransitionConfig
+
+SMALL = SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=3))
+STORY = Story(
+    segments=(Segment("a woman reads in a library", 1.5), Segment("a man walks past the shelves", 1.5)),
+    seed=7,
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(seed=0)
+
+
+def _run(models, config=SMALL, memory=None, vae=True, **kwargs):
+    dit, te, v = models
+    pipe = StreamingPipeline(dit, te, v if vae else None, **kwargs)
+    return list(pipe.run(STORY, config, memory))
+
+
+def test_chunk_and_frame_counts(models):
+    events = _run(models)
+    assert [e.index for e in events] == [0, 1, 2, 3]  # 1.5 s = 2 chunks of 0.75 s per segment
+    assert [e.segment for e in events] == [0, 0, 1, 1]  # the switch lands on chunk 2
+    assert [e.frames.shape[0] for e in events] == [9, 12, 12, 12]
+    assert all(e.frames.shape[1:] == (32, 48, 3) and e.frames.dtype == np.uint8 for e in events)
+    assert all(e.latents.shape == (1, 16, 3, 4, 6) for e in events)
+    assert [e.start_frame for e in events] == [0, 3, 6, 9]
+
+
+def test_seeded_runs_are_deterministic(models):
+    a, b = _run(models), _run(models)
+    for x, y in zip(a, b):
+        assert torch.equal(x.latents, y.latents) and np.array_equal(x.frames, y.frames)
+    other = list(StreamingPipeline(*models).run(Story(STORY.segments, seed=8), SMALL))
+    assert not torch.equal(a[0].latents, other[0].latents)
+
+
+def test_overlapped_decode_gives_the_same_frames_as_sequential(models):
+    overlapped = _run(models, overlap_decode=True)
+    sequential = _run(models, overlap_decode=False)
+    for x, y in zip(overlapped, sequential):
+        assert np.array_equal(x.frames, y.frames)
+
+
+def test_streamed_frames_equal_one_full_decode(models):
+    events = _run(models)
+    vae = models[2]
+    latents = torch.cat([e.latents for e in events], dim=2)
+    with torch.no_grad():
+        full = vae.decode(latents)
+    from iamflow_core.video import to_uint8_frames
+
+    streamed = np.concatenate([e.frames for e in events])
+    assert np.abs(streamed.astype(int) - to_uint8_frames(full).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("strategy", ["recache", "soft", "hard"])
+def test_each_transition_strategy_runs_and_differs(models, strategy):
+    config = SamplerConfig(
+        height=32, width=48, cache=CacheConfig(memory_frames=0), transition=TransitionConfig(strategy)
+    )
+    events = _run(models, config, vae=False)
+    baseline = _run(models, SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=0)), vae=False)
+    assert len(events) == 4
+    # Chunks before the switch are identical; the strategy only changes what happens from the switch on.
+    assert torch.equal(events[1].latents, baseline[1].latents)
+    if strategy != "recache":
+        assert not torch.equal(events[2].latents, baseline[2].latents)
+    if strategy == "soft":
+        assert "transition_alpha" in events[2].memory
+
+
+def test_memflow_memory_records_and_injects(models):
+    story = Story((Segment("a woman reads in a library", 3.0), Segment("a man walks past", 3.0)), seed=1)
+    dit, te, _ = models
+    memory = MemFlowMemory(bank_size=2, record_interval=2)
+    events = list(StreamingPipeline(dit, te).run(story, SMALL, memory))
+    recorded = [e.memory.get("recorded_frame") for e in events if "recorded_frame" in e.memory]
+    assert recorded == [0, 6, 12, 18]  # the first frame of every second chunk
+    assert events[-1].memory["memory_frames"]  # the bank is in the context
+    assert len(events[-1].memory["memory_frames"]) == 2
+    no_mem = list(StreamingPipeline(dit, te).run(story, SMALL, NoMemory()))
+    assert not torch.equal(events[-1].latents, no_mem[-1].latents)
+
+
+def test_memflow_bank_must_fit_the_memory_segment(models):
+    dit, te, _ = models
+    config = SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=1))
+    with pytest.raises(ValueError, match="memory segment"):
+        list(StreamingPipeline(dit, te).run(STORY, config, MemFlowMemory(bank_size=3)))
+
+
+def test_cancel_keeps_every_finished_chunk(models):
+    dit, te, vae = models
+    cancel = threading.Event()
+    story = Story((Segment("a woman reads", 4.5),), seed=3)
+    events = []
+    for event in StreamingPipeline(dit, te, vae).run(story, SMALL, cancel=cancel):
+        events.append(event)
+        if event.index == 1:
+            cancel.set()
+    assert [e.index for e in events] == [0, 1, 2]  # chunk 2 was already made when the cancel came
+    assert all(e.frames is not None for e in events)
+
+
+def test_bad_sampler_settings():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        SamplerConfig(height=30, width=48)
+    with pytest.raises(ValueError, match="transition strategy"):
+        TransitionConfig("fade")
