@@ -290,6 +290,13 @@ class StreamingPipeline:
                 pending = (event, future)
             if pending is not None:
                 yield self._finish(pending, memory)
+        except (Exception, KeyboardInterrupt):
+            # A failure or Ctrl-C while making chunk k+1 must not lose chunk k, already made: hand it out, then
+            # re-raise on the caller's next call. (GeneratorExit, the caller closing us, is not caught.)
+            if pending is not None and (pending[1] is None or not pending[1].cancelled()):
+                finished, pending = pending, None
+                yield self._finish(finished, memory)
+            raise
         finally:
             if decoder is not None:
                 decoder.close()

@@ -341,6 +341,10 @@ def _read_text(path: Path) -> str:
         raise StoryError(
             f"is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8", source=str(path)
         ) from e
+    except FileNotFoundError as e:
+        raise StoryError("does not exist; check the path of the story file", source=str(path)) from e
+    except IsADirectoryError as e:
+        raise StoryError("is a folder; give a .json, .jsonl or .txt story file", source=str(path)) from e
 
 
 # --- the text form ----------------------------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""Command line: `python -m iamflow_core generate STORY --models DIR --out video.mp4`, `... bench speed`.
+
+Errors about the user's inputs (story files, model files, settings) are printed as one clear message, without a
+traceback, and exit with status 2. Ctrl-C keeps every finished chunk in a playable video (exit status 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .config import CacheConfig
+from .memory import MemFlowMemory, NoMemory
+from .pipeline import SamplerConfig, StreamingPipeline
+from .story import Story, StoryError, load_stories, plan_chunks
+from .transition import STRATEGIES, TransitionConfig
+from .video import VideoWriter
+
+logger = logging.getLogger("iamflow_core.cli")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _default_devices() -> tuple[str, str]:
+    if not torch.cuda.is_available():
+        return "cpu", "cpu"
+    return "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="render a story (JSON, NarraStream JSONL or text) to mp4")
+    p.add_argument("story", nargs="?", help="story file (.json, .jsonl, .txt); optional with --preset tiny")
+    p.add_argument("--out", default="video.mp4", help="output mp4 (several stories: _000, _001, ... are added)")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: random-weight models on CPU, a smoke test (noise)")
+    files = p.add_argument_group("model files")
+    files.add_argument("--models", help="folder with the model files (ComfyUI models/ or the Wan2.1 folder)")
+    files.add_argument("--dit", help="DiT checkpoint (overrides the one found in --models)")
+    files.add_argument("--lora", help="PEFT LoRA to merge into the DiT (LongLive/MemFlow lora.pt)")
+    files.add_argument("--text-encoder", help="umT5-XXL encoder file")
+    files.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder (else the one in the encoder file)")
+    files.add_argument("--vae", help="Wan2.1 VAE file")
+    dev_default, vae_default = _default_devices()
+    run = p.add_argument_group("devices and precision")
+    run.add_argument("--device", default=dev_default, help=f"DiT and text encoder (default {dev_default})")
+    run.add_argument("--vae-device", default=vae_default, help=f"VAE decode (default {vae_default})")
+    run.add_argument("--text-device", help="text encoder, if not the DiT's device (e.g. cpu)")
+    run.add_argument("--offload-text-encoder", action="store_true", help="move umT5 to CPU after encoding")
+    run.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    run.add_argument("--quantization", choices=["auto", "off", "fp8"], default="auto")
+    run.add_argument("--attention", default="auto", help="auto, sdpa, sdpa_cudnn, flash2, flash3")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--seed", type=int, help="noise seed (default: the story's seed, else 0)")
+    gen.add_argument("--height", type=int, default=480)
+    gen.add_argument("--width", type=int, default=832)
+    gen.add_argument("--transition", choices=STRATEGIES, default="recache", help="prompt switch strategy")
+    gen.add_argument("--memory", choices=["none", "memflow"], default="none", help="memory mode")
+    gen.add_argument("--bank-size", type=int, default=3, help="MemFlow bank size in frames")
+    gen.add_argument("--seconds", type=float, default=10.0, help="seconds per prompt when the story gives none")
+    gen.add_argument("--no-overlap", action="store_true", help="decode after each chunk instead of overlapping")
+    gen.add_argument("-v", "--verbose", action="store_true")
+
+
+def _build(args: argparse.Namespace):
+    if args.preset == "tiny":
+        from .presets import TINY_SAMPLER, tiny_models
+
+        logger.warning("preset tiny: random-weight models, the video is noise (a smoke test of the pipeline)")
+        dit, text_encoder, vae = tiny_models(device=args.device, vae_device=args.vae_device)
+        return dit, text_encoder, vae, TINY_SAMPLER
+    from .model_files import find_model_files, load_models
+
+    files = find_model_files(
+        args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
+        lora=args.lora,
+    )  # fmt: skip
+    dit, text_encoder, vae = load_models(
+        files, device=args.device, vae_device=args.vae_device, text_device=args.text_device,
+        dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention,
+    )  # fmt: skip
+    return dit, text_encoder, vae, SamplerConfig(height=args.height, width=args.width)
+
+
+def _stories(args: argparse.Namespace) -> list[Story]:
+    if args.story:
+        return load_stories(args.story, default_seconds=args.seconds)
+    if args.preset == "tiny":
+        from .presets import DEFAULT_STORY
+
+        return [DEFAULT_STORY]
+    raise StoryError("no story given; pass a story file (.json, .jsonl or .txt) or use --preset tiny")
+
+
+def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> dict:
+    """Render one story to `out`, writing frames in a background thread. Returns totals for the summary."""
+    from tqdm import tqdm
+
+    plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
+    for note in plan.rounding_notes():
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{out}: {plan.summary()}", file=sys.stderr)
+    totals: dict[str, float] = {}
+    start = time.perf_counter()
+    writes = ThreadPoolExecutor(1, thread_name_prefix="iamflow-write")
+    with VideoWriter(out, fps=16) as writer, tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
+        try:
+            for event in pipe.run(story, config, memory):
+                if event.frames is not None:
+                    writes.submit(writer.write, event.frames)
+                for key, value in event.timings.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                bar.set_postfix(prompt=f"{event.segment + 1}/{plan.num_segments}")
+                bar.update(1)
+        finally:
+            writes.shutdown(wait=True)  # every chunk handed out is written before the file is closed
+    totals["wall"] = time.perf_counter() - start
+    totals["frames"] = writer.frames_written
+    return totals
+
+
+def generate(args: argparse.Namespace) -> int:
+    stories = _stories(args)
+    dit, text_encoder, vae, config = _build(args)
+    cache = CacheConfig(memory_frames=max(args.bank_size, 1) if args.memory == "memflow" else 0)
+    seed = args.seed if args.seed is not None else config.seed
+    config = SamplerConfig(
+        config.height, config.width, seed=seed, cache=cache, transition=TransitionConfig(strategy=args.transition)
+    )
+    pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=not args.no_overlap)
+    out = Path(args.out)
+    for i, story in enumerate(stories):
+        if args.seed is not None:
+            story = Story(story.segments, story.title, args.seed)
+        target = out if len(stories) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
+        memory = MemFlowMemory(bank_size=args.bank_size) if args.memory == "memflow" else NoMemory()
+        totals = _render(pipe, story, config, memory, target)
+        fps = totals["frames"] / totals["wall"] if totals["wall"] else 0.0
+        print(f"{target}: {int(totals['frames'])} frames in {totals['wall']:.1f} s ({fps:.1f} video FPS)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iamflow_core", description="IAMFlow streaming long video")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    bench = sub.add_parser("bench", help="benchmarks (full-size models, random weights)")
+    bench.add_argument("which", choices=["speed", "dit"], help="speed: the whole pipeline; dit: one chunk")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    if args.command == "bench":
+        import importlib
+
+        importlib.import_module(f"iamflow_core.bench.{'speed' if args.which == 'speed' else 'dit_chunk'}").main(
+            args.rest
+        )
+        return 0
+    from .model_files import MissingModelFiles
+    from .weights import CheckpointError
+
+    try:
+        return generate(args)
+    except (StoryError, CheckpointError, MissingModelFiles, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every finished chunk was kept in the video", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The command line on the tiny preset, interrupted runs, and user errors."""
+
+import pytest
+
+from iamflow_core import cli
+from iamflow_core.config import CacheConfig
+from iamflow_core.memory import NoMemory
+from iamflow_core.pipeline import SamplerConfig, StreamingPipeline
+from iamflow_core.presets import tiny_models
+from iamflow_core.story import Segment, Story
+from iamflow_core.video import read_video_frame_count
+
+
+def test_tiny_preset_makes_a_video(tmp_path, capsys):
+    out = tmp_path / "tiny.mp4"
+    assert cli.main(["generate", "--preset", "tiny", "--out", str(out), "--device", "cpu", "--vae-device", "cpu"]) == 0
+    assert read_video_frame_count(out) == 141  # 3 x 3 s -> 12 chunks -> 36 latent frames -> 1 + 4 * 35
+    assert "141 frames" in capsys.readouterr().out
+
+
+class _StopAt(NoMemory):
+    """A policy that raises KeyboardInterrupt after making chunk `chunk` (as Ctrl-C would)."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+
+    def after_chunk(self, ctx) -> None:
+        if ctx.chunk == self.chunk:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_keeps_every_finished_chunk(tmp_path):
+    dit, te, vae = tiny_models()
+    pipe = StreamingPipeline(dit, te, vae)
+    story = Story((Segment("a woman reads in a library", 3.0),), seed=0)
+    config = SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=0))
+    out = tmp_path / "cut.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        cli._render(pipe, story, config, _StopAt(3), out)
+    # chunks 0, 1, 2 were finished before the interrupt: 9 + 12 + 12 frames, in a playable file
+    assert read_video_frame_count(out) == 33
+
+
+def test_interrupt_from_the_command_line_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_render", interrupted)
+    code = cli.main(["generate", "--preset", "tiny", "--out", str(tmp_path / "x.mp4"), "--device", "cpu"])
+    assert code == 130
+    assert "finished chunk" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "/no/such/story.json"], "does not exist"),
+        (["generate"], "no story given"),
+        (["generate", "STORY", "--models", "MODELS"], "model files are missing"),
+    ],
+)
+def test_user_errors_are_one_clear_message(tmp_path, capsys, argv, message):
+    story = tmp_path / "s.jsonl"
+    story.write_text('{"prompts": ["a cat on a roof"]}\n')
+    argv = [a.replace("STORY", str(story)).replace("MODELS", str(tmp_path / "models")) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_missing_model_message_lists_every_file(tmp_path):
+    from iamflow_core.model_files import MissingModelFiles, find_model_files
+
+    with pytest.raises(MissingModelFiles) as info:
+        find_model_files(tmp_path)
+    text = str(info.value)
+    for name in ("wan2.1_t2v_1.3B_bf16.safetensors", "umt5_xxl_fp16.safetensors", "wan_2.1_vae.safetensors"):
+        assert name in text
+    assert str(tmp_path) in text
+
+
+def test_model_files_found_in_a_comfyui_models_folder(tmp_path):
+    from iamflow_core.model_files import find_model_files
+
+    for rel in ("diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors", "text_encoders/umt5_xxl_fp16.safetensors",
+                "vae/wan_2.1_vae.safetensors"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    files = find_model_files(tmp_path)
+    assert files.dit.name == "wan2.1_t2v_1.3B_bf16.safetensors" and files.vae.parent.name == "vae"
+    assert files.tokenizer is None  # taken from the text-encoder file
