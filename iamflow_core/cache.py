@@ -1,22 +1,30 @@
 """Typed self-attention KV cache of the streaming DiT: sink + rolling local window + memory segment.
 
-One preallocated buffer per K and V holds every layer: `[layers, B, slots * tokens_per_frame, H, D]` with the slot
-layout `[sink | local window | current chunk | memory]`. Keys are stored *before* RoPE; the DiT rotates the context
-by the positions this cache hands out. That makes slot order irrelevant (the rolling window is a ring that never
-moves data), lets memory frames be placed at any position, and lets videos run past the 1024-frame RoPE table.
-All bookkeeping is host-side Python ints: no `.item()` or device sync in the hot loop.
+One preallocated buffer per K and V holds every layer: `[layers, B, slots * tokens_per_frame, H, D]`, with the
+slot layout `[memory (filled from the right) | sink | local window | query region]`. In steady state the context
+of a chunk is therefore one contiguous slice of the buffer: attention reads it without a copy.
 
-Eviction and RoPE positions are pure functions (`commit_frames`, `rope_positions`) with unit tests.
+Keys are stored rotated (RoPE) at an absolute temporal position, rotated once when they are written, as the
+checkpoints were trained. The local window is a ring: order does not matter to attention, so eviction moves no
+data. Past the RoPE table (1024 latent frames) the window keeps absolute positions and the sink and memory frames
+are re-rotated forward instead (from pristine copies, so rounding never accumulates): relative distances are those
+of `rope_positions`, which slides the whole window back to the end of the table. All bookkeeping is host-side:
+no `.item()` or device sync.
+
+Eviction and positions are pure functions (`commit_frames`, `rope_positions`) with unit tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import CacheConfig
+
+# rotate(k [layers, B, n*T, H, D], per-frame temporal deltas) -> k rotated in time by those deltas
+Rotate = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,11 @@ def rope_positions(frames: Sequence[int], query_end: int, sink_frames: int, limi
 
 @dataclass(frozen=True)
 class ChunkLayout:
-    """The attention context of one forward: token ranges of the buffer, their frames, and RoPE positions."""
+    """The attention context of one forward: token ranges of the buffer, their frames, and query positions."""
 
     ranges: tuple[tuple[int, int], ...]
     query_range: tuple[int, int]
     context_frames: tuple[int, ...]
-    context_positions: tuple[int, ...]
     query_positions: tuple[int, ...]
 
     @property
@@ -90,7 +97,7 @@ class ChunkLayout:
 
 def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     merged: list[tuple[int, int]] = []
-    for start, end in ranges:
+    for start, end in sorted(ranges):
         if end <= start:
             continue
         if merged and merged[-1][1] == start:
@@ -98,6 +105,15 @@ def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         else:
             merged.append((start, end))
     return tuple(merged)
+
+
+@dataclass
+class _Memory:
+    frames: tuple[int, ...]
+    k: torch.Tensor  # [layers, B, n*T, H, D], rotated at `positions` (owned by the policy; never written)
+    v: torch.Tensor
+    positions: tuple[int, ...]
+    placed_at: tuple[int, ...] | None = None  # positions of the copy in the cache, None until placed
 
 
 class KVCache:
@@ -119,82 +135,126 @@ class KVCache:
         self.cfg = cfg
         self.tokens_per_frame = tokens_per_frame
         self.rope_limit = rope_limit
-        # sink + local window + query region (a chunk, or a recache of local + chunk frames) + memory
-        slots = cfg.sink_frames + 2 * cfg.local_frames + cfg.chunk_frames + cfg.memory_frames
+        slots = cfg.memory_frames + cfg.sink_frames + cfg.local_frames + self.query_capacity
         shape = (num_layers, batch, slots * tokens_per_frame, num_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.state = WindowState.empty(cfg)
-        self.memory: tuple[int, ...] = ()
+        self.slot_positions: list[int | None] = [None] * (cfg.sink_frames + cfg.local_frames)
         self.layout: ChunkLayout | None = None
+        self._memory: _Memory | None = None
+        self._sink_origin: torch.Tensor | None = None  # sink keys at their own positions, once they need moving
         self._query_frames: tuple[int, ...] = ()
 
     # slot arithmetic -------------------------------------------------------------------------------------------
-    def _slot_tokens(self, slot: int, count: int = 1) -> tuple[int, int]:
-        return slot * self.tokens_per_frame, (slot + count) * self.tokens_per_frame
-
-    @property
-    def _query_slot(self) -> int:
-        return self.cfg.sink_frames + self.cfg.local_frames
-
-    @property
-    def _memory_slot(self) -> int:
-        return self._query_slot + self.query_capacity
-
-    # lifecycle ---------------------------------------------------------------------------------------------------
     @property
     def query_capacity(self) -> int:
         """Frames one forward may query: a chunk, or a recache of the window (previous frames plus one chunk)."""
         return self.cfg.window_frames - self.cfg.sink_frames
 
-    def begin_chunk(self, start_frame: int, num_frames: int) -> ChunkLayout:
+    def _tokens(self, slot: int, count: int = 1) -> tuple[int, int]:
+        return slot * self.tokens_per_frame, (slot + count) * self.tokens_per_frame
+
+    def _window_slot(self, i: int) -> int:
+        """Buffer slot of sink/local slot i."""
+        return self.cfg.memory_frames + i
+
+    @property
+    def _query_slot(self) -> int:
+        return self.cfg.memory_frames + self.cfg.sink_frames + self.cfg.local_frames
+
+    @property
+    def memory(self) -> tuple[int, ...]:
+        return self._memory.frames if self._memory else ()
+
+    # lifecycle ---------------------------------------------------------------------------------------------------
+    def begin_chunk(self, start_frame: int, num_frames: int, rotate: Rotate | None = None) -> ChunkLayout:
         """Lay out the context for the new chunk of latent frames [start_frame, start_frame + num_frames)."""
         if not 0 < num_frames <= self.cfg.chunk_frames:
             raise ValueError(f"a chunk has 1..{self.cfg.chunk_frames} latent frames, got {num_frames}")
-        return self.begin(range(start_frame, start_frame + num_frames))
+        return self.begin(range(start_frame, start_frame + num_frames), rotate)
 
-    def begin(self, frames: Sequence[int]) -> ChunkLayout:
+    def begin(self, frames: Sequence[int], rotate: Rotate | None = None) -> ChunkLayout:
         """Lay out the context for a forward over consecutive latent `frames`.
 
         The context is every stored frame that is not being queried, the queried frames themselves, and the memory
         segment. Queried frames that are already stored (a recache) get their slots rewritten on `commit`.
+        `rotate` moves stored keys in time; it is needed only past the RoPE table or for moved memory frames.
         """
         frames = list(frames)
         if not frames or frames != list(range(frames[0], frames[0] + len(frames))):
             raise ValueError(f"a forward queries consecutive latent frames, got {frames}")
         if len(frames) > self.query_capacity:
             raise ValueError(f"{len(frames)} frames exceed the {self.query_capacity} frames one forward can query")
+        query_end = frames[-1] + 1
+        shift = max(0, query_end - self.rope_limit)
         ranges, context = [], []
-        for slot, frame in enumerate((*self.state.sink, *self.state.local)):
-            if frame is not None and frame not in frames:
-                if frame > frames[0]:
-                    raise ValueError(
-                        f"the forward starts at frame {frames[0]} but the cache already holds frame {frame}; "
-                        "frames must be generated in order (reset the cache to start over)"
-                    )
-                ranges.append(self._slot_tokens(slot))
-                context.append(frame)
-        query = self._slot_tokens(self._query_slot, len(frames))
+        for i, frame in enumerate((*self.state.sink, *self.state.local)):
+            if frame is None or frame in frames:
+                continue
+            if frame > frames[0]:
+                raise ValueError(
+                    f"the forward starts at frame {frames[0]} but the cache already holds frame {frame}; "
+                    "frames must be generated in order (reset the cache to start over)"
+                )
+            self._place_window_slot(i, frame, shift, rotate)
+            ranges.append(self._tokens(self._window_slot(i)))
+            context.append(frame)
+        query = self._tokens(self._query_slot, len(frames))
         ranges.append(query)
         context += frames
-        if self.memory:
-            ranges.append(self._slot_tokens(self._memory_slot, len(self.memory)))
-            context += list(self.memory)
-        query_end = frames[-1] + 1
-        self.layout = ChunkLayout(
-            ranges=_merge(ranges),
-            query_range=query,
-            context_frames=tuple(context),
-            context_positions=tuple(rope_positions(context, query_end, self.cfg.sink_frames, self.rope_limit)),
-            query_positions=tuple(rope_positions(frames, query_end, self.cfg.sink_frames, self.rope_limit)),
-        )
+        if self._memory is not None:
+            n = len(self._memory.frames)
+            self._place_memory(shift, rotate)
+            ranges.append(self._tokens(self.cfg.memory_frames - n, n))
+            context += list(self._memory.frames)
+        # Queried frames are never sink frames once a shift exists (the first chunk has none): absolute positions.
+        self.layout = ChunkLayout(_merge(ranges), query, tuple(context), tuple(frames))
         self._query_frames = tuple(frames)
         return self.layout
 
-    def context(self, layer: int, k_query: torch.Tensor, v_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the chunk's (unrotated) K/V into the query slots and return the layer's context K, V.
+    def _place_window_slot(self, i: int, frame: int, shift: int, rotate: Rotate | None) -> None:
+        """Make sure sink/local slot i holds keys rotated at the frame's position for this shift."""
+        want = frame if frame >= self.cfg.sink_frames else frame + shift
+        have = self.slot_positions[i]
+        if have == want:
+            return
+        if rotate is None:
+            raise ValueError("keys must move in time (past the RoPE table); pass the model's rotate function")
+        start, end = self._tokens(self._window_slot(i))
+        if i < self.cfg.sink_frames:
+            if self._sink_origin is None:  # keep the sink as first written: every move starts from it
+                s0, s1 = self._tokens(self._window_slot(0), self.cfg.sink_frames)
+                self._sink_origin = self.k[:, :, s0:s1].clone()
+            o0, o1 = self._tokens(i)
+            self.k[:, :, start:end] = rotate(self._sink_origin[:, :, o0:o1], [want - frame])
+        else:
+            self.k[:, :, start:end] = rotate(self.k[:, :, start:end], [want - have])
+        self.slot_positions[i] = want
 
-        k_query, v_query: [B, Lq, H, D]. Returns [B, Lctx, H, D] each, in `layout.context_positions` order.
+    def _place_memory(self, shift: int, rotate: Rotate | None) -> None:
+        mem = self._memory
+        # `rope_positions` moved forward by the shift: the same distances to the query, which keeps absolute positions.
+        sink = self.cfg.sink_frames
+        want = tuple((p if p < sink else max(p - shift, sink)) + shift for p in mem.positions)
+        if mem.placed_at == want:
+            return
+        n = len(mem.frames)
+        start, end = self._tokens(self.cfg.memory_frames - n, n)
+        deltas = [w - p for w, p in zip(want, mem.positions)]
+        if any(deltas):
+            if rotate is None:
+                raise ValueError("memory frames must move in time; pass the model's rotate function")
+            self.k[:, :, start:end] = rotate(mem.k, deltas)
+        else:
+            self.k[:, :, start:end] = mem.k
+        self.v[:, :, start:end] = mem.v
+        mem.placed_at = want
+
+    def context(self, layer: int, k_query: torch.Tensor, v_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the chunk's rotated K and its V into the query slots and return the layer's context K, V.
+
+        k_query, v_query: [B, Lq, H, D]. Returns [B, Lctx, H, D] each: a view of the buffer when contiguous.
         """
         start, end = self.layout.query_range
         self.k[layer, :, start:end] = k_query
@@ -213,46 +273,58 @@ class KVCache:
         New frames are placed by `commit_frames`; frames already stored (a recache) overwrite their own slots;
         frames older than the window (the head of a recache) are dropped.
         """
-        stored = {frame: slot for slot, frame in enumerate((*self.state.sink, *self.state.local)) if frame is not None}
+        slots = (*self.state.sink, *self.state.local)
+        stored = {frame: i for i, frame in enumerate(slots) if frame is not None}
         newest = max(stored, default=-1)
-        fresh = [f for f in self._query_frames if f > newest]
-        self.state, placements = commit_frames(self.state, fresh)
+        self.state, placements = commit_frames(self.state, [f for f in self._query_frames if f > newest])
         placements += [(f, stored[f]) for f in self._query_frames if f in stored]
-        first = self._query_frames[0] if self._query_frames else 0
-        for frame, slot in placements:
-            src = self._slot_tokens(self._query_slot + frame - first)
-            dst = self._slot_tokens(slot)
+        first = self._query_frames[0]
+        for frame, i in placements:
+            src = self._tokens(self._query_slot + frame - first)
+            dst = self._tokens(self._window_slot(i))
             self.k[:, :, dst[0] : dst[1]] = self.k[:, :, src[0] : src[1]]
             self.v[:, :, dst[0] : dst[1]] = self.v[:, :, src[0] : src[1]]
+            self.slot_positions[i] = self.layout.query_positions[frame - first]
+            if i < self.cfg.sink_frames:
+                self._sink_origin = None
         self.layout = None
 
     # memory segment ----------------------------------------------------------------------------------------------
-    def set_memory(self, k: torch.Tensor, v: torch.Tensor, frames: Sequence[int]) -> None:
-        """Put memory frames in the memory segment. k, v: [layers, B, len(frames) * T, H, D], unrotated keys;
-        `frames` are their absolute latent frame indices (they keep their original RoPE positions)."""
+    def set_memory(
+        self, k: torch.Tensor, v: torch.Tensor, frames: Sequence[int], positions: Sequence[int] | None = None
+    ) -> None:
+        """Use these frames as the memory segment from the next forward on.
+
+        k, v: [layers, B, len(frames) * T, H, D], keys rotated at `positions` (default: the frames' own indices,
+        which is what `frame_kv` returns). The tensors are kept by reference and never written.
+        """
+        if not frames:
+            self.clear_memory()
+            return
         if len(frames) > self.cfg.memory_frames:
             raise ValueError(f"{len(frames)} memory frames exceed the memory segment of {self.cfg.memory_frames}")
-        start, end = self._slot_tokens(self._memory_slot, len(frames))
-        if k.shape[2] != end - start:
-            raise ValueError(f"memory K has {k.shape[2]} tokens, expected {end - start} for {len(frames)} frames")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.memory = tuple(frames)
+        if k.shape[2] != len(frames) * self.tokens_per_frame or k.shape != v.shape:
+            raise ValueError(f"memory K/V of shape {list(k.shape)} do not hold {len(frames)} frames")
+        positions = tuple(positions) if positions is not None else tuple(frames)
+        self._memory = _Memory(tuple(frames), k, v, positions)
 
     def clear_memory(self) -> None:
-        self.memory = ()
+        self._memory = None
 
-    def frame_kv(self, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of the stored K/V of one frame: [layers, B, T, H, D] each (for a memory archive)."""
+    def frame_kv(self, frame: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A copy of one stored frame: K, V [layers, B, T, H, D] and the position K is rotated at."""
         slots = [*self.state.sink, *self.state.local]
         if frame not in slots:
             raise KeyError(f"frame {frame} is not in the cache (holds {self.state.frames()})")
-        start, end = self._slot_tokens(slots.index(frame))
-        return self.k[:, :, start:end].clone(), self.v[:, :, start:end].clone()
+        i = slots.index(frame)
+        start, end = self._tokens(self._window_slot(i))
+        return self.k[:, :, start:end].clone(), self.v[:, :, start:end].clone(), self.slot_positions[i]
 
     def reset(self) -> None:
         self.state = WindowState.empty(self.cfg)
-        self.memory = ()
+        self.slot_positions = [None] * len(self.slot_positions)
+        self._memory = None
+        self._sink_origin = None
         self.layout = None
 
 

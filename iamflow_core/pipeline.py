@@ -227,7 +227,8 @@ class StreamingPipeline:
         noise_shape = (1, self.dit.cfg.in_channels, chunk_frames, h, w)
 
         def context(i: int, seg: int, start: int) -> StepContext:
-            return StepContext(i, start, chunk_frames, seg, story.prompts[seg], cache, switch.cross, texts[seg])
+            prompt = story.prompts[seg]
+            return StepContext(i, start, chunk_frames, seg, prompt, cache, switch.cross, texts[seg], self.dit.rope)
 
         memory.start(context(0, 0, 0))
         pending: tuple[dict, Future | None] | None = None

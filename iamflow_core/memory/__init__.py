@@ -15,6 +15,7 @@ import torch
 
 from ..cache import KVCache
 from ..models.dit import CrossKV
+from ..models.rope import RopeTables, apply_rope
 
 
 @dataclass
@@ -29,6 +30,7 @@ class StepContext:
     cache: KVCache
     cross: CrossKV
     text: torch.Tensor  # [text_len, text_dim] umT5 states of the current prompt, zero-padded
+    rope: RopeTables | None = None  # the DiT's rotary tables, to compare cached keys across time
     latents: torch.Tensor | None = None  # [B, C, F, h, w] clean latents of the chunk (after_chunk)
     info: dict[str, Any] = field(default_factory=dict)  # per-chunk report, copied into the chunk event
 
@@ -75,15 +77,28 @@ def text_query(cross: CrossKV, text: torch.Tensor) -> torch.Tensor:
     return keys.float().mean(2)
 
 
-def frame_relevance(query: torch.Tensor, frame_k: torch.Tensor) -> torch.Tensor:
-    """Relevance of stored frames to a text query: mean over layers and heads of <q, mean frame key> / sqrt(D).
+def frame_descriptor(k: torch.Tensor, position: int, rope: RopeTables) -> torch.Tensor:
+    """Mean key of one cached frame, moved back to time 0: [layers, B, H, D].
 
-    query: [layers, B, H, D]; frame_k: [n, layers, B, T, H, D] unrotated keys -> [n].
+    k: [layers, B, T, H, D] rotated at temporal `position`. The temporal rotation is the same for every token of a
+    frame, so it commutes with the mean and is undone on the small mean alone; frames from different times then
+    compare by content instead of by RoPE phase (which MemFlow's scores mix in).
     """
-    k_mean = frame_k.float().mean(3)  # [n, layers, B, H, D]
-    return (k_mean * query[None]).sum(-1).mean((1, 2, 3)) / query.shape[-1] ** 0.5
+    mean = k.float().mean(2, keepdim=True)
+    cos, sin = rope.grid([-position], 1, 1, k.device, spatial=False)
+    return apply_rope(mean, cos, sin)[:, :, 0]
+
+
+def frame_relevance(query: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
+    """Relevance of stored frames to a text query: mean over layers and heads of <q, frame descriptor> / sqrt(D).
+
+    query: [layers, B, H, D]; descriptors: [n, layers, B, H, D] from `frame_descriptor` -> [n].
+    """
+    return (descriptors * query[None]).sum(-1).mean((1, 2, 3)) / query.shape[-1] ** 0.5
 
 
 from .memflow import MemFlowMemory  # noqa: E402  (re-export; memflow imports the helpers above)
 
-__all__ = ["MemFlowMemory", "MemoryPolicy", "NoMemory", "StepContext", "frame_relevance", "text_query"]
+__all__ = [
+    "MemFlowMemory", "MemoryPolicy", "NoMemory", "StepContext", "frame_descriptor", "frame_relevance", "text_query",
+]  # fmt: skip

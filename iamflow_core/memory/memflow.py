@@ -13,14 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import StepContext, frame_relevance, text_query
+from . import StepContext, frame_descriptor, frame_relevance, text_query
 
 
 @dataclass
 class _Frame:
     index: int
-    k: torch.Tensor  # [layers, B, T, H, D]
+    k: torch.Tensor  # [layers, B, T, H, D], rotated at `position`
     v: torch.Tensor
+    position: int
+    descriptor: torch.Tensor  # [layers, B, H, D]
 
 
 class MemFlowMemory:
@@ -56,8 +58,8 @@ class MemFlowMemory:
     def after_chunk(self, ctx: StepContext) -> None:
         if ctx.chunk % self.record_interval:
             return
-        k, v = ctx.cache.frame_kv(ctx.start_frame)
-        self.frames.append(_Frame(ctx.start_frame, k, v))
+        k, v, position = ctx.cache.frame_kv(ctx.start_frame)
+        self.frames.append(_Frame(ctx.start_frame, k, v, position, frame_descriptor(k, position, ctx.rope)))
         if len(self.frames) > self.candidates:
             self._drop_least_relevant(ctx)
         ctx.info["recorded_frame"] = ctx.start_frame
@@ -67,7 +69,7 @@ class MemFlowMemory:
 
     def _scores(self, ctx: StepContext) -> torch.Tensor:
         query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device))
-        return frame_relevance(query, torch.stack([f.k for f in self.frames]))
+        return frame_relevance(query, torch.stack([f.descriptor for f in self.frames]))
 
     def _drop_least_relevant(self, ctx: StepContext) -> None:
         scores = self._scores(ctx)[:-1]  # the newest capture always stays a candidate
@@ -83,5 +85,5 @@ class MemFlowMemory:
         if selected != self._selected:
             k = torch.cat([f.k for f in chosen], dim=2)
             v = torch.cat([f.v for f in chosen], dim=2)
-            ctx.cache.set_memory(k, v, selected)
+            ctx.cache.set_memory(k, v, selected, [f.position for f in chosen])
             self._selected = selected

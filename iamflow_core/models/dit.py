@@ -230,11 +230,19 @@ class CausalWanDiT(nn.Module):
         return f // pt, h // ph, w // pw
 
     def _rope(self, positions: tuple[int, ...], h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of a token grid, memoised: the forwards of one chunk share their positions."""
         key = (positions, h, w, self.device)
         if self._rope_memo is None or self._rope_memo[0] != key:
-            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-            self._rope_memo = (key, self.rope.grid(pos, h, w))
+            self._rope_memo = (key, self.rope.grid(positions, h, w, self.device))
         return self._rope_memo[1]
+
+    def _rotator(self, h: int, w: int) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+        """Moves stored keys [layers, B, n*T, H, D] in time by per-frame deltas (for the cache, past the table)."""
+
+        def rotate(k: torch.Tensor, deltas: list[int]) -> torch.Tensor:
+            return apply_rope(k, *self.rope.grid(deltas, h, w, self.device, spatial=False))
+
+        return rotate
 
     # entry points --------------------------------------------------------------------------------------------------
     def forward(
@@ -244,7 +252,7 @@ class CausalWanDiT(nn.Module):
         mask: bool [L, L] over tokens (True = attend), e.g. `cache.block_causal_mask`, or None (bidirectional)."""
         f, h, w = self._grid(x)
         cross = text if isinstance(text, CrossKV) else self.encode_text(text)
-        cos, sin = self.rope.grid(torch.arange(f, device=self.device), h, w)
+        cos, sin = self.rope.grid(range(f), h, w, self.device)
 
         def full_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return apply_rope(k, cos, sin), v
@@ -263,17 +271,11 @@ class CausalWanDiT(nn.Module):
         f, h, w = self._grid(x)
         if cache.tokens_per_frame != h * w:
             raise ValueError(f"cache holds {cache.tokens_per_frame} tokens per frame, latents give {h * w}")
-        layout = (
-            cache.begin_chunk(start_frame, f)
-            if f <= cache.cfg.chunk_frames
-            else cache.begin(range(start_frame, start_frame + f))
-        )
-        ctx_cos, ctx_sin = self._rope(layout.context_positions, h, w)
-        q_cos, q_sin = self.rope.grid(torch.tensor(layout.query_positions, device=self.device), h, w)
+        layout = cache.begin(range(start_frame, start_frame + f), self._rotator(h, w))
+        q_cos, q_sin = self._rope(layout.query_positions, h, w)
 
         def cached_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            k_ctx, v_ctx = cache.context(layer, k, v)
-            return apply_rope(k_ctx, ctx_cos, ctx_sin), v_ctx
+            return cache.context(layer, apply_rope(k, q_cos, q_sin), v)
 
         out = self._run(x, t, cross, (q_cos, q_sin), cached_context, None)
         if commit:

@@ -1,62 +1,81 @@
 """3-D rotary position embedding of Wan2.1 (time, height, width sections of each head).
 
-Angles are computed once in float64 and kept as float32 cos/sin tables, so no float64 math runs per forward
-(the reference rotates in complex float64 on every call). Rotation pairs adjacent channels (2i, 2i+1), as Wan does.
+Height/width angles come from float32 cos/sin tables computed once in float64. Temporal angles are computed per
+call from the frame positions in float64 on the host (a few numbers per frame), so any position works, also past
+the 1024-frame table of the checkpoints, with full precision; no float64 math touches activations. Rotation pairs
+adjacent channels (2i, 2i+1), as Wan does.
 Math follows Wan2.1 `wan/modules/model.py` (rope_params / rope_apply), Apache-2.0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def _axis_angles(positions: int, dim: int, theta: float) -> torch.Tensor:
-    """Angles [positions, dim/2] of one axis, float64."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
+def _inv_freq(dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a device sync (pinned, non-blocking) when the target is a GPU."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 class RopeTables:
-    """Per-axis cos/sin tables for one head layout, built lazily per device."""
+    """cos/sin for token grids of one head layout; spatial tables are cached per device."""
 
     def __init__(self, split: tuple[int, int, int], max_positions: int, theta: float) -> None:
         self.split = split
         self.max_positions = max_positions
         self.theta = theta
-        self._by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._inv_t = _inv_freq(split[0], theta)
+        self._spatial: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        if device not in self._by_device:
+    def _spatial_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._spatial:
             tables = []
-            for dim in self.split:
-                angles = _axis_angles(self.max_positions, dim, self.theta)
+            for dim in self.split[1:]:
+                angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), _inv_freq(dim, self.theta))
                 tables += [angles.cos().float().to(device), angles.sin().float().to(device)]
-            self._by_device[device] = tuple(tables)
-        return self._by_device[device]
+            self._spatial[device] = tuple(tables)
+        return self._spatial[device]
 
-    def grid(self, frame_positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [F*height*width, head_dim/2] for tokens laid out frame-major, then rows, then columns.
+    def grid(
+        self, frame_positions: Sequence[int], height: int, width: int, device: torch.device, spatial: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [F*height*width, head_dim/2] (float32) for tokens laid out frame-major, rows, then columns.
 
-        frame_positions: long [F], the temporal RoPE position of each frame (must be < max_positions).
+        frame_positions: the temporal position of each frame (any integer). spatial=False gives a pure temporal
+        rotation (the height/width sections unrotated), used to move already-rotated keys in time.
         """
         if height > self.max_positions or width > self.max_positions:
             raise ValueError(f"latent grid {height}x{width} exceeds the RoPE table of {self.max_positions} positions")
-        cos_t, sin_t, cos_h, sin_h, cos_w, sin_w = self._tables(frame_positions.device)
-        f = frame_positions.numel()
+        angles = torch.tensor(list(frame_positions), dtype=torch.float64)[:, None] * self._inv_t
+        cos_t = _to_device(angles.cos().float(), device)
+        sin_t = _to_device(angles.sin().float(), device)
+        cos_h, sin_h, cos_w, sin_w = self._spatial_tables(device)
+        if not spatial:
+            cos_h, sin_h, cos_w, sin_w = (torch.ones_like(cos_h), torch.zeros_like(sin_h),
+                                          torch.ones_like(cos_w), torch.zeros_like(sin_w))  # fmt: skip
+        f = cos_t.shape[0]
 
-        def expand(cos_f: torch.Tensor, cos_h_: torch.Tensor, cos_w_: torch.Tensor) -> torch.Tensor:
+        def expand(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             parts = (
-                cos_f[:, None, None, :].expand(f, height, width, -1),
-                cos_h_[None, :height, None, :].expand(f, height, width, -1),
-                cos_w_[None, None, :width, :].expand(f, height, width, -1),
+                t[:, None, None, :].expand(f, height, width, -1),
+                h[None, :height, None, :].expand(f, height, width, -1),
+                w[None, None, :width, :].expand(f, height, width, -1),
             )
             return torch.cat(parts, dim=-1).reshape(f * height * width, -1)
 
-        return expand(cos_t[frame_positions], cos_h, cos_w), expand(sin_t[frame_positions], sin_h, sin_w)
+        return expand(cos_t, cos_h, cos_w), expand(sin_t, sin_h, sin_w)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [B, L, H, D] by cos/sin: [L, D/2] (float32). Computed in float32, returned in x.dtype."""
+    """Rotate x: [..., L, H, D] by cos/sin: [L, D/2] (float32). Computed in float32, returned in x.dtype."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, None, :], sin[:, None, :]
