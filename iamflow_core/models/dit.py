@@ -292,6 +292,6 @@ class CausalWanDiT(nn.Module):
             head_dim=self.cfg.head_dim,
             batch=batch,
             device=self.device,
-            dtype=dtype or self.blocks[0].self_attn.k.weight.dtype,
+            dtype=dtype or self.blocks[0].norm3.weight.dtype,  # the compute dtype (linears may be FP8)
             rope_limit=self.cfg.rope_max_positions,
         )

@@ -15,7 +15,8 @@ import torch
 
 
 def _inv_freq(dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    # Explicitly on the host: models are often built under `with torch.device("cuda")`.
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -39,7 +40,8 @@ class RopeTables:
         if device not in self._spatial:
             tables = []
             for dim in self.split[1:]:
-                angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), _inv_freq(dim, self.theta))
+                positions = torch.arange(self.max_positions, dtype=torch.float64, device="cpu")
+                angles = torch.outer(positions, _inv_freq(dim, self.theta))
                 tables += [angles.cos().float().to(device), angles.sin().float().to(device)]
             self._spatial[device] = tuple(tables)
         return self._spatial[device]
@@ -54,7 +56,7 @@ class RopeTables:
         """
         if height > self.max_positions or width > self.max_positions:
             raise ValueError(f"latent grid {height}x{width} exceeds the RoPE table of {self.max_positions} positions")
-        angles = torch.tensor(list(frame_positions), dtype=torch.float64)[:, None] * self._inv_t
+        angles = torch.tensor(list(frame_positions), dtype=torch.float64, device="cpu")[:, None] * self._inv_t
         cos_t = _to_device(angles.cos().float(), device)
         sin_t = _to_device(angles.sin().float(), device)
         cos_h, sin_h, cos_w, sin_w = self._spatial_tables(device)

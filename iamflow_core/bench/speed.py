@@ -1,0 +1,126 @@
+"""End-to-end speed of the story pipeline at full size with random weights (compute does not depend on values).
+
+    python -m iamflow_core bench speed [--story FILE] [--memory none memflow] [--gpus 1 2] [--chunks-profile 8]
+
+For each memory mode and GPU count: renders a 60-s, 6-prompt story at 480x832 to an mp4 exactly as the CLI does
+(text encoding, DiT, transitions, VAE decode overlapped on the VAE's GPU, writing in a background thread) and
+prints video FPS end to end and peak memory per device; then a short profiled run (synchronised stages) gives the
+time of each stage per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import CacheConfig, DiTConfig, T5Config, VAEConfig
+from ..memory import MemFlowMemory, NoMemory
+from ..models.dit import CausalWanDiT
+from ..models.t5 import UMT5Encoder
+from ..models.vae import WanVAE
+from ..pipeline import SamplerConfig, StreamingPipeline
+from ..story import Segment, Story, load_stories
+from ..text_encoder import TextEncoder
+
+DEFAULT_PROMPTS = (
+    "A woman with short black curls in a beige sweater reads a red notebook at a library table, soft window light.",
+    "A tall man in a navy coat walks between the shelves and stops beside her table, holding two coffee cups.",
+    "The woman looks up and smiles; the man sets a cup down and points at a page of the red notebook.",
+    "Close-up of the red notebook: hand-drawn maps and notes, the woman's finger tracing a route.",
+    "The man leaves through the glass doors; the woman keeps reading alone as rain starts outside.",
+    "Evening: the woman in the beige sweater closes the red notebook and packs it into her bag, lamps glowing.",
+)
+
+
+def _story(path: str | None) -> Story:
+    if path:
+        return load_stories(path)[0]
+    return Story(tuple(Segment(p, 10.0) for p in DEFAULT_PROMPTS), title="bench 6 x 10 s", seed=0)
+
+
+def build_models(device: str, vae_device: str, dtype: torch.dtype = torch.bfloat16):
+    from ..presets import tiny_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        dit = CausalWanDiT(DiTConfig()).to(dtype).eval().requires_grad_(False)
+        t5 = UMT5Encoder(T5Config()).to(dtype).eval().requires_grad_(False)
+    with torch.device(vae_device):
+        vae = WanVAE(VAEConfig()).to(dtype).eval().requires_grad_(False)
+    # A stand-in tokenizer: the encoder still runs its full 512 positions, which is what costs time.
+    return dit, TextEncoder(t5, tiny_tokenizer(), device=device), vae
+
+
+def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> dict:
+    from ..cli import _render as render
+
+    return render(pipe, story, config, memory, out)
+
+
+def run_case(models, story: Story, memory_mode: str, profile_chunks: int) -> dict:
+    dit, text_encoder, vae = models
+    devices = sorted({str(dit.device), str(next(vae.parameters()).device)})
+    cache = CacheConfig(memory_frames=3 if memory_mode == "memflow" else 0)
+    config = SamplerConfig(cache=cache)
+
+    def memory():
+        return MemFlowMemory(bank_size=3) if memory_mode == "memflow" else NoMemory()
+
+    for d in devices:
+        torch.cuda.reset_peak_memory_stats(d)
+    with tempfile.TemporaryDirectory() as tmp:
+        totals = _render(StreamingPipeline(dit, text_encoder, vae), story, config, memory(), Path(tmp) / "v.mp4")
+    row = {
+        "memory": memory_mode,
+        "gpus": len(devices),
+        "video_frames": int(totals["frames"]),
+        "wall_s": round(totals["wall"], 2),
+        "video_fps": round(totals["frames"] / totals["wall"], 2),
+        "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
+    }
+    # Per-stage time per chunk: a short run with synchronised stages (slower overall, so separate).
+    short = Story(
+        (Segment(story.prompts[0], 0.75 * profile_chunks / 2), Segment(story.prompts[1], 0.75 * profile_chunks / 2))
+    )
+    pipe = StreamingPipeline(dit, text_encoder, vae, profile=True)
+    sums: dict[str, float] = {}
+    events = list(pipe.run(short, config, memory()))
+    for e in events[1:]:  # skip the first chunk (warm-up, text encoding)
+        for k, v in e.timings.items():
+            sums[k] = sums.get(k, 0.0) + v
+    row["per_chunk_ms"] = {k: round(1000 * v / (len(events) - 1), 1) for k, v in sums.items()}
+    row["text_encoding_ms"] = round(1000 * events[0].timings["text"], 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--story", help="story file (first story is used); default: a built-in 6 x 10 s story")
+    parser.add_argument("--memory", nargs="+", default=["none", "memflow"], choices=["none", "memflow"])
+    parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--chunks-profile", type=int, default=8)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the speed benchmark needs a CUDA GPU")
+    story = _story(args.story)
+    print(f"# {torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}")
+    for gpus in args.gpus:
+        if gpus > torch.cuda.device_count():
+            print(f"# skipping {gpus} GPUs: only {torch.cuda.device_count()} visible")
+            continue
+        t0 = time.perf_counter()
+        models = build_models("cuda:0", "cuda:1" if gpus == 2 else "cuda:0")
+        print(f"# models built in {time.perf_counter() - t0:.1f} s")
+        for memory_mode in args.memory:
+            print(json.dumps(run_case(models, story, memory_mode, args.chunks_profile)), flush=True)
+        del models
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
