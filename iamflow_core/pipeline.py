@@ -24,6 +24,7 @@ import torch
 from .cache import KVCache
 from .config import CacheConfig
 from .memory import MemoryPolicy, NoMemory, StepContext
+from .models import fused
 from .models.dit import CausalWanDiT, CrossKV
 from .models.vae import WanVAE
 from .schedule import sigma, warp_timesteps
@@ -143,7 +144,10 @@ class StreamingPipeline:
         overlap_decode: bool = True,
         offload_text_encoder: bool = False,
         profile: bool = False,
+        compile_kernels: bool | None = None,
     ) -> None:
+        if compile_kernels if compile_kernels is not None else dit.device.type == "cuda":
+            fused.enable()  # fused elementwise kernels: the first chunk compiles them (tens of seconds, once)
         self.dit = dit
         self.text_encoder = text_encoder
         self.vae = vae

@@ -14,6 +14,7 @@ import time
 import torch
 
 from ..config import CacheConfig, DiTConfig
+from ..models import fused
 from ..models.attention import available_backends
 from ..models.dit import CausalWanDiT
 
@@ -72,13 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-frames", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--no-compile", action="store_true", help="eager elementwise kernels (no torch.compile)")
     args = parser.parse_args(argv)
+    fused.enable(not args.no_compile)
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     model = build_model("cuda", torch.bfloat16)
     backends = [b for b in available_backends() if b != "auto"] if args.backends == "all" else args.backends.split(",")
     params = sum(p.numel() for p in model.parameters())
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; DiT {params:,} params")
+    name = torch.cuda.get_device_name()
+    print(f"# {name} torch {torch.__version__}; DiT {params:,} params; compiled={fused.enabled()}")
     for memory in args.memory_frames:
         cache_cfg = CacheConfig(memory_frames=memory)
         for backend in backends:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..cache import KVCache
 from ..config import DiTConfig
+from . import fused
 from .attention import attention
 from .rope import RopeTables, apply_rope
 
@@ -46,8 +47,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -67,17 +67,16 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
 
     def forward(
-        self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int,
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int,
         backend: str, mask: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        """x: [B, L, dim] in the compute dtype -> [B, L, dim]."""
-        heads = (x.shape[0], x.shape[1], self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).view(heads)
-        k = self.norm_k(self.k(x)).view(heads)
-        v = self.v(x).view(heads)
+        """x: [B, L, dim] in the compute dtype -> [B, L, dim]. q and k are rotated at the queried positions."""
+        eps = self.norm_q.eps
+        q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, eps, self.num_heads, *rope)
+        k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, eps, self.num_heads, *rope)
+        v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
         k_ctx, v_ctx = context(layer, k, v)
-        out = attention(apply_rope(q, *rope_q), k_ctx, v_ctx, backend, mask)
-        return self.o(out.flatten(2))
+        return self.o(attention(q, k_ctx, v_ctx, backend, mask).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -117,21 +116,19 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:  # fmt: skip
         """x: [B, L, dim] float32 residual stream; e0: [B, F, 6, dim] float32 per-frame modulation."""
         dtype = self.norm3.weight.dtype  # the compute dtype (never quantized, unlike the linears)
+        eps = self.norm3.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
-
-        def per_frame(t: torch.Tensor) -> torch.Tensor:  # [B, L, dim] <-> [B, F, L/F, dim]
-            return t.unflatten(1, (frames, -1))
-
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
-        h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
-        y = self.self_attn(h.to(dtype), rope_q, context, layer, backend, mask)
-        x = x + (per_frame(y.float()) * gate1).flatten(1, 2)
+        y = self.self_attn(
+            fused.modulate(x, shift1, scale1, frames, eps, dtype), rope_q, context, layer, backend, mask
+        )
+        x = fused.gated_residual(x, y, gate1, frames)
         # 2. Cross-attention to the prompt.
-        x = x + self.cross_attn(self.norm3(x).to(dtype), *cross, backend).float()
+        h = fused.affine_norm(x, self.norm3.weight, self.norm3.bias, eps, dtype)
+        x = fused.residual(x, self.cross_attn(h, *cross, backend))
         # 3. Feed-forward, gated per frame.
-        h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
-        y = self.ffn(h.to(dtype))
-        return x + (per_frame(y.float()) * gate2).flatten(1, 2)
+        y = self.ffn(fused.modulate(x, shift2, scale2, frames, eps, dtype))
+        return fused.gated_residual(x, y, gate2, frames)
 
 
 class Head(nn.Module):
@@ -255,7 +252,7 @@ class CausalWanDiT(nn.Module):
         cos, sin = self.rope.grid(range(f), h, w, self.device)
 
         def full_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return apply_rope(k, cos, sin), v
+            return k, v
 
         return self._run(x, t, cross, (cos, sin), full_context, None if mask is None else mask.to(self.device))
 
@@ -275,7 +272,7 @@ class CausalWanDiT(nn.Module):
         q_cos, q_sin = self._rope(layout.query_positions, h, w)
 
         def cached_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return cache.context(layer, apply_rope(k, q_cos, q_sin), v)
+            return cache.context(layer, k, v)
 
         out = self._run(x, t, cross, (q_cos, q_sin), cached_context, None)
         if commit:

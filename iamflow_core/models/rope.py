@@ -76,10 +76,4 @@ class RopeTables:
         return expand(cos_t, cos_h, cos_w), expand(sin_t, sin_h, sin_w)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [..., L, H, D] by cos/sin: [L, D/2] (float32). Computed in float32, returned in x.dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+from .fused import apply_rope  # noqa: E402,F401  (re-exported: the rotation lives with the fused kernels)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iamflow_core.config import VAEConfig
+from iamflow_core.models import fused
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x.float(), dim=1).type_as(x) * self.scale * self.gamma
+        return fused.channel_rms(x, self.gamma, self.scale)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -124,8 +125,9 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         """x: [B, in_dim, T, H, W] -> [B, out_dim, T, H, W]."""
         h = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        x = conv1(fused.channel_rms_silu(x, norm1.gamma, norm1.scale), cache)  # norm + SiLU in one pass
+        x = conv2(fused.channel_rms_silu(x, norm2.gamma, norm2.scale), cache)
         return x + h
 
 
@@ -276,9 +278,10 @@ class Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache, first_chunk: bool) -> torch.Tensor:
         x = self.conv1(x, cache)
-        for layer in (*self.middle, *self.upsamples, *self.head):
+        for layer in (*self.middle, *self.upsamples):
             x = _apply(layer, x, cache, first_chunk)
-        return x
+        norm, _, conv = self.head  # at full resolution: norm + SiLU in one pass matters most here
+        return conv(fused.channel_rms_silu(x, norm.gamma, norm.scale), cache)
 
 
 def _assign_cache_slots(root: nn.Module) -> int:

@@ -75,3 +75,21 @@ def test_backends_agree_on_a_streaming_chunk(full_model, inputs):
         rel = _rel(out, base)
         print(f"{backend} vs sdpa: relative difference {rel:.3e}")
         assert rel < 0.02, backend
+
+
+@torch.no_grad()
+def test_compiled_kernels_match_eager(full_model, inputs):
+    from iamflow_core.models import fused
+
+    x, text = inputs
+    model = full_model.to(torch.bfloat16)
+    t = torch.tensor([833.3], device="cuda")
+    fused.enable(False)
+    eager = model(x, t, text)
+    fused.enable(True)
+    compiled = model(x, t, text)
+    fused.enable(False)
+    model.float()
+    rel = _rel(compiled, eager)
+    print(f"compiled vs eager bf16 forward: relative difference {rel:.3e}")
+    assert rel < 0.01

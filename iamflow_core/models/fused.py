@@ -1,0 +1,114 @@
+"""Elementwise glue of the DiT and VAE as small pure functions, fused by `torch.compile` on CUDA.
+
+In eager PyTorch each of these is several kernels over large activations (float32 norms, modulation, casts, RoPE),
+which cost more than the attention itself at Wan's streaming shapes. Compiled, each becomes one kernel. On CPU, or
+with `enable(False)` / `IAMFLOW_COMPILE=0`, the same functions run eagerly: identical math.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from functools import wraps
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+_enabled = False
+
+
+def enable(flag: bool = True) -> None:
+    """Turn compiled kernels on (for CUDA tensors). The first calls of each shape compile (seconds)."""
+    global _enabled
+    _enabled = flag and os.environ.get("IAMFLOW_COMPILE", "1") != "0"
+    if _enabled:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def _fusable(fn: Callable) -> Callable:
+    compiled: list[Callable] = []
+
+    @wraps(fn)
+    def run(x: torch.Tensor, *args, **kwargs):
+        if not (_enabled and x.is_cuda):
+            return fn(x, *args, **kwargs)
+        if not compiled:
+            compiled.append(torch.compile(fn, fullgraph=True))
+        return compiled[0](x, *args, **kwargs)
+
+    return run
+
+
+# --- DiT -------------------------------------------------------------------------------------------------------
+@_fusable
+def modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """LayerNorm (no affine) of x: [B, L, dim] in float32, then per-frame (1 + scale) * h + shift, cast to dtype.
+    shift, scale: [B, F, 1, dim] float32."""
+    h = F.layer_norm(x.float(), x.shape[-1:], eps=eps).unflatten(1, (frames, -1))
+    return (h * (1 + scale) + shift).flatten(1, 2).to(dtype)
+
+
+@_fusable
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, frames: int) -> torch.Tensor:
+    """x + gate * y per frame, in float32. x: [B, L, dim] float32, y: [B, L, dim], gate: [B, F, 1, dim]."""
+    return x + (y.float().unflatten(1, (frames, -1)) * gate).flatten(1, 2)
+
+
+@_fusable
+def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + y.float()
+
+
+@_fusable
+def affine_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Affine LayerNorm in float32, cast to dtype."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
+
+
+@_fusable
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in float32 (Wan's WanRMSNorm), result in x.dtype times weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+@_fusable
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """RMSNorm over the full dim, split into heads, rotate. x: [B, L, dim] -> [B, L, H, D]; cos, sin: [L, D/2]."""
+    h = rms_norm.__wrapped__(x, weight, eps)
+    return apply_rope.__wrapped__(h.unflatten(-1, (heads, -1)), cos, sin)
+
+
+@_fusable
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [..., L, H, D] by cos/sin: [L, D/2] (float32), pairs (2i, 2i+1). Float32 math, x.dtype result."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+# --- VAE -------------------------------------------------------------------------------------------------------
+@_fusable
+def channel_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """F.normalize over channels (dim 1) in float32, times sqrt(C) * gamma, in x.dtype."""
+    return F.normalize(x.float(), dim=1).type_as(x) * scale * gamma
+
+
+@_fusable
+def channel_rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.silu(channel_rms.__wrapped__(x, gamma, scale))
