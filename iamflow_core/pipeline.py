@@ -98,10 +98,12 @@ class _Decoder:
         start = time.perf_counter()
         stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with torch.no_grad(), stream:
-            if ready is not None and self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).wait_event(ready)
-            z = latents.to(self.device, self.dtype, non_blocking=True)
-            frames = to_uint8_frames(self.vae.decode_stream(z, self.state))  # .cpu() inside: waits for the decode
+            with fused.launch_guard():
+                if ready is not None and self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).wait_event(ready)
+                z = latents.to(self.device, self.dtype, non_blocking=True)
+                video = self.vae.decode_stream(z, self.state)
+            frames = to_uint8_frames(video)  # .cpu() inside: waits for the decode, outside the launch lock
         return frames, time.perf_counter() - start
 
     def close(self) -> None:
@@ -181,7 +183,8 @@ class StreamingPipeline:
         if not frames:
             return 0
         latents = torch.cat(frames, dim=2)
-        self.dit.forward_chunk(latents, zero, cross, cache, first, commit=True)
+        with fused.launch_guard():
+            self.dit.forward_chunk(latents, zero, cross, cache, first, commit=True)
         return latents.shape[2]
 
     # the loop --------------------------------------------------------------------------------------------------------
@@ -266,14 +269,16 @@ class StreamingPipeline:
                     t0 = time.perf_counter()
                     x = torch.randn(noise_shape, generator=generator, device=device)
                     for j, t in enumerate(t_dev):
-                        velocity = self.dit.forward_chunk(x, t, chunk_cross, cache, start)
+                        with fused.launch_guard():
+                            velocity = self.dit.forward_chunk(x, t, chunk_cross, cache, start)
                         x0 = x - sigma(ts[j]) * velocity
                         if j + 1 < len(ts):
                             s = sigma(ts[j + 1])
                             x = (1 - s) * x0 + s * torch.randn(noise_shape, generator=generator, device=device)
 
                     # 6. Clean pass at t = 0 writes the chunk into the cache.
-                    self.dit.forward_chunk(x0, zero, chunk_cross, cache, start, commit=True)
+                    with fused.launch_guard():
+                        self.dit.forward_chunk(x0, zero, chunk_cross, cache, start, commit=True)
                     self._sync()
                     timings["dit"] = time.perf_counter() - t0
                     history.append((start, x0))

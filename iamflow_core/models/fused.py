@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import wraps
 
 import torch
@@ -17,6 +19,10 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 _enabled = False
+# torch.compile traces by patching nn.Module.__call__ for the whole process, so no other thread may run modules
+# while it compiles. Threads that run models (the DiT loop, the VAE decode worker) launch their kernels under this
+# lock when compiled kernels are on; the GPU work itself still overlaps, only the host-side launching is serialised.
+_launch_lock = threading.RLock()
 
 
 def enable(flag: bool = True) -> None:
@@ -31,6 +37,11 @@ def enable(flag: bool = True) -> None:
 
 def enabled() -> bool:
     return _enabled
+
+
+def launch_guard() -> AbstractContextManager:
+    """Hold while launching model work from a thread when compiled kernels are on (see `_launch_lock`)."""
+    return _launch_lock if _enabled else nullcontext()
 
 
 def _fusable(fn: Callable) -> Callable:
