@@ -144,6 +144,7 @@ class KVCache:
         self.layout: ChunkLayout | None = None
         self._memory: _Memory | None = None
         self._sink_origin: torch.Tensor | None = None  # sink keys at their own positions, once they need moving
+        self._global_frames: list[int] = []
         self._query_frames: tuple[int, ...] = ()
 
     # slot arithmetic -------------------------------------------------------------------------------------------
@@ -210,6 +211,7 @@ class KVCache:
             context += list(self._memory.frames)
         # Queried frames are never sink frames once a shift exists (the first chunk has none): absolute positions.
         self.layout = ChunkLayout(_merge(ranges), query, tuple(context), tuple(frames))
+        self._global_frames = self._global_frame_offsets(frames)
         self._query_frames = tuple(frames)
         return self.layout
 
@@ -251,21 +253,39 @@ class KVCache:
         self.v[:, :, start:end] = mem.v
         mem.placed_at = want
 
-    def context(self, layer: int, k_query: torch.Tensor, v_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _global_frame_offsets(self, frames: list[int]) -> list[int]:
+        """Frame offsets (in the context, buffer order) of the sink and memory frames: what sparse activation ranks."""
+        offsets, index = [], 0
+        sink_slots = {self._window_slot(i) for i in range(self.cfg.sink_frames)}
+        memory_slots = set(range(self.cfg.memory_frames))
+        for start, end in self.layout.ranges:
+            for token in range(start, end, self.tokens_per_frame):
+                slot = token // self.tokens_per_frame
+                if slot in sink_slots or slot in memory_slots:
+                    offsets.append(index)
+                index += 1
+        return offsets
+
+    def context(
+        self, layer: int, k_query: torch.Tensor, v_query: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the chunk's rotated K and its V into the query slots and return the layer's context K, V.
 
-        k_query, v_query: [B, Lq, H, D]. Returns [B, Lctx, H, D] each: a view of the buffer when contiguous.
+        k_query, v_query: [B, Lq, H, D]. Returns [B, Lctx, H, D] each: a view of the buffer when contiguous. With
+        `cfg.sparse_topk` and the rotated queries q, each head keeps only its top-k sink/memory frames.
         """
         start, end = self.layout.query_range
         self.k[layer, :, start:end] = k_query
         self.v[layer, :, start:end] = v_query
         if len(self.layout.ranges) == 1:
             ((s, e),) = self.layout.ranges
-            return self.k[layer, :, s:e], self.v[layer, :, s:e]
-        return (
-            torch.cat([self.k[layer, :, s:e] for s, e in self.layout.ranges], dim=1),
-            torch.cat([self.v[layer, :, s:e] for s, e in self.layout.ranges], dim=1),
-        )
+            k, v = self.k[layer, :, s:e], self.v[layer, :, s:e]
+        else:
+            k = torch.cat([self.k[layer, :, s:e] for s, e in self.layout.ranges], dim=1)
+            v = torch.cat([self.v[layer, :, s:e] for s, e in self.layout.ranges], dim=1)
+        if q is not None and 0 < self.cfg.sparse_topk < len(self._global_frames):
+            k, v = sparse_select(q, k, v, self._global_frames, self.tokens_per_frame, self.cfg.sparse_topk)
+        return k, v
 
     def commit(self) -> None:
         """Keep the last forward's K/V (the clean pass) in the sink / rolling window.
@@ -320,12 +340,44 @@ class KVCache:
         start, end = self._tokens(self._window_slot(i))
         return self.k[:, :, start:end].clone(), self.v[:, :, start:end].clone(), self.slot_positions[i]
 
+    def frame_keys(self, frame: int) -> tuple[torch.Tensor, int]:
+        """A view (no copy) of one stored frame's keys [layers, B, T, H, D] and their rotation position."""
+        slots = [*self.state.sink, *self.state.local]
+        if frame not in slots:
+            raise KeyError(f"frame {frame} is not in the cache (holds {self.state.frames()})")
+        i = slots.index(frame)
+        start, end = self._tokens(self._window_slot(i))
+        return self.k[:, :, start:end], self.slot_positions[i]
+
     def reset(self) -> None:
         self.state = WindowState.empty(self.cfg)
         self.slot_positions = [None] * len(self.slot_positions)
         self._memory = None
         self._sink_origin = None
         self.layout = None
+
+
+def sparse_select(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, global_frames: list[int], tokens_per_frame: int, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse memory activation: per head, keep the `topk` of the candidate frames (at frame offsets
+    `global_frames` of the context) whose mean key best matches the mean query; keep every other frame.
+
+    q: [B, Lq, H, D]; k, v: [B, F*T, H, D]. Returns k, v [B, (F - n + topk)*T, H, D] where n = len(global_frames);
+    the selected frames differ per head (attention treats heads independently).
+    """
+    b, _, h, d = k.shape
+    frames = k.shape[1] // tokens_per_frame
+    kf, vf = k.view(b, frames, tokens_per_frame, h, d), v.view(b, frames, tokens_per_frame, h, d)
+    cand = torch.tensor(global_frames, device=k.device)
+    rest = torch.tensor([i for i in range(frames) if i not in set(global_frames)], device=k.device, dtype=torch.long)
+    scores = torch.einsum("bhd,bnhd->bhn", q.float().mean(1), kf[:, cand].float().mean(2))
+    pick = cand[scores.topk(topk, dim=-1).indices.sort(dim=-1).values]  # [B, H, topk] frame offsets
+    index = pick.permute(0, 2, 1)[:, :, None, :, None].expand(b, topk, tokens_per_frame, h, d)
+    k_sel, v_sel = torch.gather(kf, 1, index), torch.gather(vf, 1, index)
+    k_out = torch.cat([k_sel, kf[:, rest]], dim=1).flatten(1, 2)
+    v_out = torch.cat([v_sel, vf[:, rest]], dim=1).flatten(1, 2)
+    return k_out, v_out
 
 
 def frame_visibility(num_frames: int, cfg: CacheConfig) -> torch.Tensor:

@@ -120,12 +120,15 @@ class CacheConfig:
     sink_frames: int = 3
     window_frames: int = 12
     memory_frames: int = 6
+    # > 0: each attention head keeps only its top-k frames of sink + memory, ranked by mean-pooled q.k (MemFlow's
+    # sparse memory activation); the local window and the chunk itself are always attended.
+    sparse_topk: int = 0
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
-        if self.sink_frames < 0 or self.memory_frames < 0:
-            raise ValueError("sink_frames and memory_frames must be >= 0")
+        if self.sink_frames < 0 or self.memory_frames < 0 or self.sparse_topk < 0:
+            raise ValueError("sink_frames, memory_frames and sparse_topk must be >= 0")
         if self.window_frames < self.sink_frames + self.chunk_frames:
             raise ValueError(
                 f"window_frames {self.window_frames} must hold the sink ({self.sink_frames}) and one chunk "

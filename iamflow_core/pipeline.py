@@ -75,26 +75,27 @@ class ChunkEvent:
 class _Decoder:
     """Streaming VAE decode on the VAE's device, in a worker thread (and a side CUDA stream) when overlapping."""
 
-    def __init__(self, vae: WanVAE, overlap: bool) -> None:
+    def __init__(self, vae: WanVAE, overlap: bool, on_frames=None) -> None:
         self.vae = vae
+        self.on_frames = on_frames  # (chunk, frames) -> None, called in the worker as soon as frames exist
         self.device = next(vae.parameters()).device
         self.dtype = next(vae.parameters()).dtype
         self.state = vae.new_decode_state()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="iamflow-vae") if overlap else None
         self.stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
 
-    def submit(self, latents: torch.Tensor) -> Future:
+    def submit(self, chunk: int, latents: torch.Tensor) -> Future:
         ready = None
         if latents.is_cuda:  # the worker's stream must wait for the DiT's work that produced the latents
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(latents.device))
         if self.pool is not None:
-            return self.pool.submit(self._decode, latents, ready)
+            return self.pool.submit(self._decode, chunk, latents, ready)
         done: Future = Future()
-        done.set_result(self._decode(latents, ready))
+        done.set_result(self._decode(chunk, latents, ready))
         return done
 
-    def _decode(self, latents: torch.Tensor, ready: torch.cuda.Event | None) -> tuple[np.ndarray, float]:
+    def _decode(self, chunk: int, latents: torch.Tensor, ready: torch.cuda.Event | None) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
         stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with torch.no_grad(), stream:
@@ -104,7 +105,10 @@ class _Decoder:
                 z = latents.to(self.device, self.dtype, non_blocking=True)
                 video = self.vae.decode_stream(z, self.state)
             frames = to_uint8_frames(video)  # .cpu() inside: waits for the decode, outside the launch lock
-        return frames, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if self.on_frames is not None:
+            self.on_frames(chunk, frames)
+        return frames, seconds
 
     def close(self) -> None:
         if self.pool is not None:
@@ -228,14 +232,17 @@ class StreamingPipeline:
         ts = warp_timesteps(config.steps, config.shift)
         t_dev = [torch.full((1,), t, device=device) for t in ts]
         zero = torch.zeros(1, device=device)
-        decoder = _Decoder(self.vae, self.overlap_decode) if self.vae is not None else None
+        decoder = _Decoder(self.vae, self.overlap_decode, memory.on_frames) if self.vae is not None else None
         switch = _Switch(crosses[0])
         history: deque = deque()
         noise_shape = (1, self.dit.cfg.in_channels, chunk_frames, h, w)
 
         def context(i: int, seg: int, start: int) -> StepContext:
             prompt = story.prompts[seg]
-            return StepContext(i, start, chunk_frames, seg, prompt, cache, switch.cross, texts[seg], self.dit.rope)
+            tokenizer = getattr(self.text_encoder, "tokenizer", None)
+            return StepContext(
+                i, start, chunk_frames, seg, prompt, cache, switch.cross, texts[seg], self.dit.rope, tokenizer
+            )
 
         memory.start(context(0, 0, 0))
         pending: tuple[dict, Future | None] | None = None
@@ -253,14 +260,15 @@ class StreamingPipeline:
                         self._switch(
                             switch, crosses[seg], texts[seg - 1], texts[seg], start, config, cache, history, zero
                         )
-                        memory.on_switch(context(i, seg, start))
+                    ctx = context(i, seg, start)  # one context per chunk: every hook reports into ctx.info
+                    if i in plan.switch_chunks:
+                        memory.on_switch(ctx)
                     chunk_cross, alpha = switch.cross_for(start, config.transition, chunk_frames)
                     self._sync()
                     timings["transition"] = time.perf_counter() - t0
 
                     # 4. Memory: the policy may fill the cache's memory segment.
                     t0 = time.perf_counter()
-                    ctx = context(i, seg, start)
                     ctx.cross = chunk_cross
                     memory.before_chunk(ctx)
                     timings["memory"] = time.perf_counter() - t0
@@ -292,7 +300,7 @@ class StreamingPipeline:
                         ctx.info["transition_alpha"] = alpha
 
                 # 7. Decode on the VAE device while the next chunk is denoised; hand out the previous chunk.
-                future = decoder.submit(x0) if decoder is not None else None
+                future = decoder.submit(i, x0) if decoder is not None else None
                 if pending is not None:
                     yield self._finish(pending, memory)
                 event = {"index": i, "num_chunks": plan.num_chunks, "segment": seg, "prompt": story.prompts[seg]}
@@ -336,5 +344,4 @@ class StreamingPipeline:
             frames, vae_s = future.result()
             event["timings"]["vae"] = vae_s
             event["timings"]["vae_wait"] = time.perf_counter() - t0
-            memory.on_frames(event["index"], frames)
         return ChunkEvent(frames=frames, **event)

@@ -31,6 +31,7 @@ class StepContext:
     cross: CrossKV
     text: torch.Tensor  # [text_len, text_dim] umT5 states of the current prompt, zero-padded
     rope: RopeTables | None = None  # the DiT's rotary tables, to compare cached keys across time
+    tokenizer: Any = None  # the text encoder's tokenizer (entity-token weighting), when the pipeline has one
     latents: torch.Tensor | None = None  # [B, C, F, h, w] clean latents of the chunk (after_chunk)
     info: dict[str, Any] = field(default_factory=dict)  # per-chunk report, copied into the chunk event
 
@@ -42,7 +43,9 @@ class MemoryPolicy(Protocol):
     def on_switch(self, ctx: StepContext) -> None: ...
     def before_chunk(self, ctx: StepContext) -> None: ...
     def after_chunk(self, ctx: StepContext) -> None: ...
-    def on_frames(self, chunk: int, frames: np.ndarray) -> None: ...
+    def on_frames(self, chunk: int, frames: np.ndarray) -> None:
+        """Called from the decode worker thread as soon as a chunk's frames exist: must be thread-safe."""
+        ...
 
 
 class NoMemory:
@@ -66,15 +69,19 @@ class NoMemory:
         pass
 
 
-def text_query(cross: CrossKV, text: torch.Tensor) -> torch.Tensor:
-    """Mean cross-attention key of the prompt's real tokens per layer and head: [layers, B, H, D].
+def text_query(cross: CrossKV, text: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean cross-attention key of the prompt's real tokens per layer and head: [layers, B, H, D].
 
     Padding rows (zero umT5 states) are left out: they all map to one constant key that would otherwise dominate
-    the mean of a short prompt (MemFlow averages all 512 slots).
+    the mean of a short prompt (MemFlow averages all 512 slots). weights: [text_len] per-token weights (e.g. higher
+    on the tokens naming an entity); zero-state rows get weight 0 whatever is given.
     """
-    real = text.float().abs().sum(-1) > 0
-    keys = cross.k[:, :, real] if real.any() else cross.k
-    return keys.float().mean(2)
+    real = (text.float().abs().sum(-1) > 0).float()
+    if real.sum() == 0:
+        real = torch.ones_like(real)
+    w = real * (weights.to(real.device, real.dtype) if weights is not None else 1.0)
+    w = w / w.sum().clamp_min(1e-8)
+    return torch.einsum("lbthd,t->lbhd", cross.k.float(), w)
 
 
 def frame_descriptor(k: torch.Tensor, position: int, rope: RopeTables) -> torch.Tensor:

@@ -24,8 +24,8 @@ from . import fused
 from .attention import attention
 from .rope import RopeTables, apply_rope
 
-# (layer index, k, v) -> context (k rotated, v); the two entry points differ only here.
-ContextFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (layer index, k, v, q) -> context (k, v), all rotated; the two entry points differ only here.
+ContextFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class SelfAttention(nn.Module):
         q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, eps, self.num_heads, *rope)
         k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, eps, self.num_heads, *rope)
         v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k_ctx, v_ctx = context(layer, k, v)
+        k_ctx, v_ctx = context(layer, k, v, q)
         return self.o(attention(q, k_ctx, v_ctx, backend, mask).flatten(2))
 
 
@@ -251,7 +251,7 @@ class CausalWanDiT(nn.Module):
         cross = text if isinstance(text, CrossKV) else self.encode_text(text)
         cos, sin = self.rope.grid(range(f), h, w, self.device)
 
-        def full_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def full_context(layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return k, v
 
         return self._run(x, t, cross, (cos, sin), full_context, None if mask is None else mask.to(self.device))
@@ -271,8 +271,8 @@ class CausalWanDiT(nn.Module):
         layout = cache.begin(range(start_frame, start_frame + f), self._rotator(h, w))
         q_cos, q_sin = self._rope(layout.query_positions, h, w)
 
-        def cached_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return cache.context(layer, k, v)
+        def cached_context(layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return cache.context(layer, k, v, q)
 
         out = self._run(x, t, cross, (q_cos, q_sin), cached_context, None)
         if commit:

@@ -1,0 +1,176 @@
+"""Entities of a story and their global IDs: the typed, serialisable registry the identity memory works from.
+
+An `Entity` is a character or a key object with a global ID that stays the same across prompts ("the woman in the
+beige sweater" in prompt 4 is entity 1 from prompt 1). Per story segment, `Mention`s say which entities appear and
+with which words of the prompt (used to weight those prompt tokens when scoring frames).
+
+The LLM extractor produces a registry; an artist can also write or edit one as JSON, and the pipeline uses it as
+given. JSON form (`to_json` / `from_json`):
+
+    {"entities": [{"id": 1, "name": "Nora", "kind": "person",
+                   "attributes": ["short black curls", "beige sweater"], "aliases": ["the woman"]}],
+     "prompts": [[{"id": 1, "text": "a woman with short black curls"}], [1], []]}
+
+A prompt's list may hold mention objects or bare IDs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+KINDS = ("person", "object")
+
+
+class RegistryError(ValueError):
+    """A registry that does not fit its story, or malformed registry JSON. The message names the field."""
+
+
+@dataclass(frozen=True)
+class Entity:
+    id: int
+    name: str
+    kind: str = "person"
+    attributes: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, int) or isinstance(self.id, bool) or self.id < 1:
+            raise RegistryError(f"entity id must be a positive integer, got {self.id!r}")
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise RegistryError(f"entity {self.id}: name must be a non-empty string, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise RegistryError(f"entity {self.id}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "attributes", tuple(self.attributes))
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "kind": self.kind,
+                "attributes": list(self.attributes), "aliases": list(self.aliases)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Mention:
+    """Entity `entity` appears in a prompt, referred to by `text` (words of the prompt; may be empty)."""
+
+    entity: int
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class EntityRegistry:
+    entities: tuple[Entity, ...] = ()
+    prompts: tuple[tuple[Mention, ...], ...] = ()
+    source: str = "none"  # "llm", "user" or "none"
+    notes: tuple[str, ...] = field(default=(), compare=False)  # warnings from extraction (kept for the story map)
+
+    def __post_init__(self) -> None:
+        ids = [e.id for e in self.entities]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise RegistryError(f"entity id {dup} is used twice; give each entity its own id")
+        known = set(ids)
+        for i, mentions in enumerate(self.prompts):
+            for m in mentions:
+                if m.entity not in known:
+                    raise RegistryError(
+                        f"prompt {i + 1} mentions entity {m.entity}, which is not in the entities list"
+                    )
+
+    @classmethod
+    def empty(cls, num_segments: int, source: str = "none", notes: tuple[str, ...] = ()) -> EntityRegistry:
+        return cls((), ((),) * num_segments, source, notes)
+
+    def entity(self, entity_id: int) -> Entity:
+        for e in self.entities:
+            if e.id == entity_id:
+                return e
+        raise KeyError(f"no entity {entity_id} (known: {[e.id for e in self.entities]})")
+
+    def ids_in(self, segment: int) -> tuple[int, ...]:
+        """IDs of the entities in story segment `segment`, without repeats, in order of mention."""
+        return tuple(dict.fromkeys(m.entity for m in self.prompts[segment]))
+
+    def with_attributes(self, entity_id: int, attributes: list[str] | tuple[str, ...]) -> EntityRegistry:
+        """A new registry with one entity's attributes replaced (e.g. corrected by the verifier)."""
+        self.entity(entity_id)
+        entities = tuple(replace(e, attributes=tuple(attributes)) if e.id == entity_id else e for e in self.entities)
+        return replace(self, entities=entities)
+
+    def check_story(self, num_segments: int) -> None:
+        if len(self.prompts) != num_segments:
+            raise RegistryError(
+                f"the registry lists entities for {len(self.prompts)} prompts but the story has {num_segments}; "
+                "give one list per prompt (an empty list for a prompt without entities)"
+            )
+
+    # JSON ----------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "entities": [e.to_dict() for e in self.entities],
+            "prompts": [[{"id": m.entity, "text": m.text} for m in p] for p in self.prompts],
+            "source": self.source,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | dict, num_segments: int | None = None, source: str = "user") -> EntityRegistry:
+        """Parse (and validate) registry JSON, e.g. typed by an artist. Errors name the field and the fix."""
+        try:
+            data = json.loads(text) if isinstance(text, str) else text
+        except json.JSONDecodeError as e:
+            raise RegistryError(f"registry JSON is invalid at line {e.lineno} column {e.colno}: {e.msg}") from e
+        if not isinstance(data, dict) or not isinstance(data.get("entities", []), list):
+            raise RegistryError('registry JSON must be an object like {"entities": [...], "prompts": [[...], ...]}')
+        unknown = set(data) - {"entities", "prompts", "source"}
+        if unknown:
+            raise RegistryError(f"registry JSON has unknown key(s) {sorted(unknown)}; allowed: entities, prompts")
+        entities = tuple(_entity(item, i) for i, item in enumerate(data.get("entities", [])))
+        prompts_raw = data.get("prompts", [])
+        if not isinstance(prompts_raw, list):
+            raise RegistryError('"prompts" must be a list with one list of entity ids or mentions per prompt')
+        prompts = tuple(_mentions(p, i) for i, p in enumerate(prompts_raw))
+        if num_segments is not None and not prompts_raw:
+            prompts = ((),) * num_segments
+        registry = cls(entities, prompts, data.get("source", source) if source == "llm" else source)
+        if num_segments is not None:
+            registry.check_story(num_segments)
+        return registry
+
+
+def _entity(item: Any, index: int) -> Entity:
+    where = f"entities[{index}]"
+    if not isinstance(item, dict):
+        raise RegistryError(f"{where} must be an object with id, name, kind, attributes; got {type(item).__name__}")
+    unknown = set(item) - {"id", "name", "kind", "attributes", "aliases"}
+    if unknown:
+        raise RegistryError(
+            f"{where} has unknown key(s) {sorted(unknown)}; allowed: id, name, kind, attributes, aliases"
+        )
+    for key in ("attributes", "aliases"):
+        value = item.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RegistryError(f'{where}."{key}" must be a list of strings, got {value!r}')
+    try:
+        return Entity(item.get("id"), item.get("name"), item.get("kind", "person"),
+                      tuple(item.get("attributes", [])), tuple(item.get("aliases", [])))  # fmt: skip
+    except RegistryError as e:
+        raise RegistryError(f"{where}: {e}") from e
+
+
+def _mentions(items: Any, index: int) -> tuple[Mention, ...]:
+    where = f"prompts[{index}]"
+    if not isinstance(items, list):
+        raise RegistryError(f'{where} must be a list of entity ids or {{"id": ..., "text": ...}} objects')
+    out = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            out.append(Mention(item))
+        elif isinstance(item, dict) and isinstance(item.get("id"), int) and isinstance(item.get("text", ""), str):
+            out.append(Mention(item["id"], item.get("text", "")))
+        else:
+            raise RegistryError(f'{where} holds {item!r}; use an entity id or {{"id": 1, "text": "..."}}')
+    return tuple(out)

@@ -1,0 +1,197 @@
+"""Identity-aware memory, MemFlow bank helpers, sparse activation, and memory settings (CPU, tiny models)."""
+
+import pytest
+import torch
+
+from iamflow_core.cache import sparse_select
+from iamflow_core.memory.identity import ArchivedFrame, IdentityMemory, entity_token_weights, evict, greedy_cover
+from iamflow_core.memory.settings import MemorySettings, build_memory, sampler_config
+from iamflow_core.models.attention import attention
+from iamflow_core.pipeline import StreamingPipeline
+from iamflow_core.presets import tiny_models, tiny_tokenizer
+from iamflow_core.story import Segment, Story
+from iamflow_core.story.entities import EntityRegistry
+
+
+def _frame(frame: int, entities: tuple[int, ...], visual: float = 0.5, nbytes: int = 100) -> ArchivedFrame:
+    half = nbytes // 8  # float32 k and v of `half` elements each
+    return ArchivedFrame(frame, frame, 0, entities, 0.0, visual, torch.zeros(half), torch.zeros(half))
+
+
+# set cover, eviction -------------------------------------------------------------------------------------------
+def test_greedy_cover_takes_the_frame_covering_most_then_the_rest():
+    archive = [_frame(1, (1,)), _frame(2, (2,)), _frame(3, (1, 2)), _frame(4, (3,))]
+    chosen = greedy_cover(archive, (1, 2, 3), max_frames=4, min_frames_multi_entity=2)
+    assert [f.frame for f in chosen] == [3, 4]
+
+
+def test_greedy_cover_gives_two_frames_for_two_entities_even_when_one_covers_both():
+    archive = [_frame(1, (1, 2), visual=0.9), _frame(2, (1,), visual=0.8), _frame(3, (5,))]
+    chosen = greedy_cover(archive, (1, 2), max_frames=4, min_frames_multi_entity=2)
+    assert [f.frame for f in chosen] == [1, 2]
+
+
+def test_greedy_cover_respects_the_cap_and_prefers_quality():
+    archive = [_frame(i, (i,), visual=i / 10) for i in range(1, 7)] + [_frame(7, (1,), visual=0.95)]
+    chosen = greedy_cover(archive, (1, 2, 3, 4, 5, 6), max_frames=4, min_frames_multi_entity=2)
+    assert len(chosen) == 4 and chosen[0].frame == 7  # the better of the two frames showing entity 1
+    assert greedy_cover([], (1,), 4, 2) == [] and greedy_cover(archive, (), 4, 2) == []
+
+
+def test_evict_keeps_the_archive_under_its_byte_budget_dropping_redundant_frames_first():
+    archive = [_frame(1, (1,), 0.9), _frame(2, (1,), 0.2), _frame(3, (2,), 0.1), _frame(4, (1,), 0.5)]
+    gone = evict(archive, limit_bytes=300, keep=1)
+    assert sum(f.nbytes for f in archive) <= 300
+    # frame 3 is the worst but the only frame of entity 2; frame 2 is the worst redundant one and goes first
+    assert [f.frame for f in gone] == [2]
+
+
+# entity tokens --------------------------------------------------------------------------------------------------
+def test_entity_token_weights_fall_on_the_entity_words_of_the_real_prompt():
+    tok = tiny_tokenizer()
+    prompt = "a woman in a red coat reads at the library table"
+    weights = entity_token_weights(tok, prompt, ["red coat"], text_len=512)
+    ids = tok(prompt)["input_ids"]
+    assert weights is not None and weights.shape == (512,)
+    assert (weights[: len(ids)] > 0).all() and (weights[len(ids) :] == 0).all()  # padding gets nothing
+    marked = [tok.decode([ids[i]]).strip() for i in range(len(ids)) if weights[i] == 2.5]
+    assert "".join(marked).replace(" ", "") == "redcoat"
+
+
+# sparse activation ---------------------------------------------------------------------------------------------
+def test_sparse_select_with_topk_covering_everything_changes_nothing():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 5 * 3, 2, 8), torch.randn(1, 5 * 3, 2, 8)
+    k_s, v_s = sparse_select(q, k, v, [0, 1, 2], tokens_per_frame=3, topk=3)
+    assert torch.allclose(attention(q, k, v), attention(q, k_s, v_s), atol=1e-6)
+
+
+def test_sparse_select_keeps_each_heads_best_candidate_frames():
+    q = torch.zeros(1, 2, 2, 4)
+    q[..., 0, 0], q[..., 1, 1] = 1.0, 1.0  # head 0 looks along axis 0, head 1 along axis 1
+    k = torch.zeros(1, 4 * 2, 2, 4)
+    k[:, 0:2, :, 0] = 5.0  # frame 0 matches head 0
+    k[:, 2:4, :, 1] = 5.0  # frame 1 matches head 1
+    k_s, _ = sparse_select(q, k, k.clone(), [0, 1, 2], tokens_per_frame=2, topk=1)
+    assert k_s.shape == (1, (1 + 1) * 2, 2, 4)  # one candidate + the non-candidate frame 3
+    assert k_s[0, 0, 0, 0] == 5.0 and k_s[0, 0, 1, 1] == 5.0  # each head kept its own frame
+
+
+def test_sparse_activation_runs_in_the_pipeline():
+    dit, te, _ = tiny_models()
+    story = Story((Segment("a woman reads", 3.0), Segment("a man walks", 3.0)), seed=2)
+    settings = MemorySettings(mode="memflow", bank_size=3, record_interval=1, sparse_topk=2, transition="hard")
+    dense = MemorySettings(mode="memflow", bank_size=3, record_interval=1, transition="hard")
+    outs = []
+    for s in (settings, dense):
+        events = list(StreamingPipeline(dit, te).run(story, sampler_config(s, 32, 48), build_memory(s)))
+        outs.append(events[-1].latents)
+    assert not torch.equal(outs[0], outs[1])
+
+
+# identity memory end to end ------------------------------------------------------------------------------------
+RETURN_STORY = Story(
+    (
+        Segment("a woman in a red coat reads a notebook at a library table", 3.0),
+        Segment("a young man in a grey hoodie walks between the shelves", 3.0),
+        Segment("the woman in the red coat closes the notebook and smiles", 3.0),
+    ),
+    seed=5,
+)
+RETURN_REGISTRY = EntityRegistry.from_json(
+    {
+        "entities": [
+            {"id": 1, "name": "woman", "kind": "person", "attributes": ["red coat"]},
+            {"id": 2, "name": "young man", "kind": "person", "attributes": ["grey hoodie"]},
+            {"id": 3, "name": "notebook", "kind": "object"},
+        ],
+        "prompts": [
+            [{"id": 1, "text": "a woman in a red coat"}, {"id": 3, "text": "a notebook"}],
+            [{"id": 2, "text": "a young man in a grey hoodie"}],
+            [{"id": 1, "text": "the woman in the red coat"}, {"id": 3, "text": "the notebook"}],
+        ],
+    },
+    num_segments=3,
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(seed=0)
+
+
+def _run(models, settings, registry=RETURN_REGISTRY, verifier=None):
+    dit, te, vae = models
+    memory = build_memory(settings, registry, verifier)
+    events = list(
+        StreamingPipeline(dit, te, vae if verifier else None).run(
+            RETURN_STORY, sampler_config(settings, 32, 48), memory
+        )
+    )
+    return events, memory
+
+
+def test_a_returning_character_brings_back_frames_tagged_with_its_id(models):
+    events, memory = _run(models, MemorySettings())
+    return_chunk = 8  # 3 s = 4 chunks per segment: segment 2 starts at chunk 8
+    retrieved = events[return_chunk].memory["retrieved"]
+    assert retrieved["wanted"] == [1, 3]
+    assert retrieved["frames"], "frames of the woman and the notebook must come back"
+    assert all(1 in f["entities"] and f["segment"] == 0 for f in retrieved["frames"])
+    assert len(retrieved["frames"]) >= 2  # two entities -> at least two frames
+    assert events[return_chunk].memory["memory_frames"] == sorted(f["frame"] for f in retrieved["frames"])
+    # at the switch to the man (chunk 4), nothing of him exists yet: nothing tagged 2 is retrieved
+    assert events[4].memory["retrieved"] == {"wanted": [2], "frames": []}
+    story_map = memory.story_map()
+    assert story_map["registry"]["entities"][0]["name"] == "woman"
+    assert {f["segment"] for f in story_map["archive"]} == {0, 1, 2}
+
+
+def test_budget_and_memory_mode_reach_the_pipeline(models):
+    one, _ = _run(models, MemorySettings(max_frames=1, min_frames_multi_entity=1))
+    assert len(one[8].memory["memory_frames"]) == 1
+    none, _ = _run(models, MemorySettings(mode="none"))
+    full, _ = _run(models, MemorySettings())
+    assert "retrieved" not in none[8].memory
+    assert not torch.equal(none[9].latents, full[9].latents)
+
+
+def test_without_the_llm_memory_follows_prompt_relevance(models):
+    events, memory = _run(models, MemorySettings(), registry=None)
+    assert events[8].memory["retrieved"]["wanted"] == []
+    assert len(events[8].memory["retrieved"]["frames"]) == 4  # the most relevant frames fill the budget
+
+
+class _RecordingVerifier:
+    """Stands in for the VLM at its boundary: scores the last frame of each chunk highest."""
+
+    def __init__(self):
+        self.jobs = {}
+
+    def submit(self, key, frames, prompt, entities, check_attributes=False):
+        self.jobs[key] = (frames.shape, prompt, [e.id for e in entities], check_attributes)
+
+    def result(self, key, wait=True):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(scores=(0.1, 0.2, 0.9), corrections={2: ("grey hoodie", "white sneakers")})
+
+
+def test_visual_scores_steer_the_frame_choice_and_correct_attributes(models):
+    verifier = _RecordingVerifier()
+    _, memory = _run(models, MemorySettings(visual_weight=1.0), verifier=verifier)
+    assert verifier.jobs[0][0] == (3, 32, 48, 3)  # one pixel frame per latent frame
+    assert verifier.jobs[4][3] is True and verifier.jobs[5][3] is False  # attributes checked on a prompt's first chunk
+    assert all(f.frame % 3 == 2 for f in memory.archive)  # the frame the verifier liked best, every time
+    assert memory.registry.entity(2).attributes == ("grey hoodie", "white sneakers")
+
+
+def test_memory_settings_validate():
+    with pytest.raises(ValueError, match="memory mode"):
+        MemorySettings(mode="bank")
+    with pytest.raises(ValueError, match="min_frames_multi_entity"):
+        MemorySettings(max_frames=2, min_frames_multi_entity=3)
+    with pytest.raises(ValueError, match="max_frames"):
+        IdentityMemory(None, max_frames=8).start(
+            type("Ctx", (), {"cache": type("C", (), {"cfg": sampler_config(MemorySettings()).cache})()})()
+        )
