@@ -7,6 +7,7 @@ traceback, and exit with status 2. Ctrl-C keeps every finished chunk in a playab
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .config import CacheConfig
-from .memory import MemFlowMemory, NoMemory
+from .memory.settings import MODES, MemorySettings, build_memory, sampler_config
 from .pipeline import SamplerConfig, StreamingPipeline
 from .story import Story, StoryError, load_stories, plan_chunks
-from .transition import STRATEGIES, TransitionConfig
+from .story.entities import EntityRegistry, RegistryError
+from .transition import STRATEGIES
 from .video import VideoWriter
 
 logger = logging.getLogger("iamflow_core.cli")
@@ -57,12 +58,22 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, help="noise seed (default: the story's seed, else 0)")
     gen.add_argument("--height", type=int, default=480)
     gen.add_argument("--width", type=int, default=832)
-    gen.add_argument("--transition", choices=STRATEGIES, default="recache", help="prompt switch strategy")
-    gen.add_argument("--memory", choices=["none", "memflow"], default="none", help="memory mode")
-    gen.add_argument("--bank-size", type=int, default=3, help="MemFlow bank size in frames")
     gen.add_argument("--seconds", type=float, default=10.0, help="seconds per prompt when the story gives none")
     gen.add_argument("--no-overlap", action="store_true", help="decode after each chunk instead of overlapping")
-    gen.add_argument("-v", "--verbose", action="store_true")
+    mem = p.add_argument_group("memory and identity (IAMFlow = identity memory + soft transition + verifier)")
+    mem.add_argument("--memory", choices=MODES, default="identity", help="identity (IAMFlow), memflow, none")
+    mem.add_argument("--transition", choices=STRATEGIES, help="prompt switch: soft (identity default) or recache")
+    mem.add_argument("--max-frames", type=int, default=4, help="identity: memory frames at most")
+    mem.add_argument("--bank-size", type=int, default=3, help="memflow: bank size in frames")
+    mem.add_argument("--sparse-topk", type=int, default=0, help="sparse activation: top-k sink/memory frames per head")
+    mem.add_argument("--registry", help="entity registry JSON to use as given (skips the LLM)")
+    mem.add_argument("--llm", help="LLM folder for entity extraction (Qwen3-4B-Instruct-2507)")
+    mem.add_argument("--llm-device", help="device of the LLM (default: --device; it is unloaded before sampling)")
+    mem.add_argument("--vlm", help="VLM folder for frame verification (Qwen3-VL-2B-Instruct)")
+    mem.add_argument("--vlm-device", help="device of the VLM (default: --vae-device)")
+    mem.add_argument("--visual-weight", type=float, default=0.3, help="weight of the VLM score in frame choice")
+    mem.add_argument("--sync-verifier", action="store_true", help="verify frames synchronously (ablation)")
+    p.add_argument("-v", "--verbose", action="store_true")
 
 
 def _build(args: argparse.Namespace):
@@ -96,14 +107,14 @@ def _stories(args: argparse.Namespace) -> list[Story]:
 
 
 def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> dict:
-    """Render one story to `out`, writing frames in a background thread. Returns totals for the summary."""
+    """Render one story to `out`, writing frames in a background thread. Returns totals and per-chunk reports."""
     from tqdm import tqdm
 
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
     for note in plan.rounding_notes():
         print(f"note: {note}", file=sys.stderr)
     print(f"{out}: {plan.summary()}", file=sys.stderr)
-    totals: dict[str, float] = {}
+    totals: dict = {"chunks": []}
     start = time.perf_counter()
     writes = ThreadPoolExecutor(1, thread_name_prefix="iamflow-write")
     with VideoWriter(out, fps=16) as writer, tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
@@ -113,6 +124,7 @@ def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory
                     writes.submit(writer.write, event.frames)
                 for key, value in event.timings.items():
                     totals[key] = totals.get(key, 0.0) + value
+                totals["chunks"].append({"chunk": event.index, "segment": event.segment, **event.memory})
                 bar.set_postfix(prompt=f"{event.segment + 1}/{plan.num_segments}")
                 bar.update(1)
         finally:
@@ -122,24 +134,75 @@ def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory
     return totals
 
 
+def _registry(args: argparse.Namespace, story: Story) -> EntityRegistry | None:
+    """The entities of the story: a registry file as given, else extracted by the LLM, else None."""
+    if args.registry:
+        registry = EntityRegistry.from_json(Path(args.registry).read_text(encoding="utf-8"))
+        registry.check_story(len(story.segments))
+        return registry
+    if not args.llm:
+        if args.memory == "identity":
+            logger.warning("no --llm or --registry: identity memory keeps the frames most relevant to each prompt")
+        return None
+    from .story.llm import EntityExtractor
+
+    extractor = EntityExtractor(args.llm, device=args.llm_device or args.device)
+    try:
+        return extractor.extract(list(story.prompts))
+    finally:
+        extractor.unload()  # free its memory before the DiT needs it
+
+
+def _verifier(args: argparse.Namespace):
+    if not args.vlm or args.memory != "identity":
+        return None
+    from .story.vlm import AsyncVerifier, FrameVerifier, ImmediateVerifier
+
+    verifier = FrameVerifier(args.vlm, device=args.vlm_device or args.vae_device)
+    return ImmediateVerifier(verifier) if args.sync_verifier else AsyncVerifier(verifier)
+
+
+def _story_map(story: Story, registry: EntityRegistry | None, memory, totals: dict) -> dict:
+    return {
+        "title": story.title,
+        "prompts": list(story.prompts),
+        "registry": registry.to_dict() if registry is not None else None,
+        "memory": memory.story_map() if hasattr(memory, "story_map") else {"mode": memory.name},
+        "chunks": totals["chunks"],
+    }
+
+
 def generate(args: argparse.Namespace) -> int:
     stories = _stories(args)
-    dit, text_encoder, vae, config = _build(args)
-    cache = CacheConfig(memory_frames=max(args.bank_size, 1) if args.memory == "memflow" else 0)
-    seed = args.seed if args.seed is not None else config.seed
-    config = SamplerConfig(
-        config.height, config.width, seed=seed, cache=cache, transition=TransitionConfig(strategy=args.transition)
-    )
+    # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
+    registries = [_registry(args, story) if args.memory == "identity" else None for story in stories]
+    dit, text_encoder, vae, base = _build(args)
+    transition = args.transition or ("soft" if args.memory == "identity" else "recache")
+    settings = MemorySettings(
+        mode=args.memory, max_frames=args.max_frames, bank_size=args.bank_size, sparse_topk=args.sparse_topk,
+        transition=transition, visual_weight=args.visual_weight,
+        min_frames_multi_entity=min(2, args.max_frames),
+    )  # fmt: skip
+    seed = args.seed if args.seed is not None else base.seed
+    config = sampler_config(settings, base.height, base.width, seed)
     pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=not args.no_overlap)
+    verifier = _verifier(args)
     out = Path(args.out)
-    for i, story in enumerate(stories):
-        if args.seed is not None:
-            story = Story(story.segments, story.title, args.seed)
-        target = out if len(stories) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
-        memory = MemFlowMemory(bank_size=args.bank_size) if args.memory == "memflow" else NoMemory()
-        totals = _render(pipe, story, config, memory, target)
-        fps = totals["frames"] / totals["wall"] if totals["wall"] else 0.0
-        print(f"{target}: {int(totals['frames'])} frames in {totals['wall']:.1f} s ({fps:.1f} video FPS)")
+    try:
+        for i, (story, registry) in enumerate(zip(stories, registries)):
+            if args.seed is not None:
+                story = Story(story.segments, story.title, args.seed)
+            target = out if len(stories) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
+            memory = build_memory(settings, registry, verifier)
+            totals = _render(pipe, story, config, memory, target)
+            story_map = target.with_suffix(".story.json")
+            story_map.write_text(json.dumps(_story_map(story, registry, memory, totals), indent=1), encoding="utf-8")
+            fps = totals["frames"] / totals["wall"] if totals["wall"] else 0.0
+            print(f"{target}: {int(totals['frames'])} frames in {totals['wall']:.1f} s ({fps:.1f} video FPS)")
+            print(f"{story_map}: story map (entities, and per chunk what was archived, retrieved, injected)")
+    finally:
+        if verifier is not None:
+            verifier.close()
     return 0
 
 
@@ -164,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return generate(args)
-    except (StoryError, CheckpointError, MissingModelFiles, ValueError, OSError) as e:
+    except (StoryError, RegistryError, CheckpointError, MissingModelFiles, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,7 @@
 """The command line on the tiny preset, interrupted runs, and user errors."""
 
+import json
+
 import pytest
 
 from iamflow_core import cli
@@ -16,6 +18,33 @@ def test_tiny_preset_makes_a_video(tmp_path, capsys):
     assert cli.main(["generate", "--preset", "tiny", "--out", str(out), "--device", "cpu", "--vae-device", "cpu"]) == 0
     assert read_video_frame_count(out) == 141  # 3 x 3 s -> 12 chunks -> 36 latent frames -> 1 + 4 * 35
     assert "141 frames" in capsys.readouterr().out
+    story_map = json.loads(out.with_suffix(".story.json").read_text())
+    assert len(story_map["chunks"]) == 12 and story_map["memory"]["registry"] is None
+
+
+def test_iamflow_mode_with_a_registry_file_records_identity_retrieval(tmp_path):
+    registry = {
+        "entities": [{"id": 1, "name": "woman", "attributes": ["red coat"]}, {"id": 2, "name": "young man"}],
+        "prompts": [
+            [{"id": 1, "text": "A woman in a red coat"}],
+            [2],
+            [{"id": 1, "text": "The woman in the red coat"}],
+        ],
+    }
+    (tmp_path / "r.json").write_text(json.dumps(registry))
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "--preset", "tiny", "--out", str(out), "--device", "cpu", "--vae-device", "cpu"]
+    assert cli.main([*argv, "--registry", str(tmp_path / "r.json")]) == 0
+    chunks = json.loads(out.with_suffix(".story.json").read_text())["chunks"]
+    assert chunks[8]["retrieved"]["wanted"] == [1]
+    assert chunks[8]["retrieved"]["frames"] and all(1 in f["entities"] for f in chunks[8]["retrieved"]["frames"])
+
+
+def test_a_registry_that_does_not_fit_the_story_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "r.json").write_text('{"entities": [], "prompts": [[]]}')
+    argv = ["generate", "--preset", "tiny", "--out", str(tmp_path / "v.mp4"), "--device", "cpu"]
+    assert cli.main([*argv, "--registry", str(tmp_path / "r.json")]) == 2
+    assert "the story has 3" in capsys.readouterr().err
 
 
 class _StopAt(NoMemory):
