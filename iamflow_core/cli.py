@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         import importlib
 
-        importlib.import_module(f"iamflow_core.bench.{'speed' if args.which == 'speed' else 'dit_chunk'}").main(
-            args.rest
-        )
+        bench = importlib.import_module(f"iamflow_core.bench.{'speed' if args.which == 'speed' else 'dit_chunk'}")
+        for line in bench.main(args.rest):
+            print(line, flush=True)
         return 0
     from .model_files import MissingModelFiles
     from .weights import CheckpointError

@@ -1,6 +1,6 @@
 """Time one streaming chunk (4 denoising forwards + 1 clean cache-write forward) of the full-size DiT.
 
-    python -m iamflow_core.bench.dit_chunk [--backends sdpa,flash3] [--memory-frames 0] [--height 480 --width 832]
+    python -m iamflow_core bench dit [--backends sdpa,flash3] [--memory-frames 0 3] [--height 480 --width 832]
 
 Random weights (compute does not depend on the values), bf16, steady state (sink and window already full).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -67,7 +68,8 @@ def time_chunks(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Iterator[str]:
+    """Yield the result lines (a header, then one JSON row per backend and memory size)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="all", help="comma-separated, or 'all' available")
     parser.add_argument("--memory-frames", type=int, nargs="+", default=[0, 3])
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     backends = [b for b in available_backends() if b != "auto"] if args.backends == "all" else args.backends.split(",")
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name()
-    print(f"# {name} torch {torch.__version__}; DiT {params:,} params; compiled={fused.enabled()}")
+    yield f"# {name} torch {torch.__version__}; DiT {params:,} params; compiled={fused.enabled()}"
     for memory in args.memory_frames:
         cache_cfg = CacheConfig(memory_frames=memory)
         for backend in backends:
@@ -92,8 +94,4 @@ def main(argv: list[str] | None = None) -> None:
                 "memory_frames": memory,
                 **time_chunks(model, cache_cfg, args.height, args.width),
             }
-            print(json.dumps(row))
-
-
-if __name__ == "__main__":
-    main()
+            yield json.dumps(row)

@@ -14,6 +14,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -106,7 +107,8 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int) -> dic
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Iterator[str]:
+    """Yield the result lines (comments start with #, results are JSON rows)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--story", help="story file (first story is used); default: a built-in 6 x 10 s story")
     parser.add_argument("--memory", nargs="+", default=["none", "memflow"], choices=["none", "memflow"])
@@ -116,19 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("the speed benchmark needs a CUDA GPU")
     story = _story(args.story)
-    print(f"# {torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}")
+    yield f"# {torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}"
     for gpus in args.gpus:
         if gpus > torch.cuda.device_count():
-            print(f"# skipping {gpus} GPUs: only {torch.cuda.device_count()} visible")
+            yield f"# skipping {gpus} GPUs: only {torch.cuda.device_count()} visible"
             continue
         t0 = time.perf_counter()
         models = build_models("cuda:0", "cuda:1" if gpus == 2 else "cuda:0")
-        print(f"# models built in {time.perf_counter() - t0:.1f} s")
+        yield f"# models built in {time.perf_counter() - t0:.1f} s"
         for memory_mode in args.memory:
-            print(json.dumps(run_case(models, story, memory_mode, args.chunks_profile)), flush=True)
+            yield json.dumps(run_case(models, story, memory_mode, args.chunks_profile))
         del models
         torch.cuda.empty_cache()
-
-
-if __name__ == "__main__":
-    main()
