@@ -550,6 +550,16 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], path: Path, device
     model.eval()
 
 
+def _build(cls: type[nn.Module], cfg, state: dict[str, torch.Tensor], info, device: torch.device | str) -> nn.Module:
+    """Build `cls(cfg)` without memory, take the loaded tensors as they are, eval mode without gradients."""
+    with _parameters_on_meta():
+        model = cls(cfg)
+    model.requires_grad_(False)
+    _assign(model, state, Path(info.path), torch.device(device))
+    model.load_info = info
+    return model
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
     if dtype is not None and tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES:
         return tensor.to(device=device, dtype=dtype)
@@ -928,13 +938,7 @@ def read_t5_state_dict(
 
 def load_t5(path: PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> UMT5Encoder:
     """Load the umT5-XXL encoder (`UMT5Encoder`) from any supported layout, in eval mode without gradients."""
-    cfg, state, info = read_t5_state_dict(path, dtype=dtype, device=device)
-    with _parameters_on_meta():
-        model = UMT5Encoder(cfg)
-    model.requires_grad_(False)
-    _assign(model, state, Path(info.path), torch.device(device))
-    model.load_info = info
-    return model
+    return _build(UMT5Encoder, *read_t5_state_dict(path, dtype=dtype, device=device), device)
 
 
 def read_embedded_tokenizer(path: PathLike) -> bytes | None:
@@ -981,13 +985,7 @@ def read_vae_state_dict(
 
 def load_vae(path: PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> WanVAE:
     """Load the Wan2.1 VAE (`WanVAE`) from any supported layout, in eval mode without gradients."""
-    cfg, state, info = read_vae_state_dict(path, dtype=dtype, device=device)
-    with _parameters_on_meta():
-        model = WanVAE(cfg)
-    model.requires_grad_(False)
-    _assign(model, state, Path(info.path), torch.device(device))
-    model.load_info = info
-    return model
+    return _build(WanVAE, *read_vae_state_dict(path, dtype=dtype, device=device), device)
 
 
 def _info(plan: _Plan, component: str) -> CheckpointInfo:

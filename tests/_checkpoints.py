@@ -21,7 +21,7 @@ from iamflow_core.models.fp8 import quantize_rows_fp8
 from iamflow_core.models.vae import WanVAE
 
 from ._tiny_dit import TINY_DIT, diffusers_twin, tiny_dit
-from ._tiny_t5 import tiny_encoder
+from ._tiny_t5 import hf_model, tiny_encoder
 
 TINY_T5 = T5Config(vocab_size=300, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2)
 TINY_VAE = VAEConfig(base_dim=8)
@@ -187,43 +187,10 @@ def write_kohya_lora(path: Path, pairs: dict[str, tuple[torch.Tensor, torch.Tens
 
 # --- umT5 ----------------------------------------------------------------------------------------------------------
 
-# Wan T5 names -> Hugging Face UMT5EncoderModel names (parity.md §2.1), applied to write HF-layout files.
-_WAN_TO_HF_T5 = (
-    (r"^token_embedding\.weight$", "shared.weight"),
-    (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
-    (r"^blocks\.(\d+)\.norm1\.", r"encoder.block.\1.layer.0.layer_norm."),
-    (r"^blocks\.(\d+)\.attn\.", r"encoder.block.\1.layer.0.SelfAttention."),
-    (
-        r"^blocks\.(\d+)\.pos_embedding\.embedding\.",
-        r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.",
-    ),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.block.\1.layer.1.layer_norm."),
-    (r"^blocks\.(\d+)\.ffn\.gate\.0\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_0."),
-    (r"^blocks\.(\d+)\.ffn\.fc1\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_1."),
-    (r"^blocks\.(\d+)\.ffn\.fc2\.", r"encoder.block.\1.layer.1.DenseReluDense.wo."),
-)
-
 
 def hf_t5_model(state: dict):
-    """transformers UMT5EncoderModel holding `state` (loaded strict, so the key map above is proven)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    cfg = TINY_T5
-    model = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.dim_attn // cfg.num_heads, d_ff=cfg.dim_ffn,
-            num_layers=cfg.num_layers, num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.num_buckets,
-            relative_attention_max_distance=cfg.max_distance, feed_forward_proj="gated-gelu",
-        )
-    )  # fmt: skip
-    hf = {}
-    for key, value in state.items():
-        for pattern, replacement in _WAN_TO_HF_T5:
-            key = re.sub(pattern, replacement, key)
-        hf[key] = value
-    hf["encoder.embed_tokens.weight"] = hf["shared.weight"]
-    model.load_state_dict(hf, strict=True)
-    return model.eval()
+    """transformers UMT5EncoderModel of the tiny config holding `state` (see `_tiny_t5.hf_model`)."""
+    return hf_model(TINY_T5, state)
 
 
 def write_comfyui_t5(path: Path, state: dict, *, fp8_scaled: bool = False, tokenizer: bytes | None = None) -> Path:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
+import pytest
 import sentencepiece
 import torch
 
@@ -59,3 +61,60 @@ def write_spiece_folder(folder: Path, vocab_size: int = 100) -> Path:
     )
     (folder / "spiece.vocab").unlink()
     return folder
+
+
+# Wan checkpoint key -> transformers UMT5EncoderModel key (parity.md §2.1); first matching pattern wins.
+WAN_TO_HF = [
+    (r"^token_embedding\.weight$", "shared.weight"),
+    (r"^blocks\.(\d+)\.norm1\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (r"^blocks\.(\d+)\.attn\.([qkvo])\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (
+        r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$",
+        r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
+    ),
+    (r"^blocks\.(\d+)\.norm2\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (r"^blocks\.(\d+)\.ffn\.fc1\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (r"^blocks\.(\d+)\.ffn\.fc2\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
+]
+
+
+def wan_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in WAN_TO_HF:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key)] = value
+                break
+        else:
+            raise KeyError(f"no HF name for Wan key {key}")
+    out["encoder.embed_tokens.weight"] = out["shared.weight"]  # tied in HF
+    return out
+
+
+def hf_twin(model: UMT5Encoder):
+    """transformers UMT5EncoderModel with the weights of `model` (eager attention, loaded strict)."""
+    return hf_model(model.cfg, model.state_dict())
+
+
+def hf_model(cfg: T5Config, state: dict[str, torch.Tensor]):
+    """transformers UMT5EncoderModel holding the Wan-named `state` (loaded strict, so the key map is proven)."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.UMT5Config(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.dim,
+        d_kv=cfg.dim_attn // cfg.num_heads,
+        d_ff=cfg.dim_ffn,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        relative_attention_num_buckets=cfg.num_buckets,
+        relative_attention_max_distance=cfg.max_distance,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=cfg.eps,
+        dropout_rate=0.0,
+        attn_implementation="eager",
+    )
+    twin = transformers.UMT5EncoderModel(hf_cfg)
+    twin.load_state_dict(wan_to_hf(state), strict=True)
+    return twin.eval()

@@ -11,23 +11,7 @@ from iamflow_core.config import T5Config
 from iamflow_core.models.t5 import UMT5Encoder
 from iamflow_core.text_encoder import TextEncoder, clean_prompt, load_umt5_tokenizer
 
-from ._tiny_t5 import TINY_T5, tiny_encoder, write_spiece_folder
-
-# Wan checkpoint key -> transformers UMT5EncoderModel key (parity.md §2.1); first matching pattern wins.
-WAN_TO_HF = [
-    (r"^token_embedding\.weight$", "shared.weight"),
-    (r"^blocks\.(\d+)\.norm1\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (r"^blocks\.(\d+)\.attn\.([qkvo])\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
-    (
-        r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$",
-        r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
-    ),
-    (r"^blocks\.(\d+)\.norm2\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
-    (r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
-    (r"^blocks\.(\d+)\.ffn\.fc1\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
-    (r"^blocks\.(\d+)\.ffn\.fc2\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
-    (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
-]
+from ._tiny_t5 import TINY_T5, hf_twin, tiny_encoder, write_spiece_folder
 
 TRICKY = [
     "A cat walks",
@@ -37,41 +21,6 @@ TRICKY = [
     "",
     "①② ㎏ zebra",
 ]
-
-
-def wan_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in WAN_TO_HF:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key)] = value
-                break
-        else:
-            raise KeyError(f"no HF name for Wan key {key}")
-    out["encoder.embed_tokens.weight"] = out["shared.weight"]  # tied in HF
-    return out
-
-
-def hf_twin(model: UMT5Encoder):
-    transformers = pytest.importorskip("transformers")
-    cfg = model.cfg
-    hf_cfg = transformers.UMT5Config(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.dim,
-        d_kv=cfg.dim_attn // cfg.num_heads,
-        d_ff=cfg.dim_ffn,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        relative_attention_num_buckets=cfg.num_buckets,
-        relative_attention_max_distance=cfg.max_distance,
-        feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=cfg.eps,
-        dropout_rate=0.0,
-        attn_implementation="eager",
-    )
-    twin = transformers.UMT5EncoderModel(hf_cfg)
-    twin.load_state_dict(wan_to_hf(model.state_dict()), strict=True)
-    return twin.eval()
 
 
 @pytest.fixture(scope="module")

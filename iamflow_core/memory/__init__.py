@@ -69,6 +69,15 @@ class NoMemory:
         pass
 
 
+def require_memory_segment(ctx: StepContext, frames: int, what: str) -> None:
+    """Fail clearly when a policy wants more memory frames than the cache's memory segment holds."""
+    if ctx.cache.cfg.memory_frames < frames:
+        raise ValueError(
+            f"{what} {frames} exceeds the cache memory segment ({ctx.cache.cfg.memory_frames} frames); "
+            f"raise CacheConfig.memory_frames or lower {what}"
+        )
+
+
 def text_query(cross: CrossKV, text: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean cross-attention key of the prompt's real tokens per layer and head: [layers, B, H, D].
 

@@ -26,7 +26,7 @@ import torch
 
 from ..story.entities import EntityRegistry
 from ..text_encoder import clean_prompt
-from . import StepContext, frame_descriptor, frame_relevance, text_query
+from . import StepContext, frame_descriptor, frame_relevance, require_memory_segment, text_query
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +173,7 @@ class IdentityMemory:
 
     # policy hooks ------------------------------------------------------------------------------------------------
     def start(self, ctx: StepContext) -> None:
-        if ctx.cache.cfg.memory_frames < self.max_frames:
-            raise ValueError(
-                f"max_frames {self.max_frames} exceeds the cache memory segment ({ctx.cache.cfg.memory_frames} "
-                "frames); raise CacheConfig.memory_frames or lower max_frames"
-            )
+        require_memory_segment(ctx, self.max_frames, "max_frames")
         ctx.cache.clear_memory()
 
     def on_switch(self, ctx: StepContext) -> None:

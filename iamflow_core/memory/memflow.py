@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import StepContext, frame_descriptor, frame_relevance, text_query
+from . import StepContext, frame_descriptor, frame_relevance, require_memory_segment, text_query
 
 
 @dataclass
@@ -39,11 +39,7 @@ class MemFlowMemory:
         self._selected: tuple[int, ...] = ()
 
     def start(self, ctx: StepContext) -> None:
-        if ctx.cache.cfg.memory_frames < self.bank_size:
-            raise ValueError(
-                f"bank_size {self.bank_size} exceeds the cache memory segment ({ctx.cache.cfg.memory_frames} frames); "
-                "raise CacheConfig.memory_frames or lower bank_size"
-            )
+        require_memory_segment(ctx, self.bank_size, "bank_size")
         self.frames.clear()
         self._selected = ()
         ctx.cache.clear_memory()

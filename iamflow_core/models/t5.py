@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import T5Config
+from . import fused
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., dim] -> [..., dim] in the weight's dtype."""
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+        return fused.rms_norm(x.to(self.weight.dtype), self.weight, self.eps)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
