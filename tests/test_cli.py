@@ -118,3 +118,18 @@ def test_model_files_found_in_a_comfyui_models_folder(tmp_path):
     files = find_model_files(tmp_path)
     assert files.dit.name == "wan2.1_t2v_1.3B_bf16.safetensors" and files.vae.parent.name == "vae"
     assert files.tokenizer is None  # taken from the text-encoder file
+
+
+def test_generate_from_a_comfyui_models_folder(tmp_path):
+    """The real loaders on files named and laid out as ComfyUI users have them (tiny sizes, CPU)."""
+    from iamflow_core.presets import TINY_DIT, TINY_T5, TINY_VAE
+
+    from ._comfy_layout import write_models
+
+    models = write_models(tmp_path / "models", TINY_DIT, TINY_T5, TINY_VAE)
+    story = tmp_path / "story.txt"
+    story.write_text("1.5s | a woman reads in a library\n1.5s | a man walks past the shelves\n")
+    out = tmp_path / "v.mp4"
+    argv = ["generate", str(story), "--models", str(models), "--out", str(out), "--height", "32", "--width", "48"]
+    assert cli.main([*argv, "--device", "cpu", "--vae-device", "cpu", "--dtype", "fp32"]) == 0
+    assert read_video_frame_count(out) == 45  # 4 chunks = 12 latent frames = 1 + 4 * 11
