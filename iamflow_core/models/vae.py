@@ -342,7 +342,7 @@ class WanVAE(nn.Module):
         bounds = [0, *range(1, usable + 1, step)]
         chunks = [self.encoder(video[:, :, s:e], cache) for s, e in zip(bounds[:-1], bounds[1:])]
         mu, _log_var = self.conv1(torch.cat(chunks, dim=2)).chunk(2, dim=1)
-        return (mu - self.latents_mean) / self.latents_std
+        return (mu - self.latents_mean.to(mu.dtype)) / self.latents_std.to(mu.dtype)
 
     # --- decode ---------------------------------------------------------------------------------------------------
 
@@ -371,7 +371,8 @@ class WanVAE(nn.Module):
                 f"latent chunk has (B, h, w) = {(b, h, w)} but this stream started with {state.latent_shape}; "
                 "use a new_decode_state() for a different video"
             )
-        x = self.conv2(latents * self.latents_std + self.latents_mean)
+        # the constants follow the latents' dtype: a loaded model may keep its buffers in float32
+        x = self.conv2(latents * self.latents_std.to(latents.dtype) + self.latents_mean.to(latents.dtype))
         video = self.decoder(x, state.caches, first_chunk=state.latent_frames == 0)
         state.latent_frames += n
         return video.clamp(-1.0, 1.0)
