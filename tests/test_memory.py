@@ -195,3 +195,20 @@ def test_memory_settings_validate():
         IdentityMemory(None, max_frames=8).start(
             type("Ctx", (), {"cache": type("C", (), {"cfg": sampler_config(MemorySettings()).cache})()})()
         )
+
+
+def test_archive_stays_under_2_gib_for_a_60_s_story_at_full_size():
+    """78 chunks of a 6 x 10 s story each archive one frame of full-size K/V (30 layers, 1560 tokens, 12 x 128,
+    bf16: 287 MiB per frame, ~22 GB for the whole story in the reference). Meta tensors carry the real sizes."""
+    frame_shape = (30, 1, 1560, 12, 128)
+    archive: list[ArchivedFrame] = []
+    peak = 0
+    for chunk in range(78):
+        k = torch.empty(frame_shape, dtype=torch.bfloat16, device="meta")
+        entities = ((1,), (2,), (1, 3), (2, 4), (3,), (1, 2))[chunk // 13]
+        archive.append(ArchivedFrame(3 * chunk, chunk, chunk // 13, entities, 0.0, (chunk * 7 % 10) / 10, k, k))
+        evict(archive, limit_bytes=2 * 2**30, keep=4)
+        peak = max(peak, sum(f.nbytes for f in archive))
+    assert archive[0].nbytes == 2 * 30 * 1560 * 1536 * 2  # 287.6 MB per frame
+    assert peak <= 2 * 2**30 and len(archive) == 7
+    assert {e for f in archive for e in f.entities} == {1, 2, 3, 4}  # every entity keeps a frame

@@ -272,14 +272,16 @@ class IdentityMemory:
             frame = candidate.frames[best]
             if frame not in ctx.cache.state.local:
                 continue  # already left the window (a cache smaller than the decision lag)
-            k, v, position = ctx.cache.frame_kv(frame)
+            k, v, position = ctx.cache.frame_kv(frame)  # a copy on the cache's device
             entry = ArchivedFrame(frame, candidate.chunk, candidate.segment, candidate.entities,
-                                  float(text[best]), float(visual[best]), k.cpu(), v.cpu(), position)  # fmt: skip
+                                  float(text[best]), float(visual[best]), k, v, position)  # fmt: skip
             self.archive.append(entry)
-            archived.append(entry)
-            self.peak_archive_bytes = max(self.peak_archive_bytes, sum(f.nbytes for f in self.archive))
             for gone in evict(self.archive, self.archive_limit_bytes, keep=self.max_frames):
                 self.timeline.append({"evicted": gone.summary()})
+            if entry in self.archive:  # moved to host memory only once it has a place: the bound holds strictly
+                entry.k, entry.v = entry.k.cpu(), entry.v.cpu()
+                archived.append(entry)
+            self.peak_archive_bytes = max(self.peak_archive_bytes, sum(f.nbytes for f in self.archive))
         return archived
 
     def _refresh(self, ctx: StepContext, new: list[ArchivedFrame]) -> None:
