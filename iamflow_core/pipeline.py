@@ -241,7 +241,17 @@ class StreamingPipeline:
             prompt = story.prompts[seg]
             tokenizer = getattr(self.text_encoder, "tokenizer", None)
             return StepContext(
-                i, start, chunk_frames, seg, prompt, cache, switch.cross, texts[seg], self.dit.rope, tokenizer
+                i,
+                start,
+                chunk_frames,
+                seg,
+                prompt,
+                cache,
+                switch.cross,
+                texts[seg],
+                self.dit.rope,
+                tokenizer,
+                decoding=decoder is not None,
             )
 
         memory.start(context(0, 0, 0))

@@ -32,6 +32,7 @@ class StepContext:
     text: torch.Tensor  # [text_len, text_dim] umT5 states of the current prompt, zero-padded
     rope: RopeTables | None = None  # the DiT's rotary tables, to compare cached keys across time
     tokenizer: Any = None  # the text encoder's tokenizer (entity-token weighting), when the pipeline has one
+    decoding: bool = False  # frames of this chunk will be decoded (and reach `on_frames`)
     latents: torch.Tensor | None = None  # [B, C, F, h, w] clean latents of the chunk (after_chunk)
     info: dict[str, Any] = field(default_factory=dict)  # per-chunk report, copied into the chunk event
 

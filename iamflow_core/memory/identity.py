@@ -168,7 +168,8 @@ class IdentityMemory:
         self._pending: list[_Candidate] = []
         self._chunks: dict[int, tuple[int, str, bool]] = {}  # chunk -> (segment, prompt, first chunk of segment)
         self._weights: dict[int, torch.Tensor | None] = {}
-        self._lock = threading.Lock()
+        self._submitted: dict[int, threading.Event] = {}  # set once a chunk's frames went to the verifier
+        self.submit_timeout = 120.0  # the longest the loop waits for a chunk's frames to be decoded
         self.peak_archive_bytes = 0
 
     # policy hooks ------------------------------------------------------------------------------------------------
@@ -192,6 +193,8 @@ class IdentityMemory:
     def after_chunk(self, ctx: StepContext) -> None:
         first_of_segment = ctx.chunk == 0 or self._chunks.get(ctx.chunk - 1, (None,))[0] != ctx.segment
         self._chunks[ctx.chunk] = (ctx.segment, ctx.prompt, first_of_segment)
+        if self.verifier is not None and ctx.decoding:
+            self._submitted[ctx.chunk] = threading.Event()  # before the decode is submitted: no race
         frames = tuple(f for f in range(ctx.start_frame, ctx.start_frame + ctx.num_frames) if f >= self._sink(ctx))
         stored = set(ctx.cache.state.local)
         frames = tuple(f for f in frames if f in stored)  # sink frames are always attended; nothing to archive
@@ -214,7 +217,11 @@ class IdentityMemory:
         segment, prompt, first = self._chunks[chunk]
         picks = frames[_last_frame_of_each_latent(frames.shape[0], 3 if frames.shape[0] >= 9 else 1)]
         entities = [self.registry.entity(i) for i in self._entities(segment)] if self.registry else []
-        self.verifier.submit(chunk, picks, prompt, entities, check_attributes=first and bool(entities))
+        try:
+            self.verifier.submit(chunk, picks, prompt, entities, check_attributes=first and bool(entities))
+        finally:
+            if chunk in self._submitted:
+                self._submitted[chunk].set()
 
     # decisions ---------------------------------------------------------------------------------------------------
     def _sink(self, ctx: StepContext) -> int:
@@ -248,7 +255,15 @@ class IdentityMemory:
         return tuple(frame_relevance(query, torch.stack(descriptors)).tolist())
 
     def _visual(self, candidate: _Candidate) -> tuple[float, ...]:
-        if self.verifier is None:
+        submitted = self._submitted.get(candidate.chunk)
+        if self.verifier is None or submitted is None:  # no verifier, or no decoded frames to verify
+            return (0.5,) * len(candidate.frames)
+        # The frames of this chunk may still be decoding: the loop waits only here, when the choice needs them.
+        arrived = submitted.wait(self.submit_timeout)
+        del self._submitted[candidate.chunk]  # only now: the decode worker looks the event up to set it
+        if not arrived:
+            logger.warning("chunk %d was not decoded within %.0f s; neutral visual scores", candidate.chunk,
+                           self.submit_timeout)  # fmt: skip
             return (0.5,) * len(candidate.frames)
         verdict = self.verifier.result(candidate.chunk, wait=True)
         for entity_id, attrs in getattr(verdict, "corrections", {}).items():
