@@ -10,18 +10,16 @@ import argparse
 import json
 import logging
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from .memory.settings import MODES, MemorySettings, build_memory, sampler_config
 from .pipeline import SamplerConfig, StreamingPipeline
+from .render import render_story
 from .story import Story, StoryError, load_stories, plan_chunks
 from .story.entities import EntityRegistry, RegistryError
 from .transition import STRATEGIES
-from .video import VideoWriter
 
 logger = logging.getLogger("iamflow_core.cli")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -107,31 +105,24 @@ def _stories(args: argparse.Namespace) -> list[Story]:
 
 
 def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> dict:
-    """Render one story to `out`, writing frames in a background thread. Returns totals and per-chunk reports."""
+    """Render one story to `out` with a progress bar. Returns timings, frame count and per-chunk reports."""
     from tqdm import tqdm
 
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
     for note in plan.rounding_notes():
         print(f"note: {note}", file=sys.stderr)
     print(f"{out}: {plan.summary()}", file=sys.stderr)
-    totals: dict = {"chunks": []}
-    start = time.perf_counter()
-    writes = ThreadPoolExecutor(1, thread_name_prefix="iamflow-write")
-    with VideoWriter(out, fps=16) as writer, tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
-        try:
-            for event in pipe.run(story, config, memory):
-                if event.frames is not None:
-                    writes.submit(writer.write, event.frames)
-                for key, value in event.timings.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                totals["chunks"].append({"chunk": event.index, "segment": event.segment, **event.memory})
-                bar.set_postfix(prompt=f"{event.segment + 1}/{plan.num_segments}")
-                bar.update(1)
-        finally:
-            writes.shutdown(wait=True)  # every chunk handed out is written before the file is closed
-    totals["wall"] = time.perf_counter() - start
-    totals["frames"] = writer.frames_written
-    return totals
+    with tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
+
+        def progress(event, record) -> None:
+            bar.set_postfix(prompt=f"{record.segment + 1}/{record.num_segments}")
+            bar.update(1)
+
+        result = render_story(
+            pipe, story, config, memory, out_path=out, on_chunk=progress, keep_frames=False, keep_latents=False
+        )
+    chunks = [{"chunk": r.index, "segment": r.segment, **r.memory} for r in result.chunks]
+    return {**result.timings, "frames": result.frames_written, "chunks": chunks}
 
 
 def _registry(args: argparse.Namespace, story: Story) -> EntityRegistry | None:

@@ -1,0 +1,215 @@
+"""Render a story to a video file chunk by chunk: the one call the CLI and the ComfyUI sampler node share.
+
+`render_story` runs `StreamingPipeline.run`, hands each chunk's frames to a writer thread (the mp4, and a raw
+uint8 spool file when the frames are wanted back), reports every chunk to `on_chunk`, stops after the chunk in
+progress when `cancel` is set, and returns a `RenderResult`. Frames are never held in memory during the run: the
+spool is read back once, at the end, so a long video costs RAM only for the final array.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from .memory import MemoryPolicy
+from .models.vae import WanVAE
+from .pipeline import ChunkEvent, SamplerConfig, StreamingPipeline
+from .story import ChunkPlan, Story, plan_chunks
+from .video import VideoWriter, to_uint8_frames
+
+logger = logging.getLogger(__name__)
+
+FPS = 16
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """What happened in one chunk: where it sits in the story and what the memory policy reported."""
+
+    index: int
+    num_chunks: int
+    segment: int
+    num_segments: int
+    prompt: str
+    start_frame: int  # first latent frame of the chunk
+    video_frames: int  # decoded frames of this chunk (0 without a VAE)
+    frames_done: int  # decoded frames so far, this chunk included
+    memory: dict[str, Any] = field(default_factory=dict)  # the policy's per-chunk report (a copy)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """frames: uint8 [T, H, W, 3] (None unless keep_frames and a VAE); latents: [1, C, F, h, w] float32 on the CPU
+    (the DiT's normalized latent space). chunks: one record per finished chunk. memory_map: the policy's
+    `story_map()` (identity memory), else None. timings: seconds summed over chunks, plus `wall`."""
+
+    frames: np.ndarray | None
+    latents: torch.Tensor | None
+    chunks: tuple[ChunkRecord, ...]
+    plan: ChunkPlan
+    timings: dict[str, float]
+    out_path: Path | None
+    frames_written: int
+    cancelled: bool
+    memory_map: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.chunks) == self.plan.num_chunks
+
+
+class _FrameSpool:
+    """Raw uint8 frames appended to an (anonymous, temporary) file, read back once as one array: exact, unlike the
+    mp4, and on disk rather than in RAM while the video is made."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.shape: tuple[int, ...] | None = None
+        self.count = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        self.shape = self.shape or frames.shape[1:]
+        self.file.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+        self.count += frames.shape[0]
+
+    def read(self) -> np.ndarray | None:
+        if self.shape is None:
+            return None
+        self.file.flush()
+        self.file.seek(0)
+        return np.fromfile(self.file, dtype=np.uint8).reshape(self.count, *self.shape)
+
+
+def _record(event: ChunkEvent, plan: ChunkPlan, frames_done: int) -> ChunkRecord:
+    return ChunkRecord(
+        index=event.index, num_chunks=event.num_chunks, segment=event.segment, num_segments=plan.num_segments,
+        prompt=event.prompt, start_frame=event.start_frame,
+        video_frames=0 if event.frames is None else int(event.frames.shape[0]), frames_done=frames_done,
+        memory=copy.deepcopy(event.memory), timings=dict(event.timings),
+    )  # fmt: skip
+
+
+def render_story(
+    pipe: StreamingPipeline,
+    story: Story,
+    config: SamplerConfig,
+    memory: MemoryPolicy,
+    *,
+    out_path: str | Path | None = None,
+    on_chunk: Callable[[ChunkEvent, ChunkRecord], None] | None = None,
+    cancel: threading.Event | None = None,
+    keep_frames: bool = True,
+    keep_latents: bool = True,
+    fps: float = FPS,
+    spool_dir: str | Path | None = None,
+) -> RenderResult:
+    """Render `story` with a fresh `memory` policy; write the frames to `out_path` (mp4) as they come.
+
+    on_chunk(event, record) runs on the calling thread after each chunk (previews, progress, cancel checks).
+    Setting `cancel` stops after the chunk in progress; every finished chunk is kept (in the file and the result).
+    An exception (Ctrl-C included) still closes the file with every chunk handed out so far, then propagates.
+    fps: the frame rate written into the mp4 (Wan makes 16). keep_frames: return the decoded frames, read back from
+    a temp spool at the end. keep_latents: return all latents on the CPU (one device sync per chunk; the CLI skips
+    it). spool_dir: where that spool lives (default: the system temp folder, which may be in
+    RAM); it is deleted when the call returns.
+    """
+    plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
+    records: list[ChunkRecord] = []
+    latents: list[torch.Tensor] = []
+    totals: dict[str, float] = {}
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        writer = stack.enter_context(VideoWriter(out_path, fps=fps)) if out_path is not None else None
+        spool = None
+        if keep_frames:
+            if spool_dir is not None:
+                Path(spool_dir).mkdir(parents=True, exist_ok=True)
+            spool = _FrameSpool(stack.enter_context(tempfile.TemporaryFile(prefix="iamflow-frames-", dir=spool_dir)))
+        writes = ThreadPoolExecutor(1, thread_name_prefix="iamflow-write")
+        stack.callback(writes.shutdown, wait=True)  # runs before the writer closes: every chunk reaches the file
+
+        def write(frames: np.ndarray) -> None:
+            if writer is not None:
+                writer.write(frames)
+            if spool is not None:
+                spool.write(frames)
+
+        frames_done = 0
+        pending_writes = []
+        for event in pipe.run(story, config, memory, cancel=cancel):
+            if keep_latents:
+                latents.append(event.latents.detach().to("cpu", torch.float32))
+            if event.frames is not None:
+                frames_done += event.frames.shape[0]
+                pending_writes.append(writes.submit(write, event.frames))
+            for key, value in event.timings.items():
+                totals[key] = totals.get(key, 0.0) + value
+            records.append(_record(event, plan, frames_done))
+            if on_chunk is not None:
+                on_chunk(event, records[-1])
+        writes.shutdown(wait=True)
+        for future in pending_writes:
+            future.result()  # a failed write (disk full, ...) surfaces here, not silently
+        frames = spool.read() if spool is not None else None
+    cancelled = len(records) < plan.num_chunks
+    if cancelled:
+        logger.info("stopped after %d of %d chunks; %d frames kept", len(records), plan.num_chunks, frames_done)
+    totals["wall"] = time.perf_counter() - start
+    story_map = getattr(memory, "story_map", None)
+    return RenderResult(
+        frames=frames, latents=torch.cat(latents, dim=2) if latents else None, chunks=tuple(records), plan=plan,
+        timings=totals, out_path=Path(out_path) if out_path is not None else None,
+        frames_written=writer.frames_written if writer is not None else frames_done, cancelled=cancelled,
+        memory_map=copy.deepcopy(story_map()) if callable(story_map) else None,
+    )  # fmt: skip
+
+
+def describe_timeline(result: RenderResult) -> str:
+    """One line per chunk: chunk, prompt, frames, and what the memory did (for a node's text or a log)."""
+    lines = [result.plan.summary()]
+    if result.cancelled:
+        lines.append(f"stopped early: {len(result.chunks)} of {result.plan.num_chunks} chunks made")
+    for r in result.chunks:
+        mem = ", ".join(f"{k}={_short(v)}" for k, v in r.memory.items()) or "-"
+        lines.append(f"chunk {r.index + 1}/{r.num_chunks} · prompt {r.segment + 1}/{r.num_segments} · memory: {mem}")
+    return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def decode_latents(
+    vae: WanVAE, latents: torch.Tensor, *, chunk_frames: int = 3, on_chunk: Callable[[np.ndarray], None] | None = None
+) -> np.ndarray:
+    """Decode normalized latents [1, C, F, h, w] chunk by chunk with the streaming VAE: uint8 [T, H, W, 3].
+
+    The causal VAE keeps its cache across chunks, so the result equals a full decode; only one chunk's activations
+    are alive at a time. on_chunk(frames) sees each chunk's frames (progress, previews).
+    """
+    if latents.ndim != 5 or latents.shape[0] != 1:
+        raise ValueError(f"latents must be [1, C, F, h, w], got {tuple(latents.shape)}")
+    param = next(vae.parameters())
+    state = vae.new_decode_state()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, latents.shape[2], chunk_frames):
+            z = latents[:, :, start : start + chunk_frames].to(param.device, param.dtype)
+            chunks.append(to_uint8_frames(vae.decode_stream(z, state)))
+            if on_chunk is not None:
+                on_chunk(chunks[-1])
+    return np.concatenate(chunks)

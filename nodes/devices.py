@@ -1,0 +1,57 @@
+"""Device widgets: `cuda:N` for each visible GPU and `cpu`, and a graceful fallback for devices a workflow names
+that this machine lacks (a workflow saved on two GPUs must still run on one)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DEVICE = re.compile(r"cpu|cuda:(\d+)")
+
+
+def device_options() -> list[str]:
+    """`cuda:0`, `cuda:1`, ... for every visible GPU, then `cpu`. Read per call, never at import time."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] + ["cpu"]
+
+
+def device_input(preferred: int = 0, what: str = "this model") -> tuple[list[str], dict]:
+    """A device combo that defaults to GPU `preferred` (or the last GPU there is, or the CPU)."""
+    options = device_options()
+    default = f"cuda:{min(preferred, len(options) - 2)}" if len(options) > 1 else "cpu"
+    tooltip = (
+        f"Where {what} runs. A device this machine lacks (a workflow saved on more GPUs) falls back to the last "
+        "GPU, or the CPU, with a warning."
+    )
+    return (options, {"default": default, "tooltip": tooltip})
+
+
+def check_device(name: object) -> bool | str:
+    """For VALIDATE_INPUTS: any `cpu` / `cuda:N` passes (it is resolved at run time); anything else is an error."""
+    if name is None or (isinstance(name, str) and _DEVICE.fullmatch(name)):
+        return True
+    return f"device {name!r} is not a device; use 'cpu' or 'cuda:N' (e.g. cuda:0)"
+
+
+def resolve_device(name: str) -> tuple[torch.device, str | None]:
+    """The device to use for `name`, and a warning when it had to fall back (logged here, shown by the node)."""
+    match = _DEVICE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"device {name!r} is not a device; use 'cpu' or 'cuda:N' (e.g. cuda:0)")
+    if match.group(1) is None:
+        return torch.device("cpu"), None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(match.group(1))
+    if index < count:
+        return torch.device(name), None
+    fallback = torch.device(f"cuda:{count - 1}") if count else torch.device("cpu")
+    warning = (
+        f"device {name} is not on this machine ({count} GPU{'s' if count != 1 else ''} visible); "
+        f"using {fallback} instead"
+    )
+    logger.warning(warning)
+    return fallback, warning

@@ -1,0 +1,412 @@
+"""Every IAMFlow node run by calling its function directly, on tiny model files under the names artists have
+(CPU), with stand-ins for the ComfyUI modules (tests/_comfy_stub.py). Also `render_story`, the library call
+behind the Streaming Sampler."""
+
+import dataclasses
+import json
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests import _comfy_stub
+
+_comfy_stub.install()
+
+import nodes  # noqa: E402
+from iamflow_core.config import CacheConfig  # noqa: E402
+from iamflow_core.memory import NoMemory  # noqa: E402
+from iamflow_core.pipeline import SamplerConfig, StreamingPipeline  # noqa: E402
+from iamflow_core.presets import tiny_models  # noqa: E402
+from iamflow_core.render import decode_latents, render_story  # noqa: E402
+from iamflow_core.story import Segment, Story  # noqa: E402
+from iamflow_core.story.entities import EntityRegistry  # noqa: E402
+from iamflow_core.video import read_video_frame_count, read_video_frames  # noqa: E402
+from nodes import devices, folders  # noqa: E402
+from nodes.values import MemoryValue, StateValue, StoryValue  # noqa: E402
+from tests._comfy_models import (  # noqa: E402
+    DIT_FILE,
+    IAMFLOW_FILE,
+    LLM_FOLDER,
+    TEXT_ENCODER_FILE,
+    VAE_FILE,
+    VLM_FOLDER,
+    spiece_bytes,
+    write_tiny_models,
+)
+from tests._comfy_workflows import has_control, inputs_of, is_widget  # noqa: E402
+
+N = nodes.NODE_CLASS_MAPPINGS
+STORY_TEXT = "1.5s | a woman in a red coat reads a notebook\n1.5s | a man in a grey hoodie waves"  # 2 + 2 chunks
+REGISTRY = {
+    "entities": [{"id": 1, "name": "Nora", "attributes": ["red coat"]}, {"id": 2, "name": "Ethan"}],
+    "prompts": [[{"id": 1, "text": "a woman in a red coat"}], [2]],
+}
+FRAMES = 45  # 4 chunks: 9 + 3 * 12 video frames
+
+
+@pytest.fixture
+def comfy(tmp_path):
+    recorder = _comfy_stub.configure(tmp_path)
+    write_tiny_models(tmp_path / "models", fp8_dit=True, hf_folders=True)
+    recorder.root = tmp_path
+    return recorder
+
+
+def run(node: str, *args, **kwargs):
+    """Call a node's function as ComfyUI does; returns (result tuple, ui dict)."""
+    cls = N[node]
+    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
+    return (out["result"], out.get("ui", {})) if isinstance(out, dict) else (out, {})
+
+
+def load_models(device="cpu"):
+    dit = run("IAMFlowLoadDiT", DIT_FILE, "None", "fp32", "auto", "auto", device)[0][0]
+    te = run("IAMFlowLoadTextEncoder", TEXT_ENCODER_FILE, folders.EMBEDDED, "fp32", device, False)[0][0]
+    vae = run("IAMFlowLoadVAE", VAE_FILE, "fp32", device)[0][0]
+    return dit, te, vae
+
+
+def story_value(registry=True) -> StoryValue:
+    story = run("IAMFlowStory", STORY_TEXT, 10.0)[0][0]
+    if not registry:
+        return story
+    return run("IAMFlowEntityExtractor", story, "None", "cpu", registry_json=json.dumps(REGISTRY))[0][0]
+
+
+def memory_value(mode="identity", transition="soft", verifier=None, async_verifier=True) -> MemoryValue:
+    return run("IAMFlowIdentityMemory", mode, transition, 4, 2, 3, 1, 0, 0.3, 2048, async_verifier, verifier)[0][0]
+
+
+# --- definitions ------------------------------------------------------------------------------------------------
+
+
+def test_every_node_is_declared_for_comfyui(comfy):
+    assert set(N) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS) and len(N) == 10
+    for name, cls in N.items():
+        assert name.startswith("IAMFlow") and cls.CATEGORY == "IAMFlow", name
+        assert hasattr(cls, cls.FUNCTION) and cls.DESCRIPTION and nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), name
+        for input_name, spec, _ in inputs_of(cls.INPUT_TYPES()):
+            options = spec[1] if len(spec) > 1 else {}
+            assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+            if is_widget(spec) and spec[0] in ("INT", "FLOAT"):
+                assert "min" in options and "max" in options, f"{name}.{input_name} is unbounded"
+            if isinstance(spec[0], list):
+                assert spec[0], f"{name}.{input_name} offers nothing"
+    assert has_control("seed", N["IAMFlowStreamingSampler"].INPUT_TYPES()["required"]["seed"])
+
+
+def test_dropdowns_list_the_model_folders(comfy):
+    required = N["IAMFlowLoadDiT"].INPUT_TYPES()["required"]
+    assert required["model"][0] == sorted([DIT_FILE, IAMFLOW_FILE]) and required["lora"][0] == ["None"]
+    assert N["IAMFlowEntityExtractor"].INPUT_TYPES()["required"]["llm"][0] == ["None", LLM_FOLDER, VLM_FOLDER]
+    assert N["IAMFlowVLMVerifier"].INPUT_TYPES()["required"]["vlm"][0] == [LLM_FOLDER, VLM_FOLDER]
+    llm_dir = str(comfy.root / "models" / "LLM")
+    assert llm_dir in sys.modules["folder_paths"].get_folder_paths("LLM")
+
+
+def test_old_comfyui_folder_names_get_the_new_keys(tmp_path):
+    _comfy_stub.configure(tmp_path, legacy_names=True)
+    (tmp_path / "models" / "unet").mkdir(parents=True)
+    (tmp_path / "models" / "unet" / "old.safetensors").touch()
+    (tmp_path / "models" / "diffusion_models").mkdir()
+    (tmp_path / "models" / "diffusion_models" / "new.safetensors").touch()
+    assert folders.model_files("diffusion_models") == ["new.safetensors", "old.safetensors"]
+
+
+def test_a_missing_file_names_the_folder_and_the_file(comfy):
+    message = N["IAMFlowLoadDiT"].VALIDATE_INPUTS("nope.safetensors", "None", "auto", "cpu")
+    assert "'nope.safetensors'" in message and "diffusion_models" in message and "download" in message
+    with pytest.raises(FileNotFoundError, match="nope.safetensors.*diffusion_models"):
+        run("IAMFlowLoadDiT", "nope.safetensors", "None", "fp32", "auto", "auto", "cpu")
+    message = N["IAMFlowVLMVerifier"].VALIDATE_INPUTS("Qwen9", "cpu")
+    assert "'Qwen9'" in message and "LLM" in message
+
+
+# --- devices ----------------------------------------------------------------------------------------------------
+
+
+def test_device_widget_lists_gpus_and_cpu():
+    options, extra = devices.device_input(1)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert options == [f"cuda:{i}" for i in range(count)] + ["cpu"]
+    assert extra["default"] == (f"cuda:{min(1, count - 1)}" if count else "cpu") and extra["tooltip"]
+
+
+def test_a_saved_device_this_machine_lacks_falls_back_with_a_warning(comfy, caplog):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for cls in ("IAMFlowLoadDiT", "IAMFlowLoadTextEncoder", "IAMFlowLoadVAE", "IAMFlowVLMVerifier"):
+        signature = N[cls].VALIDATE_INPUTS.__func__.__code__.co_varnames
+        assert "device" in signature, f"{cls} must validate its device itself (ComfyUI then skips the list check)"
+    assert devices.check_device("cuda:7") is True and devices.check_device("cpu") is True
+    assert "not a device" in devices.check_device("gpu0")
+    (vae,), ui = run("IAMFlowLoadVAE", VAE_FILE, "fp32", f"cuda:{count + 1}", unique_id="7")
+    expected = torch.device(f"cuda:{count - 1}") if count else torch.device("cpu")
+    assert next(vae.parameters()).device == expected
+    assert f"cuda:{count + 1} is not on this machine" in ui["text"][0]
+    assert any("not on this machine" in r.message for r in caplog.records if r.levelname == "WARNING")
+    assert any(node == "7" and "not on this machine" in text for node, text in comfy.texts)
+
+
+# --- loaders ----------------------------------------------------------------------------------------------------
+
+
+def test_loaders_read_the_files_artists_have(comfy):
+    (dit,), ui = run("IAMFlowLoadDiT", IAMFLOW_FILE, "None", "bf16", "auto", "auto", "cpu")
+    assert dit.load_info.fp8 and dit.cfg.dim == 256 and "iamflow_fp8.safetensors" in ui["text"][0]
+    dit, te, vae = load_models()
+    assert dit.attention_backend == "sdpa" and next(dit.parameters()).dtype == torch.float32
+    assert te.encode(["a woman reads"]).shape == (1, 512, 64)
+    assert next(vae.parameters()).device.type == "cpu"
+
+
+def test_text_encoder_with_a_tokenizer_folder_and_offload(comfy):
+    folder = comfy.root / "models" / "text_encoders" / "google" / "umt5-xxl"
+    folder.mkdir(parents=True)
+    (folder / "spiece.model").write_bytes(spiece_bytes())
+    assert "google/umt5-xxl" in N["IAMFlowLoadTextEncoder"].INPUT_TYPES()["required"]["tokenizer"][0]
+    (embedded,), _ = run("IAMFlowLoadTextEncoder", TEXT_ENCODER_FILE, folders.EMBEDDED, "fp32", "cpu", False)
+    (offloaded,), ui = run("IAMFlowLoadTextEncoder", TEXT_ENCODER_FILE, "google/umt5-xxl", "fp32", "cpu", True)
+    assert "encodes on cpu" in ui["text"][0]
+    torch.testing.assert_close(offloaded.encode(["a woman reads"]), embedded.encode(["a woman reads"]))
+    assert offloaded.encoder.device.type == "cpu"
+
+
+# --- story and entities -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        STORY_TEXT,
+        json.dumps(
+            {"segments": [{"prompt": "a woman reads", "seconds": 1.5}, {"prompt": "a man waves", "seconds": 1.5}]}
+        ),
+        json.dumps({"prompts": ["a woman reads", "a man waves"], "seconds": 1.5}),  # a NarraStream JSONL line
+    ],
+    ids=["lines", "story-json", "narrastream-line"],
+)
+def test_story_node_reads_every_form(comfy, text):
+    (value,), ui = run("IAMFlowStory", text, 10.0, unique_id="3")
+    assert isinstance(value, StoryValue) and len(value.story.segments) == 2 and value.registry is None
+    assert "4 chunks" in ui["text"][0]
+
+
+def test_story_node_says_when_it_rounds(comfy):
+    _, ui = run("IAMFlowStory", "1s | a woman reads", 10.0)
+    assert "1 s requested" in ui["text"][0]
+
+
+def test_registry_json_overrides_and_the_input_story_is_untouched(comfy):
+    story = run("IAMFlowStory", STORY_TEXT, 10.0)[0][0]
+    (with_registry,), ui = run("IAMFlowEntityExtractor", story, "None", "cpu", registry_json=json.dumps(REGISTRY))
+    assert story.registry is None and with_registry.story is story.story
+    assert [e.name for e in with_registry.registry.entities] == ["Nora", "Ethan"]
+    assert "#1 Nora" in ui["text"][0] and '"entities"' in ui["text"][0]
+    (none,), ui = run("IAMFlowEntityExtractor", story, "None", "cpu")
+    assert none.registry is None and "no entity registry" in ui["text"][0]
+    with pytest.raises(ValueError, match="registry"):
+        run("IAMFlowEntityExtractor", story, "None", "cpu", registry_json='{"entities": [], "prompts": [[]]}')
+
+
+def test_extractor_runs_the_llm_once_and_unloads_it(comfy, monkeypatch):
+    calls = []
+
+    class RecordedExtractor:  # the LLM boundary: a recorded answer
+        def __init__(self, model_dir, *, device, dtype=None):
+            calls.append(("load", model_dir.name, str(device)))
+
+        def extract(self, prompts):
+            calls.append(("extract", tuple(prompts)))
+            return EntityRegistry.from_json(REGISTRY, num_segments=len(prompts), source="llm")
+
+        def unload(self):
+            calls.append(("unload",))
+
+    monkeypatch.setitem(
+        sys.modules, "iamflow_core.story.llm", types.SimpleNamespace(EntityExtractor=RecordedExtractor)
+    )
+    story = run("IAMFlowStory", STORY_TEXT, 10.0)[0][0]
+    (value,), ui = run("IAMFlowEntityExtractor", story, LLM_FOLDER, "cuda:3", unique_id="5")
+    assert calls[0] == ("load", LLM_FOLDER, str(devices.resolve_device("cuda:3")[0]))
+    assert calls[1][0] == "extract" and len(calls[1][1]) == 2 and calls[2] == ("unload",)
+    assert value.registry.source == "llm" and "not on this machine" in ui["text"][0]
+
+
+def _link_tiny_qwen(comfy) -> None:
+    """The tiny random Qwen3 / Qwen3-VL folders (real tokenizer) under the names artists have."""
+    from tests._tiny_qwen import tiny_qwen_folders
+
+    qwen = tiny_qwen_folders()
+    for name, folder in ((LLM_FOLDER, qwen.llm), (VLM_FOLDER, qwen.vlm)):
+        target = comfy.root / "models" / "LLM" / name
+        (target / "config.json").unlink()
+        target.rmdir()
+        target.symlink_to(folder, target_is_directory=True)
+
+
+@pytest.mark.slow
+def test_extractor_node_with_a_tiny_qwen(comfy):
+    _link_tiny_qwen(comfy)
+    story = run("IAMFlowStory", STORY_TEXT, 10.0)[0][0]
+    (value,), ui = run("IAMFlowEntityExtractor", story, LLM_FOLDER, "cpu", unique_id="5")
+    value.registry.check_story(2)  # random weights answer garbage: a valid (maybe empty) registry, never a crash
+    assert value.registry.source == "llm" and "registry JSON" in ui["text"][0]
+
+
+# --- memory -----------------------------------------------------------------------------------------------------
+
+
+def test_memory_node_makes_settings_not_a_policy(comfy):
+    value = memory_value("memflow", "recache")
+    assert value.settings.mode == "memflow" and value.settings.transition == "recache" and value.verifier is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        value.settings.mode = "none"
+    with pytest.raises(ValueError, match="min_frames_multi_entity"):
+        run("IAMFlowIdentityMemory", "identity", "soft", 2, 3, 3, 3, 0, 0.3, 2048, True)
+
+
+# --- sampler ----------------------------------------------------------------------------------------------------
+
+
+def test_streaming_sampler_end_to_end(comfy):
+    dit, te, vae = load_models()
+    story = story_value()
+    (images, latent, state), ui = run(
+        "IAMFlowStreamingSampler", dit, te, story, 48, 32, 7, "IAMFlow/test", memory=memory_value(), vae=vae,
+        unique_id="9",
+    )  # fmt: skip
+    assert images.shape == (FRAMES, 32, 48, 3) and images.dtype == torch.float32
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert latent["samples"].shape == (1, 16, 12, 4, 6)
+    saved = comfy.root / "output" / ui["images"][0]["subfolder"] / ui["images"][0]["filename"]
+    assert ui["images"][0]["type"] == "output" and ui["animated"] == (True,)
+    assert read_video_frame_count(saved) == FRAMES
+    # per chunk: progress with the newest frame as a JPEG preview, and a status line on the node
+    assert [(v, t) for v, t, _ in comfy.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(p[0] == "JPEG" and p[1].size == (48, 32) and p[2] == 512 for _, _, p in comfy.progress)
+    status = [text for node, text in comfy.texts if node == "9"]
+    assert (
+        status[0].startswith("chunk 1/4 · prompt 1/2 · entities in memory:") and "chunk 4/4 · prompt 2/2" in status[-1]
+    )
+    # the state: the registry and a story map, frozen, without frames
+    assert isinstance(state, StateValue) and state.registry is story.registry and state.render.frames is None
+    assert [c.segment for c in state.render.chunks] == [0, 0, 1, 1] and not state.render.cancelled
+    assert story.story.seed is None  # the input was not changed; the run used the sampler's seed
+    (text,), ui = run("IAMFlowInspectMemory", state, unique_id="11")
+    assert "chunk 4/4 · prompt 2/2" in text and "#1 Nora" in text and ui["text"] == [text]
+
+
+def test_same_seed_same_video_and_decode_node_matches(comfy):
+    dit, te, vae = load_models()
+    story = story_value(registry=False)
+    (a, latent, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae)
+    (b, _, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae)
+    torch.testing.assert_close(a, b)
+    (decoded,) = run("IAMFlowDecodeVAE", vae, latent)[0]
+    assert decoded.shape == a.shape and (decoded - a).abs().max() <= 1.5 / 255  # latent round trip rounding
+
+
+def test_sampler_without_vae_or_memory(comfy):
+    dit, te, _ = load_models()
+    (images, latent, state), ui = run("IAMFlowStreamingSampler", dit, te, story_value(False), 48, 32, 0, "x")
+    assert images.shape == (1, 32, 48, 3) and latent["samples"].shape == (1, 16, 12, 4, 6) and ui == {}
+    assert not list((comfy.root / "output").rglob("*.mp4"))
+    assert state.render.memory_map is None and len(state.render.chunks) == 4
+
+
+@pytest.mark.parametrize("mode", ["memflow", "none"])
+def test_sampler_with_every_memory_mode(comfy, mode):
+    dit, te, vae = load_models()
+    (images, _, state), _ = run(
+        "IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 1, "x", memory=memory_value(mode, "hard"), vae=vae
+    )
+    assert images.shape[0] == FRAMES and len(state.render.chunks) == 4
+
+
+def test_cancel_stops_after_the_chunk_and_keeps_the_video(comfy):
+    import comfy.model_management as mm
+
+    dit, te, vae = load_models()
+    comfy.interrupt_after = 1  # Cancel pressed while chunk 2 is being made
+    with pytest.raises(mm.InterruptProcessingException):
+        run("IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 0, "IAMFlow/cut", vae=vae, unique_id="9")
+    (saved,) = (comfy.root / "output" / "IAMFlow").glob("cut_*.mp4")
+    assert read_video_frame_count(saved) == 9 + 12  # chunk 1 and chunk 2 (already made): nothing finished is lost
+    assert "cancelled after 2 of 4 chunks" in comfy.texts[-1][1] and str(saved) in comfy.texts[-1][1]
+    assert not mm.processing_interrupted()  # the flag is consumed, so the next run starts clean
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_verifier", [True, False])
+def test_verifier_node_feeds_identity_memory(comfy, async_verifier):
+    _link_tiny_qwen(comfy)
+    (verifier,), ui = run("IAMFlowVLMVerifier", VLM_FOLDER, "cuda:5", unique_id="6")
+    assert "not on this machine" in ui["text"][0]
+    dit, te, vae = load_models()
+    memory = memory_value(verifier=verifier, async_verifier=async_verifier)
+    (images, _, state), _ = run(
+        "IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 2, "v", memory=memory, vae=vae
+    )
+    assert images.shape[0] == FRAMES and state.render.memory_map["archive"]
+    assert all(0.0 <= f["visual_score"] <= 1.0 for f in state.render.memory_map["archive"])
+
+
+# --- render_story (library) -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return StreamingPipeline(*tiny_models())
+
+
+STORY = Story((Segment("a woman reads", 1.5), Segment("a man waves", 1.5)), seed=0)
+CONFIG = SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=0))
+
+
+def test_render_story_writes_and_returns_exact_frames(pipe, tmp_path):
+    seen = []
+    result = render_story(
+        pipe, STORY, CONFIG, NoMemory(), out_path=tmp_path / "v.mp4", on_chunk=lambda e, r: seen.append((e, r))
+    )
+    assert result.frames.dtype == np.uint8 and result.frames.shape == (FRAMES, 32, 48, 3) and result.complete
+    np.testing.assert_array_equal(result.frames, np.concatenate([e.frames for e, _ in seen]))
+    assert read_video_frames(tmp_path / "v.mp4").shape == result.frames.shape and result.frames_written == FRAMES
+    assert [r.frames_done for _, r in seen] == [9, 21, 33, 45] and result.latents.shape == (1, 16, 12, 4, 6)
+    assert result.latents.device.type == "cpu" and result.timings["wall"] > 0 and "dit" in result.timings
+    np.testing.assert_array_equal(decode_latents(pipe.vae, result.latents), result.frames)
+
+
+def test_render_story_cancel_and_no_frames_kept(pipe, tmp_path):
+    cancel = threading.Event()
+    result = render_story(
+        pipe, STORY, CONFIG, NoMemory(), out_path=tmp_path / "c.mp4", keep_frames=False, cancel=cancel,
+        on_chunk=lambda e, r: cancel.set(),
+    )  # fmt: skip
+    assert result.cancelled and len(result.chunks) == 2 and result.frames is None
+    assert read_video_frame_count(tmp_path / "c.mp4") == 21 and result.frames_written == 21
+
+
+def test_render_story_keeps_the_file_when_a_chunk_fails(pipe, tmp_path):
+    def boom(event, record):
+        if record.index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        render_story(pipe, STORY, CONFIG, NoMemory(), out_path=tmp_path / "k.mp4", on_chunk=boom)
+    assert read_video_frame_count(tmp_path / "k.mp4") == 33
+
+
+def test_requirements_agree_with_pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {d.replace(" ", "") for d in project["dependencies"] if not d.startswith(("torch", "numpy"))}
+    lines = (root / "requirements.txt").read_text().splitlines()
+    required = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert required == declared, "requirements.txt (the node pack's) and pyproject.toml dependencies differ"
