@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-import random
 from pathlib import Path
 
-import sentencepiece
 import torch
 from safetensors.torch import save_file
 
@@ -14,21 +11,9 @@ from iamflow_core.config import DiTConfig, T5Config, VAEConfig
 from iamflow_core.models.dit import CausalWanDiT
 from iamflow_core.models.t5 import UMT5Encoder
 from iamflow_core.models.vae import WanVAE
+from iamflow_core.presets import tiny_spiece_model
 
 from ._tiny_t5 import wan_to_hf
-
-
-def spiece_bytes(vocab_size: int = 30) -> bytes:
-    """A small umT5-style SentencePiece model (pad 0, </s> 1, unk 2), as ComfyUI embeds in text-encoder files."""
-    rng = random.Random(0)
-    words = ["a", "the", "woman", "man", "reads", "walks", "library", "shelves", "past", "in", "red", "coat", "."]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(10)) for _ in range(200)),
-        model_writer=model, vocab_size=vocab_size, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        minloglevel=2,
-    )  # fmt: skip
-    return model.getvalue()
 
 
 def _save(module: torch.nn.Module, path: Path, rename=None, extra: dict | None = None) -> None:
@@ -43,7 +28,7 @@ def write_models(root: Path, dit: DiTConfig, t5: T5Config, vae: VAEConfig, devic
     """`root/diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors`, `root/text_encoders/umt5_xxl_fp16.safetensors`
     (tokenizer embedded) and `root/vae/wan_2.1_vae.safetensors`, with the file names users have."""
     torch.manual_seed(seed)
-    spiece = torch.frombuffer(bytearray(spiece_bytes()), dtype=torch.uint8)
+    spiece = torch.frombuffer(bytearray(tiny_spiece_model()), dtype=torch.uint8)
     with torch.device(device):
         _save(CausalWanDiT(dit).to(torch.bfloat16), root / "diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors")
         t5_model = UMT5Encoder(t5).half()

@@ -4,13 +4,12 @@ preset, written the way the real files are laid out (the umT5 file embeds its Se
 
 from __future__ import annotations
 
-import io
-import random
 from pathlib import Path
 
-import sentencepiece
 import torch
 from safetensors.torch import save_file
+
+from iamflow_core.presets import tiny_spiece_model
 
 DIT_FILE = "wan2.1_t2v_1.3B_bf16.safetensors"
 IAMFLOW_FILE = "iamflow_fp8.safetensors"
@@ -18,24 +17,6 @@ TEXT_ENCODER_FILE = "umt5_xxl_fp16.safetensors"
 VAE_FILE = "wan_2.1_vae.safetensors"
 LLM_FOLDER = "Qwen3-4B-Instruct-2507"
 VLM_FOLDER = "Qwen3-VL-2B-Instruct"
-
-_CORPUS = (
-    "a the woman man young old red grey coat hoodie beige sweater notebook library table shelves light warm "
-    "reads walks waves smiles opens closes window evening quiet talking glasses beard , . : ' #"
-)
-
-
-def spiece_bytes(vocab_size: int = 64) -> bytes:
-    """A umT5-style SentencePiece model (pad 0, </s> 1, unk 2), trained in memory in milliseconds."""
-    rng = random.Random(0)
-    words = _CORPUS.split()
-    sentences = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
-    )  # fmt: skip
-    return model.getvalue()
 
 
 def _state(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -56,7 +37,7 @@ def write_tiny_models(models: Path, *, fp8_dit: bool = False, hf_folders: bool =
         (models / sub).mkdir(parents=True, exist_ok=True)
     save_file(_state(dit, torch.bfloat16), str(models / "diffusion_models" / DIT_FILE))
     encoder = _state(text_encoder.encoder, torch.float16)
-    encoder["spiece_model"] = torch.frombuffer(bytearray(spiece_bytes()), dtype=torch.uint8)
+    encoder["spiece_model"] = torch.frombuffer(bytearray(tiny_spiece_model()), dtype=torch.uint8)
     save_file(encoder, str(models / "text_encoders" / TEXT_ENCODER_FILE))
     save_file(_state(vae, torch.bfloat16), str(models / "vae" / VAE_FILE))
     if fp8_dit:
@@ -72,3 +53,6 @@ def write_tiny_models(models: Path, *, fp8_dit: bool = False, hf_folders: bool =
             (models / "LLM" / name).mkdir(parents=True, exist_ok=True)
             (models / "LLM" / name / "config.json").write_text("{}")
     return models
+
+
+spiece_bytes = tiny_spiece_model  # the name the node tests use
