@@ -202,14 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     bench = sub.add_parser("bench", help="benchmarks (full-size models, random weights)")
-    bench.add_argument("which", choices=["speed", "dit"], help="speed: the whole pipeline; dit: one chunk")
+    bench.add_argument(
+        "which", choices=["speed", "dit", "agents"], help="speed: the whole pipeline; dit: one chunk; agents: LLM/VLM"
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     if args.command == "bench":
         import importlib
 
-        bench = importlib.import_module(f"iamflow_core.bench.{'speed' if args.which == 'speed' else 'dit_chunk'}")
+        module = {"speed": "speed", "dit": "dit_chunk", "agents": "agents"}[args.which]
+        bench = importlib.import_module(f"iamflow_core.bench.{module}")
         for line in bench.main(args.rest):
             print(line, flush=True)
         return 0

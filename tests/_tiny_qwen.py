@@ -18,70 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-    "<tool_response>",
-    "</tool_response>",
-    "<think>",
-    "</think>",
-]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from iamflow_core.bench.qwen_random import qwen_tokenizer, write_vlm
+
 VOCAB = 151936
 TEXT = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True,
     bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
 )  # fmt: skip
-
-
-def qwen_tokenizer():
-    """The real Qwen3 tokenizer as a `PreTrainedTokenizerFast` (about 3 s to build)."""
-    import qwen_tokenizer
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-    tok = TikTokenConverter(vocab_file=str(ranks), pattern=PAT).tokenizer()
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PAT), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
-    )
-    fast.chat_template = CHATML
-    return fast
 
 
 def write_tokenizer(folder: Path, tokenizer) -> None:
@@ -111,30 +55,15 @@ def write_tiny_llm(folder: Path, tokenizer, seed: int = 0) -> Path:
 
 
 def write_tiny_vlm(folder: Path, tokenizer, seed: int = 0) -> Path:
-    """A random Qwen3VLForConditionalGeneration folder, with the PIL image processor's preprocessor_config.json."""
+    """A random 2-layer Qwen3VLForConditionalGeneration folder (the library writer at tiny sizes)."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
-    text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
-                                       "mrope_interleaved": True})  # fmt: skip
     vision = dict(
         depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
         temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
     )  # fmt: skip
-    cfg = Qwen3VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=True,
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )  # fmt: skip
-    Qwen3VLForConditionalGeneration(cfg).save_pretrained(folder)
-    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                             image_std=[0.5] * 3).save_pretrained(folder)  # fmt: skip
-    write_tokenizer(folder, tokenizer)
-    return folder
+    return write_vlm(folder, tokenizer, text=TEXT, vision=vision, mrope=(2, 3, 3), dtype="float32")
 
 
 def frames(n: int = 3, height: int = 48, width: int = 80, seed: int = 0) -> np.ndarray:

@@ -1,6 +1,10 @@
 """End-to-end speed of the story pipeline at full size with random weights (compute does not depend on values).
 
-    python -m iamflow_core bench speed [--story FILE] [--memory none memflow] [--gpus 1 2] [--chunks-profile 8]
+    python -m iamflow_core bench speed [--story FILE] [--memory none memflow identity iamflow] [--gpus 1 2]
+
+`identity` is IAMFlow's memory with the default story's entity registry and soft transitions, without the
+verifier; `iamflow` adds the asynchronous verifier (a random Qwen3-VL-2B-shaped model on the VAE's GPU), so the
+two rows show what verification costs.
 
 For each memory mode and GPU count: renders a 60-s, 6-prompt story at 480x832 to an mp4 exactly as the CLI does
 (text encoding, DiT, transitions, VAE decode overlapped on the VAE's GPU, writing in a background thread) and
@@ -19,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import CacheConfig, DiTConfig, T5Config, VAEConfig
-from ..memory import MemFlowMemory, NoMemory
+from ..config import DiTConfig, T5Config, VAEConfig
+from ..memory.settings import IAMFLOW, LONGLIVE, MEMFLOW, build_memory, sampler_config
 from ..models.dit import CausalWanDiT
 from ..models.t5 import UMT5Encoder
 from ..models.vae import WanVAE
 from ..pipeline import SamplerConfig, StreamingPipeline
 from ..story import Segment, Story, load_stories
+from ..story.entities import EntityRegistry
 from ..text_encoder import TextEncoder
 
 DEFAULT_PROMPTS = (
@@ -63,14 +68,37 @@ def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory
     return render(pipe, story, config, memory, out)
 
 
-def run_case(models, story: Story, memory_mode: str, profile_chunks: int) -> dict:
+# Entities of DEFAULT_PROMPTS: 1 the woman, 2 the man, 3 the red notebook.
+DEFAULT_REGISTRY = EntityRegistry.from_json(
+    {
+        "entities": [
+            {"id": 1, "name": "woman", "attributes": ["short black curls", "beige sweater"]},
+            {"id": 2, "name": "man", "attributes": ["tall", "navy coat"]},
+            {"id": 3, "name": "red notebook", "kind": "object", "attributes": ["red"]},
+        ],
+        "prompts": [[1, 3], [2, 1], [1, 2, 3], [3, 1], [2, 1], [1, 3]],
+    },
+    num_segments=6,
+    source="user",
+)
+MODES = {"none": LONGLIVE, "memflow": MEMFLOW, "identity": IAMFLOW, "iamflow": IAMFLOW}
+
+
+def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None) -> dict:
     dit, text_encoder, vae = models
-    devices = sorted({str(dit.device), str(next(vae.parameters()).device)})
-    cache = CacheConfig(memory_frames=3 if memory_mode == "memflow" else 0)
-    config = SamplerConfig(cache=cache)
+    vae_device = str(next(vae.parameters()).device)
+    devices = sorted({str(dit.device), vae_device})
+    settings = MODES[memory_mode]
+    config = sampler_config(settings)
+    registry = DEFAULT_REGISTRY if settings.mode == "identity" and len(story.segments) == 6 else None
+    verifier = None
+    if memory_mode == "iamflow":
+        from ..story.vlm import AsyncVerifier, FrameVerifier
+
+        verifier = AsyncVerifier(FrameVerifier(vlm_dir, device=vae_device))
 
     def memory():
-        return MemFlowMemory(bank_size=3) if memory_mode == "memflow" else NoMemory()
+        return build_memory(settings, registry, verifier)
 
     # Warm-up (compiles the fused kernels for these shapes), not timed.
     t0 = time.perf_counter()
@@ -85,6 +113,7 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int) -> dic
         totals = _render(StreamingPipeline(dit, text_encoder, vae), story, config, memory(), Path(tmp) / "v.mp4")
     row = {
         "memory": memory_mode,
+        "transition": settings.transition,
         "gpus": len(devices),
         "video_frames": int(totals["frames"]),
         "wall_s": round(totals["wall"], 2),
@@ -104,6 +133,8 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int) -> dic
             sums[k] = sums.get(k, 0.0) + v
     row["per_chunk_ms"] = {k: round(1000 * v / (len(events) - 1), 1) for k, v in sums.items()}
     row["text_encoding_ms"] = round(1000 * events[0].timings["text"], 1)
+    if verifier is not None:
+        verifier.close()
     return row
 
 
@@ -111,7 +142,8 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (comments start with #, results are JSON rows)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--story", help="story file (first story is used); default: a built-in 6 x 10 s story")
-    parser.add_argument("--memory", nargs="+", default=["none", "memflow"], choices=["none", "memflow"])
+    parser.add_argument("--memory", nargs="+", default=["none", "memflow"], choices=list(MODES))
+    parser.add_argument("--workdir", default="/tmp/iamflow-agents-bench", help="where random VLM folders are built")
     parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--chunks-profile", type=int, default=8)
     args = parser.parse_args(argv)
@@ -126,7 +158,12 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         t0 = time.perf_counter()
         models = build_models("cuda:0", "cuda:1" if gpus == 2 else "cuda:0")
         yield f"# models built in {time.perf_counter() - t0:.1f} s"
+        vlm_dir = None
+        if "iamflow" in args.memory:
+            from .agents import model_folders
+
+            vlm_dir = model_folders(Path(args.workdir), "cuda:1" if gpus == 2 else "cuda:0")[1]
         for memory_mode in args.memory:
-            yield json.dumps(run_case(models, story, memory_mode, args.chunks_profile))
+            yield json.dumps(run_case(models, story, memory_mode, args.chunks_profile, vlm_dir))
         del models
         torch.cuda.empty_cache()

@@ -1,0 +1,79 @@
+"""Latency of entity extraction (LLM) and frame verification (VLM) at full size with random weights.
+
+    python -m iamflow_core bench agents [--device cuda:0] [--vlm-device cuda:0] [--workdir DIR]
+
+Builds random Qwen3-4B-Instruct-2507- and Qwen3-VL-2B-Instruct-shaped folders (once, in --workdir) with the real
+Qwen tokenizer, then times `EntityExtractor.extract` on a 6-prompt story and `FrameVerifier.score` on 3 frames of
+480x832. Random weights answer until the token limit, so extraction times are an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..story.entities import Entity
+from .qwen_random import qwen_tokenizer, write_llm, write_vlm
+from .speed import DEFAULT_PROMPTS
+
+
+def model_folders(workdir: Path, device: str) -> tuple[Path, Path]:
+    """Full-size random LLM and VLM folders under `workdir` (built on `device`, once)."""
+    llm, vlm = workdir / "Qwen3-4B-Instruct-2507", workdir / "Qwen3-VL-2B-Instruct"
+    if not (llm / "config.json").exists() or not (vlm / "config.json").exists():
+        tokenizer = qwen_tokenizer()
+        torch.manual_seed(0)
+        with torch.device(device):
+            write_llm(llm, tokenizer)
+            write_vlm(vlm, tokenizer)
+    return llm, vlm
+
+
+def _peak(device: str) -> float:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.startswith("cuda") else 0.0
+
+
+def main(argv: list[str] | None = None) -> Iterator[str]:
+    """Yield the result lines (comments start with #, results are JSON rows)."""
+    from ..story.llm import EntityExtractor
+    from ..story.vlm import FrameVerifier
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda:0", help="device of the LLM")
+    parser.add_argument("--vlm-device", default=None, help="device of the VLM (default: --device)")
+    parser.add_argument("--workdir", default="/tmp/iamflow-agents-bench")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    vlm_device = args.vlm_device or args.device
+    t0 = time.perf_counter()
+    llm_dir, vlm_dir = model_folders(Path(args.workdir), args.device)
+    yield f"# model folders ready in {time.perf_counter() - t0:.1f} s ({llm_dir.parent})"
+
+    extractor = EntityExtractor(llm_dir, device=args.device)
+    for run in ("first", "second"):
+        t0 = time.perf_counter()
+        registry = extractor.extract(list(DEFAULT_PROMPTS))
+        seconds = time.perf_counter() - t0
+        yield json.dumps({"llm": "Qwen3-4B shape", "run": run, "prompts": len(DEFAULT_PROMPTS),
+                          "seconds": round(seconds, 2), "per_prompt_s": round(seconds / len(DEFAULT_PROMPTS), 2),
+                          "entities": len(registry.entities), "peak_gib": _peak(args.device)})  # fmt: skip
+    extractor.unload()
+
+    verifier = FrameVerifier(vlm_dir, device=vlm_device)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 480, 832, 3), dtype=np.uint8)
+    entities = [Entity(1, "woman", attributes=("beige sweater",)), Entity(2, "red notebook", kind="object")]
+    for check in (False, True):
+        verifier.score(frames, DEFAULT_PROMPTS[0], entities, check_attributes=check)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            verifier.score(frames, DEFAULT_PROMPTS[0], entities, check_attributes=check)
+        ms = (time.perf_counter() - t0) / args.repeats * 1000
+        yield json.dumps({"vlm": "Qwen3-VL-2B shape", "frames": 3, "check_attributes": check,
+                          "ms_per_chunk": round(ms, 1), "peak_gib": _peak(vlm_device)})  # fmt: skip
+    verifier.unload()
