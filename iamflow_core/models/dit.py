@@ -22,6 +22,7 @@ from ..cache import KVCache
 from ..config import DiTConfig
 from . import fused
 from .attention import attention
+from .fused import RMSNorm
 from .rope import RopeTables, apply_rope
 
 # (layer index, k, v, q) -> context (k, v), all rotated; the two entry points differ only here.
@@ -38,16 +39,6 @@ class CrossKV:
     def blend(self, other: CrossKV, alpha: float) -> CrossKV:
         """(1 - alpha) * self + alpha * other: the soft prompt transition. Returns a new object."""
         return CrossKV(torch.lerp(self.k, other.k, alpha), torch.lerp(self.v, other.v, alpha))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm32(nn.LayerNorm):

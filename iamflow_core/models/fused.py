@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import wraps
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in float32 (Wan's WanRMSNorm), result in x.dtype times weight."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a weight, statistics in float32 (Wan's WanRMSNorm, T5's layer norm): the
+    input is taken in the weight's dtype, the result comes out in it."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x.to(self.weight.dtype), self.weight, self.eps)
 
 
 @_fusable

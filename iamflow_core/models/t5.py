@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import T5Config
-from . import fused
+from .fused import RMSNorm  # T5's layer norm: RMS, no mean subtraction, no bias
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -29,19 +29,6 @@ def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
         return x
     limit = torch.finfo(torch.float16).max - 1000
     return x.clamp(-limit, limit)
-
-
-class RMSNorm(nn.Module):
-    """T5 layer norm: scale by the root mean square, no mean subtraction and no bias; the statistics in fp32."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> [..., dim] in the weight's dtype."""
-        return fused.rms_norm(x.to(self.weight.dtype), self.weight, self.eps)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
