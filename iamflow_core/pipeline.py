@@ -312,18 +312,18 @@ class StreamingPipeline:
                 # 7. Decode on the VAE device while the next chunk is denoised; hand out the previous chunk.
                 future = decoder.submit(i, x0) if decoder is not None else None
                 if pending is not None:
-                    yield self._finish(pending, memory)
+                    yield self._finish(pending)
                 event = {"index": i, "num_chunks": plan.num_chunks, "segment": seg, "prompt": story.prompts[seg]}
                 event.update(start_frame=start, latents=x0, timings=timings, memory=ctx.info)
                 pending = (event, future)
             if pending is not None:
-                yield self._finish(pending, memory)
+                yield self._finish(pending)
         except (Exception, KeyboardInterrupt):
             # A failure or Ctrl-C while making chunk k+1 must not lose chunk k, already made: hand it out, then
             # re-raise on the caller's next call. (GeneratorExit, the caller closing us, is not caught.)
             if pending is not None and (pending[1] is None or not pending[1].cancelled()):
                 finished, pending = pending, None
-                yield self._finish(finished, memory)
+                yield self._finish(finished)
             raise
         finally:
             if decoder is not None:
@@ -346,7 +346,7 @@ class StreamingPipeline:
         switch.cross = new
 
     @staticmethod
-    def _finish(pending: tuple[dict, Future | None], memory: MemoryPolicy) -> ChunkEvent:
+    def _finish(pending: tuple[dict, Future | None]) -> ChunkEvent:
         event, future = pending
         frames = None
         if future is not None:
