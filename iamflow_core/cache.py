@@ -331,23 +331,24 @@ class KVCache:
     def clear_memory(self) -> None:
         self._memory = None
 
-    def frame_kv(self, frame: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A copy of one stored frame: K, V [layers, B, T, H, D] and the position K is rotated at."""
+    def _frame_tokens(self, frame: int) -> tuple[int, int, int]:
+        """Token range of a stored frame in the buffer, and the position its keys are rotated at."""
         slots = [*self.state.sink, *self.state.local]
         if frame not in slots:
             raise KeyError(f"frame {frame} is not in the cache (holds {self.state.frames()})")
         i = slots.index(frame)
         start, end = self._tokens(self._window_slot(i))
-        return self.k[:, :, start:end].clone(), self.v[:, :, start:end].clone(), self.slot_positions[i]
+        return start, end, self.slot_positions[i]
+
+    def frame_kv(self, frame: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A copy of one stored frame: K, V [layers, B, T, H, D] and the position K is rotated at."""
+        start, end, position = self._frame_tokens(frame)
+        return self.k[:, :, start:end].clone(), self.v[:, :, start:end].clone(), position
 
     def frame_keys(self, frame: int) -> tuple[torch.Tensor, int]:
         """A view (no copy) of one stored frame's keys [layers, B, T, H, D] and their rotation position."""
-        slots = [*self.state.sink, *self.state.local]
-        if frame not in slots:
-            raise KeyError(f"frame {frame} is not in the cache (holds {self.state.frames()})")
-        i = slots.index(frame)
-        start, end = self._tokens(self._window_slot(i))
-        return self.k[:, :, start:end], self.slot_positions[i]
+        start, end, position = self._frame_tokens(frame)
+        return self.k[:, :, start:end], position
 
     def reset(self) -> None:
         self.state = WindowState.empty(self.cfg)
