@@ -57,7 +57,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--height", type=int, default=480)
     gen.add_argument("--width", type=int, default=832)
     gen.add_argument("--seconds", type=float, default=10.0, help="seconds per prompt when the story gives none")
-    gen.add_argument("--no-overlap", action="store_true", help="decode after each chunk instead of overlapping")
+    gen.add_argument(
+        "--no-overlap", action="store_true", help="decode after each chunk even when the VAE has its own device"
+    )
     mem = p.add_argument_group("memory and identity (IAMFlow = identity memory + soft transition + verifier)")
     mem.add_argument("--memory", choices=MODES, default="identity", help="identity (IAMFlow), memflow, none")
     mem.add_argument("--transition", choices=STRATEGIES, help="prompt switch: soft (identity default) or recache")
@@ -176,7 +178,7 @@ def generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     seed = args.seed if args.seed is not None else base.seed
     config = sampler_config(settings, base.height, base.width, seed)
-    pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=not args.no_overlap)
+    pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
     verifier = _verifier(args)
     out = Path(args.out)
     try:

@@ -139,6 +139,9 @@ class StreamingPipeline:
 
     text_encoder: anything with `encode(list[str]) -> [B, text_len, text_dim]` (e.g. `TextEncoder`), or None when
     the caller passes precomputed text states to `run`.
+    overlap_decode: decode chunk k in a worker thread while chunk k+1 is denoised. None (default) overlaps when the
+    VAE has its own device; on the DiT's GPU the two compete for the same SMs and decoding in turn is faster
+    (463 vs 484 ms per chunk on one H100).
     """
 
     def __init__(
@@ -147,7 +150,7 @@ class StreamingPipeline:
         text_encoder: Any | None,
         vae: WanVAE | None = None,
         *,
-        overlap_decode: bool = True,
+        overlap_decode: bool | None = None,
         offload_text_encoder: bool = False,
         profile: bool = False,
         compile_kernels: bool | None = None,
@@ -176,6 +179,11 @@ class StreamingPipeline:
         if self.offload_text_encoder and hasattr(self.text_encoder, "to"):
             self.text_encoder.to("cpu")
         return states[[unique.index(p) for p in prompts]]
+
+    def _overlaps(self) -> bool:
+        if self.overlap_decode is not None:
+            return self.overlap_decode
+        return self.vae is not None and next(self.vae.parameters()).device != self.dit.device
 
     def _latent_shape(self, cfg: SamplerConfig) -> tuple[int, int]:
         return cfg.height // 8, cfg.width // 8
@@ -232,7 +240,7 @@ class StreamingPipeline:
         ts = warp_timesteps(config.steps, config.shift)
         t_dev = [torch.full((1,), t, device=device) for t in ts]
         zero = torch.zeros(1, device=device)
-        decoder = _Decoder(self.vae, self.overlap_decode, memory.on_frames) if self.vae is not None else None
+        decoder = _Decoder(self.vae, self._overlaps(), memory.on_frames) if self.vae is not None else None
         switch = _Switch(crosses[0])
         history: deque = deque()
         noise_shape = (1, self.dit.cfg.in_channels, chunk_frames, h, w)

@@ -170,3 +170,20 @@ def test_bad_inputs_raise(models):
     ours.decode_stream(_latents(1), state)
     with pytest.raises(ValueError, match="stream started with"):
         ours.decode_stream(torch.zeros(1, CFG.z_dim, 1, 8, 8), state)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv3d_by_time_taps_equals_conv3d(channels_last):
+    from iamflow_core.models.vae import CausalConv3d, _conv_by_taps
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(6, 5, 3, padding=1)
+    x = torch.randn(1, 6, 7, 9, 10)  # 5 output frames after the 2 past frames
+    if channels_last:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, 1, conv.padding)
+        got = _conv_by_taps(conv, x)
+    assert got.shape == expected.shape == (1, 5, 5, 9, 10)
+    assert (got - expected).abs().max().item() <= 1e-5

@@ -41,29 +41,40 @@ def _peak(device: str) -> float:
 
 def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (comments start with #, results are JSON rows)."""
-    from ..story.llm import EntityExtractor
-    from ..story.vlm import FrameVerifier
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0", help="device of the LLM")
     parser.add_argument("--vlm-device", default=None, help="device of the VLM (default: --device)")
     parser.add_argument("--workdir", default="/tmp/iamflow-agents-bench")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--parts", nargs="+", choices=["llm", "vlm"], default=["llm", "vlm"], help="what to time")
     args = parser.parse_args(argv)
     vlm_device = args.vlm_device or args.device
     t0 = time.perf_counter()
     llm_dir, vlm_dir = model_folders(Path(args.workdir), args.device)
     yield f"# model folders ready in {time.perf_counter() - t0:.1f} s ({llm_dir.parent})"
 
-    extractor = EntityExtractor(llm_dir, device=args.device)
+    if "llm" in args.parts:
+        yield from _time_llm(llm_dir, args.device)
+    if "vlm" in args.parts:
+        yield from _time_vlm(vlm_dir, vlm_device, args.repeats)
+
+
+def _time_llm(llm_dir: Path, device: str) -> Iterator[str]:
+    from ..story.llm import EntityExtractor
+
+    extractor = EntityExtractor(llm_dir, device=device)
     for run in ("first", "second"):
         t0 = time.perf_counter()
         registry = extractor.extract(list(DEFAULT_PROMPTS))
         seconds = time.perf_counter() - t0
         yield json.dumps({"llm": "Qwen3-4B shape", "run": run, "prompts": len(DEFAULT_PROMPTS),
                           "seconds": round(seconds, 2), "per_prompt_s": round(seconds / len(DEFAULT_PROMPTS), 2),
-                          "entities": len(registry.entities), "peak_gib": _peak(args.device)})  # fmt: skip
+                          "entities": len(registry.entities), "peak_gib": _peak(device)})  # fmt: skip
     extractor.unload()
+
+
+def _time_vlm(vlm_dir: Path, vlm_device: str, repeats: int) -> Iterator[str]:
+    from ..story.vlm import FrameVerifier
 
     verifier = FrameVerifier(vlm_dir, device=vlm_device)
     frames = np.random.default_rng(0).integers(0, 256, (3, 480, 832, 3), dtype=np.uint8)
@@ -71,9 +82,9 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     for check in (False, True):
         verifier.score(frames, DEFAULT_PROMPTS[0], entities, check_attributes=check)  # warm-up
         t0 = time.perf_counter()
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             verifier.score(frames, DEFAULT_PROMPTS[0], entities, check_attributes=check)
-        ms = (time.perf_counter() - t0) / args.repeats * 1000
+        ms = (time.perf_counter() - t0) / repeats * 1000
         yield json.dumps({"vlm": "Qwen3-VL-2B shape", "frames": 3, "check_attributes": check,
                           "ms_per_chunk": round(ms, 1), "peak_gib": _peak(vlm_device)})  # fmt: skip
     verifier.unload()

@@ -23,6 +23,7 @@ from ..config import DiTConfig
 from . import fused
 from .attention import attention
 from .fused import RMSNorm
+from .graphs import GraphRunner, graphs_allowed
 from .rope import RopeTables, apply_rope
 
 # (layer index, k, v, q) -> context (k, v), all rotated; the two entry points differ only here.
@@ -158,16 +159,25 @@ class CausalWanDiT(nn.Module):
         self.head = Head(cfg)
         self.rope = RopeTables(cfg.rope_split, cfg.rope_max_positions, cfg.rope_theta)
         self.attention_backend = "sdpa"
+        # Replay chunk forwards as CUDA graphs once the cache layout repeats (see graphs.py); False: always eager.
+        self.cuda_graphs = True
+        self._graphs = GraphRunner()
         self._rope_memo: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def reset_buffers(self) -> None:
         """Forget device-bound tables (call after moving a meta-initialised model to real tensors)."""
         self.rope = RopeTables(self.cfg.rope_split, self.cfg.rope_max_positions, self.cfg.rope_theta)
         self._rope_memo = None
+        self._graphs.clear()
 
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving or casting the weights invalidates captured graphs (they hold the old addresses).
+        self._graphs.clear()
+        return super()._apply(fn, recurse)
 
     # conditioning --------------------------------------------------------------------------------------------------
     def encode_text(self, text: torch.Tensor) -> CrossKV:
@@ -265,10 +275,26 @@ class CausalWanDiT(nn.Module):
         def cached_context(layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return cache.context(layer, k, v, q)
 
-        out = self._run(x, t, cross, (q_cos, q_sin), cached_context, None)
+        if self._use_graphs(x, cache):
+            # Graph inputs are exactly what changes between chunks of one layout; the cache is written in place.
+            t = t.to(self.device)
+            key = (layout.ranges, layout.query_range, tuple(x.shape), x.dtype, tuple(t.shape), t.dtype,
+                   tuple(cross.k.shape), cross.k.dtype, self.attention_backend)  # fmt: skip
+
+            def body(x, t, ck, cv, q_cos, q_sin):
+                return self._run(x, t, CrossKV(ck, cv), (q_cos, q_sin), cached_context, None)
+
+            owner = (cache.k.data_ptr(), cache.v.data_ptr())
+            out = self._graphs.run(owner, key, body, x, t, cross.k, cross.v, q_cos, q_sin)
+        else:
+            out = self._run(x, t, cross, (q_cos, q_sin), cached_context, None)
         if commit:
             cache.commit()
         return out
+
+    def _use_graphs(self, x: torch.Tensor, cache: KVCache) -> bool:
+        # Sparse memory activation picks frames with host-built indices per call: not capturable.
+        return self.cuda_graphs and x.is_cuda and cache.cfg.sparse_topk == 0 and graphs_allowed()
 
     def new_cache(self, cfg, tokens_per_frame: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache sized for this model on its device."""

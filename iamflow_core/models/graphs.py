@@ -1,0 +1,108 @@
+"""CUDA graphs of the DiT's chunk forward: one captured graph per attention layout, replayed chunk after chunk.
+
+A streaming forward launches about a thousand small kernels; at Wan's chunk shapes the host needs about as long
+to launch them as the GPU needs to run them, so the GPU idles between kernels and a second thread (the VAE
+decoder) slows it further. Once the KV cache is full, every chunk has the same shapes and the same buffer
+addresses (the chunk's own K/V always go to the cache's query region, the context is a fixed view of the buffer,
+and attention does not care in which slot a frame sits), so the forward can be captured once and replayed with a
+single launch.
+
+`GraphRunner.run(key, fn, *inputs)` runs `fn(*inputs)` eagerly the first times a key is seen (which also compiles
+the fused kernels), captures it on the next sighting, and from then on copies the inputs into the graph's static
+buffers and replays. Everything `fn` reads besides `inputs` (weights, the cache buffer) must keep its address
+while the graph lives: the key includes the cache buffer, and moving the model clears the graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Hashable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def graphs_allowed() -> bool:
+    """CUDA graphs are on unless IAMFLOW_CUDA_GRAPHS=0."""
+    return os.environ.get("IAMFLOW_CUDA_GRAPHS", "1") != "0"
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
+class GraphRunner:
+    """Captured graphs by key, sharing one memory pool (they never run concurrently; outputs are copied out).
+
+    eager_runs: how many eager runs of a key come before its capture. The default, one chunk's forwards (4 denoising
+    + 1 clean pass), captures a layout when a second chunk uses it, never the warm-up chunks that fill the cache.
+    max_graphs: captured graphs kept at once; further keys run eagerly.
+    """
+
+    def __init__(self, eager_runs: int = 5, max_graphs: int = 12) -> None:
+        self.eager_runs = eager_runs
+        self.max_graphs = max_graphs
+        self._graphs: dict[Hashable, _Graph] = {}
+        self._seen: dict[Hashable, int] = {}
+        self._pool = None
+        self._owner: Hashable | None = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph and its memory (call when the buffers a graph reads move or are freed)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+        self._owner = None
+
+    def run(
+        self, owner: Hashable, key: Hashable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """fn(*inputs), through a graph once `key` has run eagerly `eager_runs` times.
+
+        owner: identifies the long-lived buffers fn writes (e.g. the KV cache); a new owner drops all graphs, so
+        a finished story's graphs do not hold memory into the next.
+        """
+        if owner != self._owner:
+            self.clear()
+            self._owner = owner
+        graph = self._graphs.get(key)
+        if graph is None:
+            seen = self._seen.get(key, 0)
+            self._seen[key] = seen + 1
+            if seen < self.eager_runs or len(self._graphs) >= self.max_graphs:
+                return fn(*inputs)
+            graph = self._capture(fn, inputs)
+            if graph is None:
+                return fn(*inputs)
+            self._graphs[key] = graph
+        for static, value in zip(graph.inputs, inputs):
+            static.copy_(value)
+        graph.graph.replay()
+        return graph.output.clone()
+
+    def _capture(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> _Graph | None:
+        static = tuple(x.clone() for x in inputs)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # One real run on a side stream first, as capture requires (libraries set up per-stream state lazily).
+            side = torch.cuda.Stream(static[0].device)
+            side.wait_stream(torch.cuda.current_stream(static[0].device))
+            with torch.cuda.stream(side):
+                fn(*static)
+            torch.cuda.current_stream(static[0].device).wait_stream(side)
+            # thread_local: the VAE decoder may be working in another thread meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                output = fn(*static)
+        except RuntimeError as error:
+            logger.warning("CUDA graph capture failed, running this forward eagerly from now on: %s", error)
+            self.max_graphs = len(self._graphs)  # no further tries
+            return None
+        self._pool = graph.pool()
+        logger.debug("captured a CUDA graph (%d kept)", len(self._graphs) + 1)
+        return _Graph(graph, static, output)
