@@ -73,6 +73,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--vlm-device", help="device of the VLM (default: --vae-device)")
     mem.add_argument("--visual-weight", type=float, default=0.3, help="weight of the VLM score in frame choice")
     mem.add_argument("--sync-verifier", action="store_true", help="verify frames synchronously (ablation)")
+    wait_help = "seconds the sampler waits for a late verdict before choosing a frame on text alone"
+    mem.add_argument("--verifier-wait", type=float, default=0.05, help=wait_help)
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -173,7 +175,7 @@ def generate(args: argparse.Namespace) -> int:
     transition = args.transition or ("soft" if args.memory == "identity" else "recache")
     settings = MemorySettings(
         mode=args.memory, max_frames=args.max_frames, bank_size=args.bank_size, sparse_topk=args.sparse_topk,
-        transition=transition, visual_weight=args.visual_weight,
+        transition=transition, visual_weight=args.visual_weight, verifier_wait=args.verifier_wait,
         min_frames_multi_entity=min(2, args.max_frames),
     )  # fmt: skip
     seed = args.seed if args.seed is not None else base.seed

@@ -1,5 +1,7 @@
 """Identity-aware memory, MemFlow bank helpers, sparse activation, and memory settings (CPU, tiny models)."""
 
+import time
+
 import pytest
 import torch
 
@@ -171,7 +173,7 @@ class _RecordingVerifier:
     def submit(self, key, frames, prompt, entities, check_attributes=False):
         self.jobs[key] = (frames.shape, prompt, [e.id for e in entities], check_attributes)
 
-    def result(self, key, wait=True):
+    def result(self, key, wait=True, timeout=None):
         from types import SimpleNamespace
 
         if key not in self.jobs:  # as AsyncVerifier: a key never submitted gets neutral scores at once
@@ -214,3 +216,32 @@ def test_archive_stays_under_2_gib_for_a_60_s_story_at_full_size():
     assert archive[0].nbytes == 2 * 30 * 1560 * 1536 * 2  # 287.6 MB per frame
     assert peak <= 2 * 2**30 and len(archive) == 7
     assert {e for f in archive for e in f.entities} == {1, 2, 3, 4}  # every entity keeps a frame
+
+
+class _SlowScorer:
+    """A verifier slower than the sampler: every verdict takes 0.3 s and corrects the man's attributes."""
+
+    def score(self, clip, prompt, entities, check_attributes=False):
+        import time
+
+        from iamflow_core.story.vlm import Verdict
+
+        time.sleep(0.3)
+        return Verdict((0.1,) * len(clip), {2: ("grey hoodie",)} if check_attributes else {}, ok=True)
+
+
+def test_a_slow_verifier_does_not_hold_the_sampler_and_its_late_corrections_still_count(models):
+    from iamflow_core.story.vlm import AsyncVerifier
+
+    with AsyncVerifier(_SlowScorer(), max_queue=16) as verifier:
+        _, memory = _run(models, MemorySettings(verifier_wait=0.0), verifier=verifier)
+        assert memory.late_verdicts > 0  # frames were chosen on text alone rather than waiting
+        while verifier.pending():
+            time.sleep(0.05)
+    assert memory.story_map()["late_verdicts"] == memory.late_verdicts
+    assert memory.corrections == {2: ["grey hoodie"]}  # the man's first chunk (4) was checked; its verdict came late
+
+
+def test_verifier_wait_is_validated():
+    with pytest.raises(ValueError, match="verifier_wait"):
+        MemorySettings(verifier_wait=-1)

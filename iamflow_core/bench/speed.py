@@ -90,7 +90,9 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_di
     if memory_mode == "iamflow":
         from ..story.vlm import AsyncVerifier, FrameVerifier
 
-        verifier = AsyncVerifier(FrameVerifier(vlm_dir, device=vae_device))
+        # Random weights never end an answer, so cap each at the length a real verdict has (FrameVerifier's own
+        # token budget: ~34 tokens for 3 frames, more on a prompt's first chunk where attributes are checked).
+        verifier = AsyncVerifier(FrameVerifier(vlm_dir, device=vae_device, max_new_tokens=16))
 
     def memory():
         return build_memory(settings, registry, verifier)
@@ -104,8 +106,9 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_di
     warmup_s = time.perf_counter() - t0
     for d in devices:
         torch.cuda.reset_peak_memory_stats(d)
+    policy = memory()
     with tempfile.TemporaryDirectory() as tmp:
-        totals = render(StreamingPipeline(dit, text_encoder, vae), story, config, memory(), Path(tmp) / "v.mp4")
+        totals = render(StreamingPipeline(dit, text_encoder, vae), story, config, policy, Path(tmp) / "v.mp4")
     row = {
         "memory": memory_mode,
         "transition": settings.transition,
@@ -116,6 +119,8 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_di
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
         "warmup_s": round(warmup_s, 1),
     }
+    if verifier is not None:
+        row["verifier_late_chunks"] = policy.late_verdicts  # frames chosen on text alone: the verdict came too late
     # Per-stage time per chunk: a short run with synchronised stages (slower overall, so separate).
     short = Story(
         (Segment(story.prompts[0], 0.75 * profile_chunks / 2), Segment(story.prompts[1], 0.75 * profile_chunks / 2))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..story.entities import EntityRegistry
+from ..story.vlm import NOT_READY
 from ..text_encoder import clean_prompt
 from . import StepContext, frame_descriptor, frame_relevance, require_memory_segment, text_query
 
@@ -153,6 +154,7 @@ class IdentityMemory:
         visual_weight: float = 0.3,
         archive_limit_bytes: int = 2 * 2**30,
         entity_token_weight: float = 2.5,
+        verifier_wait: float | None = 0.05,
     ) -> None:
         self.registry = registry
         self.verifier = verifier
@@ -170,6 +172,11 @@ class IdentityMemory:
         self._weights: dict[int, torch.Tensor | None] = {}
         self._submitted: dict[int, threading.Event] = {}  # set once a chunk's frames went to the verifier
         self.submit_timeout = 120.0  # the longest the loop waits for a chunk's frames to be decoded
+        # The longest the loop waits for a verdict the frame choice needs (None: the verifier's own timeout). A
+        # later verdict still corrects attributes when it comes; that chunk's frame is chosen on text alone.
+        self.verifier_wait = verifier_wait
+        self.late_verdicts = 0
+        self._late: list[int] = []
         self.peak_archive_bytes = 0
 
     # policy hooks ------------------------------------------------------------------------------------------------
@@ -191,6 +198,8 @@ class IdentityMemory:
         ctx.info["memory_frames"] = [f.frame for f in self.injected]
 
     def after_chunk(self, ctx: StepContext) -> None:
+        if self._late:
+            self._collect_late()
         first_of_segment = ctx.chunk == 0 or self._chunks.get(ctx.chunk - 1, (None,))[0] != ctx.segment
         self._chunks[ctx.chunk] = (ctx.segment, ctx.prompt, first_of_segment)
         if self.verifier is not None and ctx.decoding:
@@ -265,13 +274,28 @@ class IdentityMemory:
             logger.warning("chunk %d was not decoded within %.0f s; neutral visual scores", candidate.chunk,
                            self.submit_timeout)  # fmt: skip
             return (0.5,) * len(candidate.frames)
-        verdict = self.verifier.result(candidate.chunk, wait=True)
+        verdict = self.verifier.result(candidate.chunk, wait=True, timeout=self.verifier_wait)
+        if _not_ready(verdict):
+            self._late.append(candidate.chunk)
+            self.late_verdicts += 1
+            return (0.5,) * len(candidate.frames)
+        self._apply_corrections(verdict)
+        scores = list(verdict.scores)[-len(candidate.frames) :]
+        return tuple(scores + [0.5] * (len(candidate.frames) - len(scores)))
+
+    def _apply_corrections(self, verdict: Any) -> None:
         for entity_id, attrs in getattr(verdict, "corrections", {}).items():
             if self.registry is not None and entity_id in {e.id for e in self.registry.entities}:
                 self.registry = self.registry.with_attributes(entity_id, list(attrs))
                 self.corrections[entity_id] = list(attrs)
-        scores = list(verdict.scores)[-len(candidate.frames) :]
-        return tuple(scores + [0.5] * (len(candidate.frames) - len(scores)))
+
+    def _collect_late(self) -> None:
+        """Verdicts that came after their chunk's frame was chosen: keep their attribute corrections."""
+        for chunk in list(self._late):
+            verdict = self.verifier.result(chunk, wait=False)
+            if not _not_ready(verdict):
+                self._late.remove(chunk)
+                self._apply_corrections(verdict)
 
     def _decide(self, ctx: StepContext, until: int) -> list[ArchivedFrame]:
         """Choose and archive the best frame of every pending chunk with index < until."""
@@ -340,11 +364,18 @@ class IdentityMemory:
 
     # report ------------------------------------------------------------------------------------------------------
     def story_map(self) -> dict[str, Any]:
+        if self._late:
+            self._collect_late()  # verdicts that arrived after the last chunk still correct the registry
         return {
             "registry": self.registry.to_dict() if self.registry is not None else None,
             "archive": [f.summary() for f in self.archive],
             "archive_mb": round(sum(f.nbytes for f in self.archive) / 2**20, 1),
             "peak_archive_mb": round(self.peak_archive_bytes / 2**20, 1),
             "corrections": {str(k): v for k, v in self.corrections.items()},
+            "late_verdicts": self.late_verdicts,
             "events": self.timeline,
         }
+
+
+def _not_ready(verdict: Any) -> bool:
+    return not getattr(verdict, "ok", True) and getattr(verdict, "note", "").startswith(NOT_READY)

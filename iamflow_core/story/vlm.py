@@ -49,6 +49,9 @@ For an entity that looks different, put the attributes as the frames show them u
 """
 
 
+NOT_READY = "not ready"  # the note of a neutral verdict given because the real one had not arrived yet
+
+
 @dataclass(frozen=True)
 class Verdict:
     scores: tuple[float, ...]  # one per frame, in [0, 1]
@@ -386,21 +389,27 @@ class AsyncVerifier:
         self._results[old_key] = Verdict.neutral(len(old.frames), note)
         self._cond.notify_all()
 
-    def result(self, key: Hashable, wait: bool = True) -> Verdict:
-        """The verdict for `key`; neutral (with a note) when unknown, not ready and `wait` is False, or late."""
+    def result(self, key: Hashable, wait: bool = True, timeout: float | None = None) -> Verdict:
+        """The verdict for `key`; neutral (with a note) when unknown, not ready and `wait` is False, or late.
+
+        timeout: how long to wait this time (default: the verifier's `timeout`, after which a warning is logged;
+        a caller that sets its own short deadline expects to be early now and then, so that is not warned about).
+        """
+        limit = self.timeout if timeout is None else timeout
         with self._cond:
             job = self._queue.get(key) or (self._running if self._running and self._running.key == key else None)
             if key not in self._results and job is None:
                 logger.warning("no verifier job for key %r; neutral scores", key)
                 return Verdict.neutral(0, f"unknown key {key!r}")
             if wait:
-                self._cond.wait_for(lambda: key in self._results, timeout=self.timeout)
+                self._cond.wait_for(lambda: key in self._results, timeout=limit)
             if key in self._results:
                 return self._results[key]
-        if wait:
-            logger.warning("verifier result for %r not ready after %.1fs; neutral scores", key, self.timeout)
-            return Verdict.neutral(len(job.frames), f"timed out after {self.timeout}s")
-        return Verdict.neutral(len(job.frames), "not ready")
+        if not wait:
+            return Verdict.neutral(len(job.frames), NOT_READY)
+        if timeout is None:
+            logger.warning("verifier result for %r not ready after %.1fs; neutral scores", key, limit)
+        return Verdict.neutral(len(job.frames), f"{NOT_READY} after {limit:g}s")
 
     def pending(self) -> int:
         """Jobs submitted and not finished (waiting or running)."""
@@ -456,7 +465,7 @@ class ImmediateVerifier:
     ) -> None:
         self._results[key] = _run_job(self.verifier, _make_job(key, frames, prompt, entities, check_attributes))
 
-    def result(self, key: Hashable, wait: bool = True) -> Verdict:
+    def result(self, key: Hashable, wait: bool = True, timeout: float | None = None) -> Verdict:
         if key not in self._results:
             logger.warning("no verifier job for key %r; neutral scores", key)
             return Verdict.neutral(0, f"unknown key {key!r}")
