@@ -336,6 +336,7 @@ class StreamingPipeline:
         finally:
             if decoder is not None:
                 decoder.close()
+            self.dit.release_graphs()  # no GPU memory held between stories (ComfyUI keeps the model loaded)
 
     def _switch(
         self, switch: _Switch, new: CrossKV, old_text: torch.Tensor, new_text: torch.Tensor, start: int,

@@ -174,6 +174,10 @@ class CausalWanDiT(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
+    def release_graphs(self) -> None:
+        """Free the captured CUDA graphs and their memory (the pipeline calls this when a story ends)."""
+        self._graphs.clear()
+
     def _apply(self, fn, recurse: bool = True):
         # Moving or casting the weights invalidates captured graphs (they hold the old addresses).
         self._graphs.clear()

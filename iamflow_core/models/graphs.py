@@ -49,6 +49,8 @@ class GraphRunner:
         self._seen: dict[Hashable, int] = {}
         self._pool = None
         self._owner: Hashable | None = None
+        self.captures = 0  # graphs captured and replays run over this runner's life (not reset by clear)
+        self.replays = 0
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -81,9 +83,11 @@ class GraphRunner:
             if graph is None:
                 return fn(*inputs)
             self._graphs[key] = graph
+            self.captures += 1
         for static, value in zip(graph.inputs, inputs):
             static.copy_(value)
         graph.graph.replay()
+        self.replays += 1
         return graph.output.clone()
 
     def _capture(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> _Graph | None:

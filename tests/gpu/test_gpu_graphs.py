@@ -63,11 +63,12 @@ def test_moving_the_model_drops_graphs():
 def test_pipeline_same_video_with_graphs(settings):
     dit, text_encoder, vae = tiny_models(device="cuda")
     config = sampler_config(settings, height=64, width=96)
-    runs = []
+    runs, replays = [], dit._graphs.replays
     for graphs in (False, True):
         dit.cuda_graphs = graphs
         pipe = StreamingPipeline(dit, text_encoder, vae, compile_kernels=False)
         runs.append([e.frames for e in pipe.run(DEFAULT_STORY, config, build_memory(settings))])
-    assert len(dit._graphs) > 0
+    assert dit._graphs.replays > replays  # the graphed run replayed graphs
+    assert len(dit._graphs) == 0  # and released them when the story ended
     for a, b in zip(*runs):
         assert abs(a.astype(int) - b.astype(int)).max() <= 1
