@@ -318,7 +318,7 @@ class IdentityMemory:
             for gone in evict(self.archive, self.archive_limit_bytes, keep=self.max_frames):
                 self.timeline.append({"evicted": gone.summary()})
             if entry in self.archive:  # moved to host memory only once it has a place: the bound holds strictly
-                entry.k, entry.v = entry.k.cpu(), entry.v.cpu()
+                entry.k, entry.v = _to_host(entry.k), _to_host(entry.v)
                 archived.append(entry)
             self.peak_archive_bytes = max(self.peak_archive_bytes, sum(f.nbytes for f in self.archive))
         return archived
@@ -347,6 +347,8 @@ class IdentityMemory:
         if not self.archive:
             return []
         query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device))
+        if ctx.cache.k.is_cuda:  # the host copies are read here on the CPU: let their transfers finish
+            torch.cuda.current_stream(ctx.cache.k.device).synchronize()
         descriptors = torch.stack([frame_descriptor(f.k, f.position, ctx.rope) for f in self.archive]).to(query.device)
         order = frame_relevance(query, descriptors).argsort(descending=True).tolist()
         return [self.archive[i] for i in order[: self.max_frames]]
@@ -357,9 +359,7 @@ class IdentityMemory:
             ctx.cache.clear_memory()
             return
         frames = sorted(frames, key=lambda f: f.frame)
-        device, dtype = ctx.cache.k.device, ctx.cache.k.dtype
-        k = torch.cat([f.k for f in frames], dim=2).to(device, dtype)
-        v = torch.cat([f.v for f in frames], dim=2).to(device, dtype)
+        k, v = _to_device(frames, "k", ctx.cache.k), _to_device(frames, "v", ctx.cache.k)
         ctx.cache.set_memory(k, v, [f.frame for f in frames], [f.position for f in frames])
 
     # report ------------------------------------------------------------------------------------------------------
@@ -375,6 +375,27 @@ class IdentityMemory:
             "late_verdicts": self.late_verdicts,
             "events": self.timeline,
         }
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a frame's K or V. From a GPU it goes to pinned memory without stopping the loop: the copy is
+    ordered on the stream, so later GPU reads of it are safe, and host reads synchronise first (`_most_relevant`)."""
+    if not t.is_cuda:
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def _to_device(frames: list[ArchivedFrame], name: str, like: torch.Tensor) -> torch.Tensor:
+    """The frames' K (or V) side by side along the token axis, on `like`'s device and dtype: [L, B, n*T, H, D].
+    Each frame is copied straight into place (no host-side concatenation of hundreds of MB)."""
+    parts = [getattr(f, name) for f in frames]
+    tokens = parts[0].shape[2]
+    out = torch.empty((*parts[0].shape[:2], tokens * len(parts), *parts[0].shape[3:]), device=like.device,
+                      dtype=like.dtype)  # fmt: skip
+    for i, part in enumerate(parts):
+        out[:, :, i * tokens : (i + 1) * tokens].copy_(part, non_blocking=part.is_pinned())
+    return out
 
 
 def _not_ready(verdict: Any) -> bool:
