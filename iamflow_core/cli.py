@@ -73,8 +73,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--vlm-device", help="device of the VLM (default: --vae-device)")
     mem.add_argument("--visual-weight", type=float, default=0.3, help="weight of the VLM score in frame choice")
     mem.add_argument("--sync-verifier", action="store_true", help="verify frames synchronously (ablation)")
-    wait_help = "seconds the sampler waits for a late verdict before choosing a frame on text alone"
-    mem.add_argument("--verifier-wait", type=float, default=0.05, help=wait_help)
+    wait_help = "seconds the sampler waits for a late verdict, then chooses on text (default: 5%% of a chunk's time)"
+    mem.add_argument("--verifier-wait", type=float, default=None, help=wait_help)
     p.add_argument("-v", "--verbose", action="store_true")
 
 

@@ -245,3 +245,13 @@ def test_a_slow_verifier_does_not_hold_the_sampler_and_its_late_corrections_stil
 def test_verifier_wait_is_validated():
     with pytest.raises(ValueError, match="verifier_wait"):
         MemorySettings(verifier_wait=-1)
+
+
+def test_the_default_verdict_wait_is_a_share_of_the_chunk_time():
+    from iamflow_core.memory.identity import FIRST_CHUNKS_WAIT, VERIFIER_SHARE
+
+    memory = IdentityMemory(None)
+    assert memory._wait_limit() == FIRST_CHUNKS_WAIT  # no pace yet
+    memory._chunk_seconds = 0.4
+    assert memory._wait_limit() == pytest.approx(VERIFIER_SHARE * 0.4)  # 20 ms of a 0.4-s chunk
+    assert IdentityMemory(None, verifier_wait=1.5)._wait_limit() == 1.5

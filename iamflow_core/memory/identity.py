@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,10 @@ from ..text_encoder import clean_prompt
 from . import StepContext, frame_descriptor, frame_relevance, require_memory_segment, text_query
 
 logger = logging.getLogger(__name__)
+# Without a set `verifier_wait`, the loop waits for a late verdict at most this share of its chunk time, so a
+# verifier slower than the sampler costs it at most that much; before the pace is known, FIRST_CHUNKS_WAIT seconds.
+VERIFIER_SHARE = 0.05
+FIRST_CHUNKS_WAIT = 0.05
 
 
 @dataclass
@@ -154,7 +159,7 @@ class IdentityMemory:
         visual_weight: float = 0.3,
         archive_limit_bytes: int = 2 * 2**30,
         entity_token_weight: float = 2.5,
-        verifier_wait: float | None = 0.05,
+        verifier_wait: float | None = None,
     ) -> None:
         self.registry = registry
         self.verifier = verifier
@@ -172,9 +177,12 @@ class IdentityMemory:
         self._weights: dict[int, torch.Tensor | None] = {}
         self._submitted: dict[int, threading.Event] = {}  # set once a chunk's frames went to the verifier
         self.submit_timeout = 120.0  # the longest the loop waits for a chunk's frames to be decoded
-        # The longest the loop waits for a verdict the frame choice needs (None: the verifier's own timeout). A
-        # later verdict still corrects attributes when it comes; that chunk's frame is chosen on text alone.
+        # The longest the loop waits for a verdict the frame choice needs, in seconds; None: VERIFIER_SHARE of the
+        # sampler's recent chunk time, so a slow verifier can cost the loop at most that share. A later verdict
+        # still corrects attributes when it comes; that chunk's frame is chosen on text alone.
         self.verifier_wait = verifier_wait
+        self._chunk_seconds: float | None = None  # moving average of the time between chunks
+        self._last_chunk_at: float | None = None
         self.late_verdicts = 0
         self._late: list[int] = []
         self.peak_archive_bytes = 0
@@ -198,6 +206,7 @@ class IdentityMemory:
         ctx.info["memory_frames"] = [f.frame for f in self.injected]
 
     def after_chunk(self, ctx: StepContext) -> None:
+        self._clock()
         if self._late:
             self._collect_late()
         first_of_segment = ctx.chunk == 0 or self._chunks.get(ctx.chunk - 1, (None,))[0] != ctx.segment
@@ -274,7 +283,7 @@ class IdentityMemory:
             logger.warning("chunk %d was not decoded within %.0f s; neutral visual scores", candidate.chunk,
                            self.submit_timeout)  # fmt: skip
             return (0.5,) * len(candidate.frames)
-        verdict = self.verifier.result(candidate.chunk, wait=True, timeout=self.verifier_wait)
+        verdict = self.verifier.result(candidate.chunk, wait=True, timeout=self._wait_limit())
         if _not_ready(verdict):
             self._late.append(candidate.chunk)
             self.late_verdicts += 1
@@ -282,6 +291,20 @@ class IdentityMemory:
         self._apply_corrections(verdict)
         scores = list(verdict.scores)[-len(candidate.frames) :]
         return tuple(scores + [0.5] * (len(candidate.frames) - len(scores)))
+
+    def _clock(self) -> None:
+        now = time.perf_counter()
+        if self._last_chunk_at is not None:
+            period = now - self._last_chunk_at
+            self._chunk_seconds = period if self._chunk_seconds is None else 0.7 * self._chunk_seconds + 0.3 * period
+        self._last_chunk_at = now
+
+    def _wait_limit(self) -> float:
+        if self.verifier_wait is not None:
+            return self.verifier_wait
+        if self._chunk_seconds is None:  # the first chunks: no pace known yet
+            return FIRST_CHUNKS_WAIT
+        return VERIFIER_SHARE * self._chunk_seconds
 
     def _apply_corrections(self, verdict: Any) -> None:
         for entity_id, attrs in getattr(verdict, "corrections", {}).items():

@@ -30,9 +30,9 @@ class MemorySettings:
     transition: str = "soft"
     visual_weight: float = 0.3  # identity: weight of the verifier's visual score in frame choice
     archive_limit_mb: int = 2048  # identity: host memory for archived frames
-    # identity: the longest the loop waits for a late verdict when choosing a chunk's frame (seconds; a later verdict
-    # still corrects attributes). Small, so a verifier slower than the sampler costs little time.
-    verifier_wait: float = 0.05
+    # identity: the longest the loop waits for a late verdict when choosing a chunk's frame, in seconds (a later
+    # verdict still corrects attributes). None: 5 % of the sampler's chunk time, so a slow verifier costs at most that.
+    verifier_wait: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -47,7 +47,7 @@ class MemorySettings:
             )
         if not 0.0 <= self.visual_weight <= 1.0:
             raise ValueError(f"visual_weight must be in [0, 1], got {self.visual_weight}")
-        if not 0.0 <= self.verifier_wait <= 600.0:
+        if self.verifier_wait is not None and not 0.0 <= self.verifier_wait <= 600.0:
             raise ValueError(f"verifier_wait must be in [0, 600] seconds, got {self.verifier_wait}")
         if self.sparse_topk < 0 or self.record_interval < 1 or self.archive_limit_mb < 1:
             raise ValueError("sparse_topk must be >= 0, record_interval and archive_limit_mb >= 1")
