@@ -168,7 +168,7 @@ class CausalWanDiT(nn.Module):
         """Forget device-bound tables (call after moving a meta-initialised model to real tensors)."""
         self.rope = RopeTables(self.cfg.rope_split, self.cfg.rope_max_positions, self.cfg.rope_theta)
         self._rope_memo = None
-        self._graphs.clear()
+        self.release_graphs()
 
     @property
     def device(self) -> torch.device:
@@ -180,7 +180,7 @@ class CausalWanDiT(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # Moving or casting the weights invalidates captured graphs (they hold the old addresses).
-        self._graphs.clear()
+        self.release_graphs()
         return super()._apply(fn, recurse)
 
     # conditioning --------------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ addresses (the chunk's own K/V always go to the cache's query region, the contex
 and attention does not care in which slot a frame sits), so the forward can be captured once and replayed with a
 single launch.
 
-`GraphRunner.run(key, fn, *inputs)` runs `fn(*inputs)` eagerly the first times a key is seen (which also compiles
-the fused kernels), captures it on the next sighting, and from then on copies the inputs into the graph's static
-buffers and replays. Everything `fn` reads besides `inputs` (weights, the cache buffer) must keep its address
+`GraphRunner.run(owner, key, fn, *inputs)` runs `fn(*inputs)` eagerly the first times a key is seen (which also
+compiles the fused kernels), captures it on the next sighting, and from then on copies the inputs into the graph's
+static buffers and replays. Everything `fn` reads besides `inputs` (weights, the cache buffer) must keep its address
 while the graph lives: the key includes the cache buffer, and moving the model clears the graphs.
 """
 
