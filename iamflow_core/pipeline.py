@@ -30,7 +30,7 @@ from .models.vae import WanVAE
 from .schedule import sigma, warp_timesteps
 from .story import ChunkPlan, Story, plan_chunks
 from .transition import TransitionConfig, soft_alpha, soft_window, text_distance
-from .video import to_uint8_frames
+from .video import uint8_frames_on_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,39 +72,90 @@ class ChunkEvent:
     memory: dict[str, Any]
 
 
-class _Decoder:
-    """Streaming VAE decode on the VAE's device, in a worker thread (and a side CUDA stream) when overlapping."""
+class _Decoded:
+    """A chunk's decode queued on a GPU, its frames on their way to pinned host memory. `result()` waits for them
+    (once), hands them to `on_frames` and returns ``(frames, seconds)`` like the worker's future does."""
 
-    def __init__(self, vae: WanVAE, overlap: bool, on_frames=None) -> None:
+    def __init__(self, chunk: int, host: torch.Tensor, done: torch.cuda.Event, seconds: float, on_frames) -> None:
+        self.chunk, self.host, self.done, self.seconds, self.on_frames = chunk, host, done, seconds, on_frames
+        self.value: tuple[np.ndarray, float] | None = None
+
+    def result(self) -> tuple[np.ndarray, float]:
+        if self.value is None:
+            start = time.perf_counter()
+            self.done.synchronize()
+            frames = self.host.numpy().copy()  # pageable: the pinned block goes back to the allocator's cache
+            self.host = None
+            self.value = frames, self.seconds + time.perf_counter() - start
+            if self.on_frames is not None:
+                self.on_frames(self.chunk, frames)
+        return self.value
+
+    def cancelled(self) -> bool:
+        return False
+
+
+class _Decoder:
+    """Streaming VAE decode on the VAE's device, in one of three ways that give the same frames:
+
+    - overlapped: a worker thread (on its own CUDA stream) decodes chunk k while the loop denoises chunk k+1; for a
+      VAE on its own GPU;
+    - queued (in turn on a GPU): the decode is queued on the stream behind the chunk and its frames are copied to
+      pinned host memory without waiting; they are read when the chunk is handed out, when the GPU is already busy
+      with the next chunk. The host never stands between two chunks on the GPU (writing, previews, Python);
+    - in turn on the CPU: decoded right away.
+
+    `sync` (the pipeline's profile mode) waits for each queued decode, so its seconds are the GPU's.
+    """
+
+    def __init__(self, vae: WanVAE, overlap: bool, on_frames=None, sync: bool = False) -> None:
         self.vae = vae
-        self.on_frames = on_frames  # (chunk, frames) -> None, called in the worker as soon as frames exist
+        self.on_frames = on_frames  # (chunk, frames) -> None, called as soon as the frames are on the host
         self.device = next(vae.parameters()).device
         self.dtype = next(vae.parameters()).dtype
         self.state = vae.new_decode_state()
+        self.sync = sync
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="iamflow-vae") if overlap else None
         self.stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
 
-    def submit(self, chunk: int, latents: torch.Tensor) -> Future:
+    def submit(self, chunk: int, latents: torch.Tensor) -> Future | _Decoded:
         ready = None
-        if latents.is_cuda:  # the worker's stream must wait for the DiT's work that produced the latents
+        if latents.is_cuda:  # the decode's stream must wait for the DiT's work that produced the latents
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(latents.device))
         if self.pool is not None:
             return self.pool.submit(self._decode, chunk, latents, ready)
+        if self.device.type == "cuda":
+            return self._queue(chunk, latents, ready)
         done: Future = Future()
         done.set_result(self._decode(chunk, latents, ready))
         return done
+
+    def _video(self, latents: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
+        """Queue the decode on the current stream of the VAE's device: uint8 frames [T, H, W, 3] there."""
+        with fused.launch_guard():
+            if ready is not None and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            z = latents.to(self.device, self.dtype, non_blocking=True)
+            return uint8_frames_on_device(self.vae.decode_stream(z, self.state))
+
+    def _queue(self, chunk: int, latents: torch.Tensor, ready: torch.cuda.Event | None) -> _Decoded:
+        start = time.perf_counter()
+        with torch.no_grad(), torch.cuda.device(self.device):
+            frames = self._video(latents, ready)
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        if self.sync:
+            done.synchronize()
+        return _Decoded(chunk, host, done, time.perf_counter() - start, self.on_frames)
 
     def _decode(self, chunk: int, latents: torch.Tensor, ready: torch.cuda.Event | None) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
         stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with torch.no_grad(), stream:
-            with fused.launch_guard():
-                if ready is not None and self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).wait_event(ready)
-                z = latents.to(self.device, self.dtype, non_blocking=True)
-                video = self.vae.decode_stream(z, self.state)
-            frames = to_uint8_frames(video)  # .cpu() inside: waits for the decode, outside the launch lock
+            frames = self._video(latents, ready).cpu().numpy()  # waits for the decode, outside the launch lock
         seconds = time.perf_counter() - start
         if self.on_frames is not None:
             self.on_frames(chunk, frames)
@@ -141,7 +192,8 @@ class StreamingPipeline:
     the caller passes precomputed text states to `run`.
     overlap_decode: decode chunk k in a worker thread while chunk k+1 is denoised. None (default) overlaps when the
     VAE has its own device; on the DiT's GPU the two compete for the same SMs and decoding in turn is faster
-    (463 vs 484 ms per chunk on one H100).
+    (463 vs 484 ms per chunk on one H100). In turn on a GPU, the decode is queued behind its chunk and its frames
+    are read back one chunk later, so the host's work between chunks never leaves the GPU idle.
     """
 
     def __init__(
@@ -240,7 +292,9 @@ class StreamingPipeline:
         ts = warp_timesteps(config.steps, config.shift)
         t_dev = [torch.full((1,), t, device=device) for t in ts]
         zero = torch.zeros(1, device=device)
-        decoder = _Decoder(self.vae, self._overlaps(), memory.on_frames) if self.vae is not None else None
+        decoder = None
+        if self.vae is not None:
+            decoder = _Decoder(self.vae, self._overlaps(), memory.on_frames, sync=self.profile)
         switch = _Switch(crosses[0])
         history: deque = deque()
         noise_shape = (1, self.dit.cfg.in_channels, chunk_frames, h, w)
@@ -260,10 +314,15 @@ class StreamingPipeline:
                 self.dit.rope,
                 tokenizer,
                 decoding=decoder is not None,
+                flush_frames=flush_frames,
             )
 
+        def flush_frames() -> None:  # the frames of every chunk given to the decoder, through `on_frames`, now
+            if pending is not None and pending[1] is not None:
+                pending[1].result()
+
+        pending: tuple[dict, Future | _Decoded | None] | None = None
         memory.start(context(0, 0, 0))
-        pending: tuple[dict, Future | None] | None = None
         try:
             for i in range(plan.num_chunks):
                 if cancel is not None and cancel.is_set():
@@ -355,7 +414,7 @@ class StreamingPipeline:
         switch.cross = new
 
     @staticmethod
-    def _finish(pending: tuple[dict, Future | None]) -> ChunkEvent:
+    def _finish(pending: tuple[dict, Future | _Decoded | None]) -> ChunkEvent:
         event, future = pending
         frames = None
         if future is not None:

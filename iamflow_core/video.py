@@ -41,6 +41,11 @@ def _pyav():
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """VAE output ``[B=1, 3, T, H, W]`` or ``[3, T, H, W]`` in [-1, 1] -> uint8 RGB frames ``[T, H, W, 3]``."""
+    return uint8_frames_on_device(video).cpu().numpy()
+
+
+def uint8_frames_on_device(video: torch.Tensor) -> torch.Tensor:
+    """`to_uint8_frames` without the copy to the host: a uint8 tensor ``[T, H, W, 3]`` where `video` lives."""
     if video.ndim == 5:
         if video.shape[0] != 1:
             raise ValueError(f"to_uint8_frames takes one video, got a batch of {video.shape[0]}; pass video[i]")
@@ -49,7 +54,7 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
         raise ValueError(f"to_uint8_frames expects [B, 3, T, H, W] or [3, T, H, W], got {tuple(video.shape)}")
     # Quantize where the tensor lives, then copy: uint8 is half the bytes of bf16 to move to the host.
     frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return frames.permute(1, 2, 3, 0).contiguous()
 
 
 def _as_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:

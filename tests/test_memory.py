@@ -242,6 +242,36 @@ def test_a_slow_verifier_does_not_hold_the_sampler_and_its_late_corrections_stil
     assert memory.corrections == {2: ["grey hoodie"]}  # the man's first chunk (4) was checked; its verdict came late
 
 
+def test_the_loop_does_not_wait_for_a_verdict_whose_job_has_not_started(models):
+    """With the VLM stuck on chunk 0's job (sink frames, never archived), every later job only queues: each chunk
+    is decided at once instead of spending the (here long) verdict wait."""
+    import threading
+
+    from iamflow_core.story.vlm import AsyncVerifier
+
+    gate = threading.Event()
+
+    class Stuck(_SlowScorer):
+        def score(self, clip, prompt, entities, check_attributes=False):
+            gate.wait(10)
+            return super().score(clip, prompt, entities, check_attributes)
+
+    waits = []
+    with AsyncVerifier(Stuck(), max_queue=16) as verifier:
+        result = verifier.result
+
+        def recorded(key, wait=True, timeout=None):
+            waits.append((key, timeout))
+            return result(key, wait, timeout)
+
+        verifier.result = recorded
+        _, memory = _run(models, MemorySettings(verifier_wait=0.2), verifier=verifier)
+        gate.set()
+    decided = [(key, timeout) for key, timeout in waits if timeout is not None]
+    assert len(decided) > 3 and all(timeout == 0.0 for _, timeout in decided)
+    assert memory.late_verdicts == len(decided)
+
+
 def test_verifier_wait_is_validated():
     with pytest.raises(ValueError, match="verifier_wait"):
         MemorySettings(verifier_wait=-1)

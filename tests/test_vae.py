@@ -173,8 +173,9 @@ def test_bad_inputs_raise(models):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv3d_by_time_taps_equals_conv3d(channels_last):
-    from iamflow_core.models.vae import CausalConv3d, _conv_by_taps
+@pytest.mark.parametrize("plan", ["conv3d", "taps"])
+def test_conv3d_as_2d_convs_equals_conv3d(channels_last, plan):
+    from iamflow_core.models.vae import _PLANS, CausalConv3d
 
     torch.manual_seed(0)
     conv = CausalConv3d(6, 5, 3, padding=1)
@@ -184,6 +185,6 @@ def test_conv3d_by_time_taps_equals_conv3d(channels_last):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, 1, conv.padding)
-        got = _conv_by_taps(conv, x)
+        got = _PLANS[plan](conv, x)
     assert got.shape == expected.shape == (1, 5, 5, 9, 10)
     assert (got - expected).abs().max().item() <= 1e-5

@@ -211,23 +211,26 @@ def test_timeout_gives_a_neutral_verdict_and_a_warning(caplog):
         assert runner.result("late").scores == (1.0, 1.0)  # the late verdict still arrives
 
 
-def test_full_queue_drops_the_oldest_waiting_job(caplog):
+def test_full_queue_drops_the_oldest_waiting_job():
     gate = threading.Event()
     scorer = FakeScorer(gate)
     with AsyncVerifier(scorer, max_queue=2, timeout=5) as runner:
         runner.submit(0, clip_of(255), "running", [])
         wait_until_running(runner)
         start = time.perf_counter()
-        with caplog.at_level(logging.WARNING):
-            for key in (1, 2, 3):
-                runner.submit(key, clip_of(255), f"job {key}", [])
+        for key in (1, 2, 3):
+            runner.submit(key, clip_of(255), f"job {key}", [])
         assert time.perf_counter() - start < 0.5  # submit never blocks
         dropped = runner.result(1, wait=False)
         assert not dropped.ok and "queue was full" in dropped.note and dropped.scores == (0.5,) * 3
-        assert "queue was full" in caplog.text and runner.pending() == 3
+        assert runner.pending() == 3
+        assert runner.started(0) and not runner.started(2)  # running; waiting in the queue
         gate.set()
         assert all(runner.result(k).ok for k in (0, 2, 3))
+        stats = runner.stats()
     assert scorer.order == ["running", "job 2", "job 3"]
+    assert stats["scored"] == 3 and stats["dropped"] == 1 and stats["mean_job_s"] >= 0.0
+    assert runner.started(2)  # done
 
 
 def test_worker_survives_exceptions(caplog):

@@ -26,6 +26,7 @@ import torch
 from ..cli import _render as render  # the CLI's own render path, so the benchmark measures what users run
 from ..config import DiTConfig, T5Config, VAEConfig
 from ..memory.settings import IAMFLOW, LONGLIVE, MEMFLOW, build_memory, sampler_config
+from ..models.attention import BACKENDS, resolve_backend
 from ..models.dit import CausalWanDiT
 from ..models.t5 import UMT5Encoder
 from ..models.vae import WanVAE
@@ -50,12 +51,16 @@ def _story(path: str | None) -> Story:
     return Story(tuple(Segment(p, 10.0) for p in DEFAULT_PROMPTS), title="bench 6 x 10 s", seed=0)
 
 
-def build_models(device: str, vae_device: str, dtype: torch.dtype = torch.bfloat16):
+def build_models(device: str, vae_device: str, dtype: torch.dtype = torch.bfloat16, attention: str = "auto"):
+    """Full-size DiT, umT5 and VAE with random weights; attention resolved as the CLI does ('auto': FA3 on Hopper
+    when installed, else SDPA)."""
     from ..presets import tiny_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):
         dit = CausalWanDiT(DiTConfig()).to(dtype).eval().requires_grad_(False)
+    dit.attention_backend = resolve_backend(attention)
+    with torch.device(device):
         t5 = UMT5Encoder(T5Config()).to(dtype).eval().requires_grad_(False)
     with torch.device(vae_device):
         vae = WanVAE(VAEConfig()).to(dtype).eval().requires_grad_(False)
@@ -79,7 +84,9 @@ DEFAULT_REGISTRY = EntityRegistry.from_json(
 MODES = {"none": LONGLIVE, "memflow": MEMFLOW, "identity": IAMFLOW, "iamflow": IAMFLOW}
 
 
-def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None) -> dict:
+def run_case(
+    models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None, verifier_queue: int = 4
+) -> dict:
     dit, text_encoder, vae = models
     vae_device = str(next(vae.parameters()).device)
     devices = sorted({str(dit.device), vae_device})
@@ -92,7 +99,8 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_di
 
         # Random weights never end an answer, so cap each at the length a real verdict has (FrameVerifier's own
         # token budget: ~34 tokens for 3 frames, more on a prompt's first chunk where attributes are checked).
-        verifier = AsyncVerifier(FrameVerifier(vlm_dir, device=vae_device, max_new_tokens=16))
+        scorer = FrameVerifier(vlm_dir, device=vae_device, max_new_tokens=16)
+        verifier = AsyncVerifier(scorer, max_queue=verifier_queue)
 
     def memory():
         return build_memory(settings, registry, verifier)
@@ -111,6 +119,7 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_di
         totals = render(StreamingPipeline(dit, text_encoder, vae), story, config, policy, Path(tmp) / "v.mp4")
     row = {
         "memory": memory_mode,
+        "attention": dit.attention_backend,
         "transition": settings.transition,
         "gpus": len(devices),
         "video_frames": int(totals["frames"]),
@@ -120,7 +129,8 @@ def run_case(models, story: Story, memory_mode: str, profile_chunks: int, vlm_di
         "warmup_s": round(warmup_s, 1),
     }
     if verifier is not None:
-        row["verifier_late_chunks"] = policy.late_verdicts  # frames chosen on text alone: the verdict came too late
+        # late_chunks: frames chosen on text alone because the verdict came too late (dropped jobs included)
+        row["verifier"] = {"queue": verifier_queue, **verifier.stats(), "late_chunks": policy.late_verdicts}
     # Per-stage time per chunk: a short run with synchronised stages (slower overall, so separate).
     short = Story(
         (Segment(story.prompts[0], 0.75 * profile_chunks / 2), Segment(story.prompts[1], 0.75 * profile_chunks / 2))
@@ -146,6 +156,8 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     parser.add_argument("--workdir", default="/tmp/iamflow-agents-bench", help="where random VLM folders are built")
     parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--chunks-profile", type=int, default=8)
+    parser.add_argument("--verifier-queue", type=int, default=4, help="iamflow: jobs that may wait for the VLM")
+    parser.add_argument("--attention", default="auto", choices=BACKENDS, help="DiT attention backend (as the CLI)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the speed benchmark needs a CUDA GPU")
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
             yield f"# skipping {gpus} GPUs: only {torch.cuda.device_count()} visible"
             continue
         t0 = time.perf_counter()
-        models = build_models("cuda:0", "cuda:1" if gpus == 2 else "cuda:0")
+        models = build_models("cuda:0", "cuda:1" if gpus == 2 else "cuda:0", attention=args.attention)
         yield f"# models built in {time.perf_counter() - t0:.1f} s"
         vlm_dir = None
         if "iamflow" in args.memory:
@@ -164,6 +176,6 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
 
             vlm_dir = model_folders(Path(args.workdir), "cuda:1" if gpus == 2 else "cuda:0")[1]
         for memory_mode in args.memory:
-            yield json.dumps(run_case(models, story, memory_mode, args.chunks_profile, vlm_dir))
+            yield json.dumps(run_case(models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue))
         del models
         torch.cuda.empty_cache()

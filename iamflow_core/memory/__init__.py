@@ -7,6 +7,7 @@ baseline bank; the identity-aware memory of IAMFlow plugs in the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +35,9 @@ class StepContext:
     tokenizer: Any = None  # the text encoder's tokenizer (entity-token weighting), when the pipeline has one
     decoding: bool = False  # frames of this chunk will be decoded (and reach `on_frames`)
     latents: torch.Tensor | None = None  # [B, C, F, h, w] clean latents of the chunk (after_chunk)
+    # Finishes the decode of every chunk already handed to the decoder, so `on_frames` has run for each: a policy
+    # that needs a chunk's frames now calls this rather than wait (the loop may read frames back only later).
+    flush_frames: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)  # per-chunk report, copied into the chunk event
 
 
@@ -45,7 +49,8 @@ class MemoryPolicy(Protocol):
     def before_chunk(self, ctx: StepContext) -> None: ...
     def after_chunk(self, ctx: StepContext) -> None: ...
     def on_frames(self, chunk: int, frames: np.ndarray) -> None:
-        """Called from the decode worker thread as soon as a chunk's frames exist: must be thread-safe."""
+        """Called as soon as a chunk's frames are on the host, from the decode worker thread when decoding overlaps
+        the loop: must be thread-safe."""
         ...
 
 

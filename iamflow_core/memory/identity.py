@@ -229,7 +229,7 @@ class IdentityMemory:
         ctx.info["archive_mb"] = round(sum(f.nbytes for f in self.archive) / 2**20, 1)
 
     def on_frames(self, chunk: int, frames: np.ndarray) -> None:
-        """Decode worker thread: send the chunk's frames to the verifier (one pixel frame per latent frame)."""
+        """The chunk's frames are on the host: send them to the verifier (one pixel frame per latent frame)."""
         if self.verifier is None or chunk not in self._chunks:
             return
         segment, prompt, first = self._chunks[chunk]
@@ -272,18 +272,23 @@ class IdentityMemory:
             descriptors.append(frame_descriptor(k, position, ctx.rope))
         return tuple(frame_relevance(query, torch.stack(descriptors)).tolist())
 
-    def _visual(self, candidate: _Candidate) -> tuple[float, ...]:
+    def _visual(self, ctx: StepContext, candidate: _Candidate) -> tuple[float, ...]:
         submitted = self._submitted.get(candidate.chunk)
         if self.verifier is None or submitted is None:  # no verifier, or no decoded frames to verify
             return (0.5,) * len(candidate.frames)
         # The frames of this chunk may still be decoding: the loop waits only here, when the choice needs them.
+        if not submitted.is_set():
+            ctx.flush_frames()
         arrived = submitted.wait(self.submit_timeout)
         del self._submitted[candidate.chunk]  # only now: the decode worker looks the event up to set it
         if not arrived:
             logger.warning("chunk %d was not decoded within %.0f s; neutral visual scores", candidate.chunk,
                            self.submit_timeout)  # fmt: skip
             return (0.5,) * len(candidate.frames)
-        verdict = self.verifier.result(candidate.chunk, wait=True, timeout=self._wait_limit())
+        # A job still waiting behind another cannot finish within the short wait: do not spend it.
+        started = getattr(self.verifier, "started", None)
+        wait = self._wait_limit() if started is None or started(candidate.chunk) else 0.0
+        verdict = self.verifier.result(candidate.chunk, wait=True, timeout=wait)
         if _not_ready(verdict):
             self._late.append(candidate.chunk)
             self.late_verdicts += 1
@@ -325,7 +330,7 @@ class IdentityMemory:
         archived = []
         for candidate in [c for c in self._pending if c.chunk < until]:
             self._pending.remove(candidate)
-            visual = self._visual(candidate)
+            visual = self._visual(ctx, candidate)
             text = np.array(candidate.text_scores)
             spread = text.max() - text.min()
             text_norm = (text - text.min()) / spread if spread > 0 else np.full_like(text, 0.5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -349,7 +350,8 @@ class AsyncVerifier:
     """Scores frames on one worker thread. `submit` never blocks; `result` waits at most `timeout` seconds.
 
     When `max_queue` jobs are waiting, submitting another drops the oldest waiting one; its key gets a neutral verdict
-    with a note. Verdicts are kept (they are small) and can still be read after `close`."""
+    with a note. Verdicts are kept (they are small) and can still be read after `close`. `stats()` counts the jobs
+    scored and dropped and the time spent scoring."""
 
     def __init__(self, verifier: Scorer, *, max_queue: int = 4, timeout: float = 30.0) -> None:
         if max_queue < 1 or timeout < 0:
@@ -359,6 +361,7 @@ class AsyncVerifier:
         self._results: dict[Hashable, Verdict] = {}
         self._running: _Job | None = None
         self._closed = False
+        self._scored, self._dropped, self._seconds = 0, 0, 0.0
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="iamflow-verifier", daemon=True)
         self._thread.start()
@@ -385,7 +388,9 @@ class AsyncVerifier:
     def _drop_oldest(self) -> None:
         old_key, old = self._queue.popitem(last=False)
         note = f"dropped: the verifier queue was full ({self.max_queue} jobs waiting)"
-        logger.warning("verifier job %r %s; neutral scores", old_key, note)
+        # Expected whenever the VLM is slower than the sampler: counted in stats(), not warned about per chunk.
+        logger.debug("verifier job %r %s; neutral scores", old_key, note)
+        self._dropped += 1
         self._results[old_key] = Verdict.neutral(len(old.frames), note)
         self._cond.notify_all()
 
@@ -411,10 +416,21 @@ class AsyncVerifier:
             logger.warning("verifier result for %r not ready after %.1fs; neutral scores", key, limit)
         return Verdict.neutral(len(job.frames), f"{NOT_READY} after {limit:g}s")
 
+    def started(self, key: Hashable) -> bool:
+        """Whether the job for `key` is being scored or done (False while it waits in the queue)."""
+        with self._cond:
+            return key in self._results or (self._running is not None and self._running.key == key)
+
     def pending(self) -> int:
         """Jobs submitted and not finished (waiting or running)."""
         with self._cond:
             return len(self._queue) + (self._running is not None)
+
+    def stats(self) -> dict[str, float]:
+        """Jobs scored and dropped so far, and the mean seconds per scored job."""
+        with self._cond:
+            mean = self._seconds / self._scored if self._scored else 0.0
+            return {"scored": self._scored, "dropped": self._dropped, "mean_job_s": round(mean, 3)}
 
     def close(self, wait: float = 5.0) -> None:
         """Stop the worker: the running job may finish (up to `wait` seconds); waiting jobs get neutral verdicts."""
@@ -439,8 +455,11 @@ class AsyncVerifier:
                 if not self._queue:
                     return
                 _, self._running = self._queue.popitem(last=False)
+            start = time.perf_counter()
             verdict = _run_job(self.verifier, self._running)
             with self._cond:
+                self._scored += 1
+                self._seconds += time.perf_counter() - start
                 # A job resubmitted under the same key while this one ran is newer; keep its slot.
                 if self._running.key not in self._queue:
                     self._results[self._running.key] = verdict

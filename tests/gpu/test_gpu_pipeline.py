@@ -1,0 +1,51 @@
+"""Decoding in turn on a GPU queues the decode and reads the frames back a chunk later: same frames, and a memory
+policy that needs a chunk's frames early still gets them at once."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from iamflow_core.memory.settings import MemorySettings, build_memory, sampler_config
+from iamflow_core.pipeline import StreamingPipeline, _Decoded
+from iamflow_core.presets import DEFAULT_STORY, tiny_models
+from tests.test_memory import RETURN_REGISTRY, RETURN_STORY, _RecordingVerifier
+
+pytestmark = pytest.mark.gpu
+
+
+def test_queued_decode_gives_the_frames_of_the_overlapped_decode():
+    dit, text_encoder, vae = tiny_models(device="cuda")
+    config = sampler_config(MemorySettings(mode="none"), height=64, width=96)
+    runs = []
+    for overlap in (True, False):
+        pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=overlap, compile_kernels=False)
+        runs.append([e.frames for e in pipe.run(DEFAULT_STORY, config)])
+    assert len(runs[0]) == len(runs[1]) > 4
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+
+
+def test_queued_decode_hands_frames_to_the_verifier_when_a_switch_needs_them(caplog, monkeypatch):
+    """At a prompt switch the identity memory decides on the chunk just made: it must not wait for the frames the
+    loop would read back only after the switch."""
+    queued = []
+    original = _Decoded.__init__
+
+    def record(self, *args):
+        queued.append(args[0])
+        original(self, *args)
+
+    monkeypatch.setattr(_Decoded, "__init__", record)
+    dit, text_encoder, vae = tiny_models(device="cuda")
+    settings = MemorySettings(visual_weight=1.0)
+    verifier = _RecordingVerifier()
+    memory = build_memory(settings, RETURN_REGISTRY, verifier)
+    memory.submit_timeout = 5.0  # a missed hand-off would show as a warning after 5 s, not pass silently
+    pipe = StreamingPipeline(dit, text_encoder, vae, compile_kernels=False)
+    with caplog.at_level(logging.WARNING):
+        events = list(pipe.run(RETURN_STORY, sampler_config(settings, 32, 48), memory))
+    assert queued == list(range(len(events)))  # every chunk took the queued path
+    assert "not decoded" not in caplog.text
+    assert sorted(verifier.jobs) == list(range(len(events)))
+    assert all(f.frame % 3 == 2 for f in memory.archive)  # chosen on the verifier's scores, as on the CPU
