@@ -59,9 +59,8 @@ def build_models(device: str, vae_device: str, dtype: torch.dtype = torch.bfloat
     torch.manual_seed(0)
     with torch.device(device):
         dit = CausalWanDiT(DiTConfig()).to(dtype).eval().requires_grad_(False)
-    dit.attention_backend = resolve_backend(attention)
-    with torch.device(device):
         t5 = UMT5Encoder(T5Config()).to(dtype).eval().requires_grad_(False)
+    dit.attention_backend = resolve_backend(attention)
     with torch.device(vae_device):
         vae = WanVAE(VAEConfig()).to(dtype).eval().requires_grad_(False)
     # A stand-in tokenizer: the encoder still runs its full 512 positions, which is what costs time.
