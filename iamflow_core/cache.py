@@ -169,12 +169,6 @@ class KVCache:
         return self._memory.frames if self._memory else ()
 
     # lifecycle ---------------------------------------------------------------------------------------------------
-    def begin_chunk(self, start_frame: int, num_frames: int, rotate: Rotate | None = None) -> ChunkLayout:
-        """Lay out the context for the new chunk of latent frames [start_frame, start_frame + num_frames)."""
-        if not 0 < num_frames <= self.cfg.chunk_frames:
-            raise ValueError(f"a chunk has 1..{self.cfg.chunk_frames} latent frames, got {num_frames}")
-        return self.begin(range(start_frame, start_frame + num_frames), rotate)
-
     def begin(self, frames: Sequence[int], rotate: Rotate | None = None) -> ChunkLayout:
         """Lay out the context for a forward over consecutive latent `frames`.
 
@@ -188,7 +182,6 @@ class KVCache:
         if len(frames) > self.query_capacity:
             raise ValueError(f"{len(frames)} frames exceed the {self.query_capacity} frames one forward can query")
         query_end = frames[-1] + 1
-        shift = max(0, query_end - self.rope_limit)
         ranges, context = [], []
         for i, frame in enumerate((*self.state.sink, *self.state.local)):
             if frame is None or frame in frames:
@@ -198,7 +191,7 @@ class KVCache:
                     f"the forward starts at frame {frames[0]} but the cache already holds frame {frame}; "
                     "frames must be generated in order (reset the cache to start over)"
                 )
-            self._place_window_slot(i, frame, shift, rotate)
+            self._place_window_slot(i, frame, query_end, rotate)
             ranges.append(self._tokens(self._window_slot(i)))
             context.append(frame)
         query = self._tokens(self._query_slot, len(frames))
@@ -206,7 +199,7 @@ class KVCache:
         context += frames
         if self._memory is not None:
             n = len(self._memory.frames)
-            self._place_memory(shift, rotate)
+            self._place_memory(query_end, rotate)
             ranges.append(self._tokens(self.cfg.memory_frames - n, n))
             context += list(self._memory.frames)
         # Queried frames are never sink frames once a shift exists (the first chunk has none): absolute positions.
@@ -215,9 +208,15 @@ class KVCache:
         self._query_frames = tuple(frames)
         return self.layout
 
-    def _place_window_slot(self, i: int, frame: int, shift: int, rotate: Rotate | None) -> None:
-        """Make sure sink/local slot i holds keys rotated at the frame's position for this shift."""
-        want = frame if frame >= self.cfg.sink_frames else frame + shift
+    def _placed(self, frames: Sequence[int], query_end: int) -> list[int]:
+        """Where keys of `frames` are rotated to for a query ending at `query_end`: `rope_positions` moved forward by
+        its shift, which keeps the window's frames at their absolute positions (the same distances to the query)."""
+        shift = max(0, query_end - self.rope_limit)
+        return [p + shift for p in rope_positions(frames, query_end, self.cfg.sink_frames, self.rope_limit)]
+
+    def _place_window_slot(self, i: int, frame: int, query_end: int, rotate: Rotate | None) -> None:
+        """Make sure sink/local slot i holds keys rotated at the frame's position for this query."""
+        (want,) = self._placed([frame], query_end)
         have = self.slot_positions[i]
         if have == want:
             return
@@ -234,11 +233,9 @@ class KVCache:
             self.k[:, :, start:end] = rotate(self.k[:, :, start:end], [want - have])
         self.slot_positions[i] = want
 
-    def _place_memory(self, shift: int, rotate: Rotate | None) -> None:
+    def _place_memory(self, query_end: int, rotate: Rotate | None) -> None:
         mem = self._memory
-        # `rope_positions` moved forward by the shift: the same distances to the query, which keeps absolute positions.
-        sink = self.cfg.sink_frames
-        want = tuple((p if p < sink else max(p - shift, sink)) + shift for p in mem.positions)
+        want = tuple(self._placed(mem.positions, query_end))
         if mem.placed_at == want:
             return
         n = len(mem.frames)
@@ -349,13 +346,6 @@ class KVCache:
         """A view (no copy) of one stored frame's keys [layers, B, T, H, D] and their rotation position."""
         start, end, position = self._frame_tokens(frame)
         return self.k[:, :, start:end], position
-
-    def reset(self) -> None:
-        self.state = WindowState.empty(self.cfg)
-        self.slot_positions = [None] * len(self.slot_positions)
-        self._memory = None
-        self._sink_origin = None
-        self.layout = None
 
 
 def sparse_select(

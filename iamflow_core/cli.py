@@ -2,11 +2,15 @@
 
 Errors about the user's inputs (story files, model files, settings) are printed as one clear message, without a
 traceback, and exit with status 2. Ctrl-C keeps every finished chunk in a playable video (exit status 130).
+
+The memory, transition, verifier and video-size flags are made from the library's option declarations
+(`settings.MemorySettings`, `config.SamplerConfig`): the same names, defaults, bounds and help as the nodes' widgets.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,15 +18,20 @@ from pathlib import Path
 
 import torch
 
-from .memory.settings import MODES, MemorySettings, build_memory, sampler_config
-from .pipeline import SamplerConfig, StreamingPipeline
+from .config import DTYPES, SamplerConfig, option_spec
+from .models.attention import BACKENDS
+from .pipeline import StreamingPipeline
 from .render import render_story
-from .story import Story, StoryError, load_stories, plan_chunks
+from .settings import MODES, PRESETS, MemorySettings, build_memory, build_verifier, sampler_config
+from .story import DEFAULT_SEED, Story, StoryError, load_stories, plan_chunks
 from .story.entities import EntityRegistry, RegistryError
-from .transition import STRATEGIES
 
 logger = logging.getLogger("iamflow_core.cli")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# MemorySettings options with a flag of their own (`mode` is --memory, which also picks the preset).
+MEMORY_FLAGS = (
+    "transition", "max_frames", "min_frames_multi_entity", "bank_size", "record_interval", "sparse_topk",
+    "visual_weight", "archive_limit_mb", "verifier_wait", "async_verifier",
+)  # fmt: skip
 
 
 def _default_devices() -> tuple[str, str]:
@@ -31,11 +40,22 @@ def _default_devices() -> tuple[str, str]:
     return "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="render a story (JSON, NarraStream JSONL or text) to mp4")
-    p.add_argument("story", nargs="?", help="story file (.json, .jsonl, .txt); optional with --preset tiny")
-    p.add_argument("--out", default="video.mp4", help="output mp4 (several stories: _000, _001, ... are added)")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: random-weight models on CPU, a smoke test (noise)")
+def _add_option(group: argparse._ArgumentGroup, cls: type, name: str, default_text: str | None = None) -> None:
+    """A flag for option `name` of settings class `cls`. Its argparse default is None ("not given"), so a preset's
+    value stands unless the user gives one."""
+    default, spec = option_spec(cls, name)
+    shown = default_text or ("automatic" if default is None else str(default).lower())
+    kwargs: dict = {"default": None, "help": f"{spec.help} (default: {shown})".replace("%", "%%")}
+    if isinstance(default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif spec.choices is not None:
+        kwargs["choices"] = spec.choices
+    else:
+        kwargs["type"] = float if isinstance(spec.step or default, float) else int
+    group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     files = p.add_argument_group("model files")
     files.add_argument("--models", help="folder with the model files (ComfyUI models/ or the Wan2.1 folder)")
     files.add_argument("--dit", help="DiT checkpoint (overrides the one found in --models)")
@@ -48,64 +68,94 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--device", default=dev_default, help=f"DiT and text encoder (default {dev_default})")
     run.add_argument("--vae-device", default=vae_default, help=f"VAE decode (default {vae_default})")
     run.add_argument("--text-device", help="text encoder, if not the DiT's device (e.g. cpu)")
-    run.add_argument("--offload-text-encoder", action="store_true", help="move umT5 to CPU after encoding")
+    run.add_argument(
+        "--offload-text-encoder", action="store_true",
+        help="keep umT5 on the CPU and move it to its device only to encode the prompts (frees ~11 GB on one GPU)",
+    )  # fmt: skip
     run.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     run.add_argument("--quantization", choices=["auto", "off", "fp8"], default="auto")
-    run.add_argument("--attention", default="auto", help="auto, sdpa, sdpa_cudnn, flash2, flash3")
+    run.add_argument("--attention", default="auto", choices=BACKENDS, help="DiT attention backend (default auto)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="render a story (JSON, NarraStream JSONL or text) to mp4")
+    p.add_argument("story", nargs="?", help="story file (.json, .jsonl, .txt); optional with --preset tiny")
+    p.add_argument("--out", default="video.mp4", help="output mp4 (several stories: _000, _001, ... are added)")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: random-weight models on CPU, a smoke test (noise)")
+    _add_model_flags(p)
     gen = p.add_argument_group("generation")
-    gen.add_argument("--seed", type=int, help="noise seed (default: the story's seed, else 0)")
-    gen.add_argument("--height", type=int, default=480)
-    gen.add_argument("--width", type=int, default=832)
+    gen.add_argument("--seed", type=int, help=f"noise seed (default: the story's seed, else {DEFAULT_SEED})")
+    _add_option(gen, SamplerConfig, "height", "480; 64 with --preset tiny")
+    _add_option(gen, SamplerConfig, "width", "832; 96 with --preset tiny")
     gen.add_argument("--seconds", type=float, default=10.0, help="seconds per prompt when the story gives none")
     gen.add_argument(
         "--no-overlap", action="store_true", help="decode after each chunk even when the VAE has its own device"
     )
     mem = p.add_argument_group("memory and identity (IAMFlow = identity memory + soft transition + verifier)")
-    mem.add_argument("--memory", choices=MODES, default="identity", help="identity (IAMFlow), memflow, none")
-    mem.add_argument("--transition", choices=STRATEGIES, help="prompt switch: soft (identity default) or recache")
-    mem.add_argument("--max-frames", type=int, default=4, help="identity: memory frames at most")
-    mem.add_argument("--bank-size", type=int, default=3, help="memflow: bank size in frames")
-    mem.add_argument("--sparse-topk", type=int, default=0, help="sparse activation: top-k sink/memory frames per head")
+    _, mode = option_spec(MemorySettings, "mode")
+    mem.add_argument(
+        "--memory", choices=MODES, default="identity", help=f"{mode.help} Picks the preset of that method."
+    )
+    for name in MEMORY_FLAGS:
+        preset_text = "soft for identity, recache otherwise" if name == "transition" else None
+        _add_option(mem, MemorySettings, name, preset_text)
     mem.add_argument("--registry", help="entity registry JSON to use as given (skips the LLM)")
     mem.add_argument("--llm", help="LLM folder for entity extraction (Qwen3-4B-Instruct-2507)")
     mem.add_argument("--llm-device", help="device of the LLM (default: --device; it is unloaded before sampling)")
     mem.add_argument("--vlm", help="VLM folder for frame verification (Qwen3-VL-2B-Instruct)")
     mem.add_argument("--vlm-device", help="device of the VLM (default: --vae-device)")
-    mem.add_argument("--visual-weight", type=float, default=0.3, help="weight of the VLM score in frame choice")
-    mem.add_argument("--sync-verifier", action="store_true", help="verify frames synchronously (ablation)")
-    wait_help = "seconds the sampler waits for a late verdict, then chooses on text (default: 5%% of a chunk's time)"
-    mem.add_argument("--verifier-wait", type=float, default=None, help=wait_help)
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def memory_settings(args: argparse.Namespace) -> MemorySettings:
+    """The preset of `--memory`, with every memory flag the user gave."""
+    given = {name: getattr(args, name) for name in MEMORY_FLAGS if getattr(args, name) is not None}
+    given = {name: option_spec(MemorySettings, name)[1].value_of(value) for name, value in given.items()}
+    return dataclasses.replace(PRESETS[args.memory], **given)
+
+
 def _build(args: argparse.Namespace):
+    """The models and the sampler's base config (video size)."""
     if args.preset == "tiny":
         from .presets import TINY_SAMPLER, tiny_models
 
         logger.warning("preset tiny: random-weight models, the video is noise (a smoke test of the pipeline)")
         dit, text_encoder, vae = tiny_models(device=args.device, vae_device=args.vae_device)
-        return dit, text_encoder, vae, TINY_SAMPLER
-    from .model_files import find_model_files, load_models
+        base = TINY_SAMPLER
+    else:
+        from .model_files import find_model_files, load_models
 
-    files = find_model_files(
-        args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
-        lora=args.lora,
-    )  # fmt: skip
-    dit, text_encoder, vae = load_models(
-        files, device=args.device, vae_device=args.vae_device, text_device=args.text_device,
-        dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention,
-    )  # fmt: skip
-    return dit, text_encoder, vae, SamplerConfig(height=args.height, width=args.width)
+        files = find_model_files(
+            args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
+            lora=args.lora,
+        )  # fmt: skip
+        text_device = "cpu" if args.offload_text_encoder else args.text_device
+        dit, text_encoder, vae = load_models(
+            files, device=args.device, vae_device=args.vae_device, text_device=text_device,
+            dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention,
+        )  # fmt: skip
+        base = SamplerConfig()
+    if args.offload_text_encoder:
+        from .text_encoder import OffloadedTextEncoder
+
+        text_encoder = OffloadedTextEncoder(text_encoder, args.text_device or args.device)
+    height, width = (base.height if v is None else v for v in (args.height, args.width))
+    size = SamplerConfig(height=height, width=width)
+    return dit, text_encoder, vae, size
 
 
 def _stories(args: argparse.Namespace) -> list[Story]:
     if args.story:
-        return load_stories(args.story, default_seconds=args.seconds)
-    if args.preset == "tiny":
+        stories = load_stories(args.story, default_seconds=args.seconds)
+    elif args.preset == "tiny":
         from .presets import DEFAULT_STORY
 
-        return [DEFAULT_STORY]
-    raise StoryError("no story given; pass a story file (.json, .jsonl or .txt) or use --preset tiny")
+        stories = [DEFAULT_STORY]
+    else:
+        raise StoryError("no story given; pass a story file (.json, .jsonl or .txt) or use --preset tiny")
+    if args.seed is None:
+        return stories
+    return [dataclasses.replace(story, seed=args.seed) for story in stories]  # the story's seed is the one seed
 
 
 def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> dict:
@@ -148,13 +198,12 @@ def _registry(args: argparse.Namespace, story: Story) -> EntityRegistry | None:
         extractor.unload()  # free its memory before the DiT needs it
 
 
-def _verifier(args: argparse.Namespace):
-    if not args.vlm or args.memory != "identity":
+def _verifier(args: argparse.Namespace, settings: MemorySettings):
+    if not args.vlm or settings.mode != "identity":
         return None
-    from .story.vlm import AsyncVerifier, FrameVerifier, ImmediateVerifier
+    from .story.vlm import FrameVerifier
 
-    verifier = FrameVerifier(args.vlm, device=args.vlm_device or args.vae_device)
-    return ImmediateVerifier(verifier) if args.sync_verifier else AsyncVerifier(verifier)
+    return build_verifier(settings, FrameVerifier(args.vlm, device=args.vlm_device or args.vae_device))
 
 
 def _story_map(story: Story, registry: EntityRegistry | None, memory, totals: dict) -> dict:
@@ -168,25 +217,17 @@ def _story_map(story: Story, registry: EntityRegistry | None, memory, totals: di
 
 
 def generate(args: argparse.Namespace) -> int:
+    settings = memory_settings(args)  # a bad flag fails before anything loads
     stories = _stories(args)
     # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
-    registries = [_registry(args, story) if args.memory == "identity" else None for story in stories]
-    dit, text_encoder, vae, base = _build(args)
-    transition = args.transition or ("soft" if args.memory == "identity" else "recache")
-    settings = MemorySettings(
-        mode=args.memory, max_frames=args.max_frames, bank_size=args.bank_size, sparse_topk=args.sparse_topk,
-        transition=transition, visual_weight=args.visual_weight, verifier_wait=args.verifier_wait,
-        min_frames_multi_entity=min(2, args.max_frames),
-    )  # fmt: skip
-    seed = args.seed if args.seed is not None else base.seed
-    config = sampler_config(settings, base.height, base.width, seed)
+    registries = [_registry(args, story) if settings.mode == "identity" else None for story in stories]
+    dit, text_encoder, vae, size = _build(args)
+    config = sampler_config(settings, size.height, size.width)
     pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
-    verifier = _verifier(args)
+    verifier = _verifier(args, settings)
     out = Path(args.out)
     try:
         for i, (story, registry) in enumerate(zip(stories, registries)):
-            if args.seed is not None:
-                story = Story(story.segments, story.title, args.seed)
             target = out if len(stories) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
             memory = build_memory(settings, registry, verifier)
             totals = _render(pipe, story, config, memory, target)

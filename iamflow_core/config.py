@@ -1,12 +1,91 @@
-"""Frozen configuration dataclasses for the streaming engine.
+"""Frozen configuration dataclasses for the streaming engine, and how a user-facing option is declared.
 
-Model dimensions are never hard-coded in the model code: `weights.py` detects them from checkpoint tensor shapes
+Model dimensions are never hard-coded in the model code: `weights/` detects them from checkpoint tensor shapes
 and builds these configs, so tiny test checkpoints and full-size ones go through the same code.
+
+An option a user can set (a CLI flag, a node widget) is a dataclass field made with `option(...)`: its default, help
+text, bounds and choices are written once, there. `check_options` validates every such field in `__post_init__`,
+and the CLI and the ComfyUI nodes build their flags and widgets from the same declaration (`option_spec`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Wan2.1 makes 16 video frames per second.
+VIDEO_FPS = 16
+# The number formats a user can pick for model weights, by the name the CLI and the nodes show.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """What the CLI and the nodes need to show one setting: help, bounds, choices.
+
+    auto: for a setting whose "automatic" value is None, the number that stands for it where a number must be
+    given (a widget); `value_of` turns it back into None.
+    """
+
+    help: str
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None
+    label: str | None = None  # how messages name it, e.g. "memory mode"; default: the field name
+    auto: float | None = None
+
+    def value_of(self, value: Any) -> Any:
+        """A widget's or flag's value as the setting's value (the `auto` number becomes None)."""
+        return None if self.auto is not None and value == self.auto else value
+
+
+def option(default: Any, help: str, **spec: Any) -> Any:
+    """A dataclass field that is a user-facing option (see `Option`)."""
+    return field(default=default, metadata={"option": Option(help, **spec)})
+
+
+def option_from(cls: type, name: str) -> Any:
+    """The same option as `cls.name` (its default and declaration), for a settings class that exposes it too."""
+    default, spec = option_spec(cls, name)
+    return field(default=default, metadata={"option": spec})
+
+
+def option_spec(cls: type, name: str) -> tuple[Any, Option]:
+    """The default and declaration of option `name` of dataclass `cls`."""
+    found = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in found or "option" not in found[name].metadata:
+        raise KeyError(f"{cls.__name__} has no option {name!r}")
+    return found[name].default, found[name].metadata["option"]
+
+
+def check_options(obj: Any) -> None:
+    """Raise a ValueError naming the option, its value and what it may be, for the first out-of-range option."""
+    for f in dataclasses.fields(obj):
+        spec = f.metadata.get("option")
+        value = getattr(obj, f.name)
+        if spec is None or value is None:
+            continue
+        label = spec.label or f.name
+        if spec.choices is not None and value not in spec.choices:
+            raise ValueError(f"unknown {label} {value!r}; choose one of {', '.join(spec.choices)}")
+        low = spec.min if spec.min is not None else float("-inf")
+        high = spec.max if spec.max is not None else float("inf")
+        if spec.choices is None and not isinstance(value, bool) and not low <= value <= high:
+            raise ValueError(f"{label} must be in [{_num(low)}, {_num(high)}], got {value}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
 
 # Wan2.1 latent normalisation constants (16 channels), shared by every Wan2.1 VAE checkpoint.
 WAN21_LATENT_MEAN = (
@@ -107,6 +186,10 @@ class VAEConfig:
         return 2 ** (len(self.dim_mult) - 1)
 
 
+# Video frames per latent frame of the Wan2.1 VAE (after the first frame, which is decoded alone).
+WAN21_TEMPORAL_FACTOR = VAEConfig().temporal_factor
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Self-attention KV cache of the streaming DiT, in latent frames.
@@ -122,13 +205,19 @@ class CacheConfig:
     memory_frames: int = 6
     # > 0: each attention head keeps only its top-k frames of sink + memory, ranked by mean-pooled q.k (MemFlow's
     # sparse memory activation); the local window and the chunk itself are always attended.
-    sparse_topk: int = 0
+    sparse_topk: int = option(
+        0,
+        "0: off. Else each attention head attends only to its top-k sink and memory frames (sparse activation).",
+        min=0,
+        max=64,
+    )
 
     def __post_init__(self) -> None:
+        check_options(self)
         if self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
-        if self.sink_frames < 0 or self.memory_frames < 0 or self.sparse_topk < 0:
-            raise ValueError("sink_frames, memory_frames and sparse_topk must be >= 0")
+        if self.sink_frames < 0 or self.memory_frames < 0:
+            raise ValueError("sink_frames and memory_frames must be >= 0")
         if self.window_frames < self.sink_frames + self.chunk_frames:
             raise ValueError(
                 f"window_frames {self.window_frames} must hold the sink ({self.sink_frames}) and one chunk "
@@ -139,3 +228,61 @@ class CacheConfig:
     def local_frames(self) -> int:
         """Previous (non-sink) frames kept in the rolling window."""
         return self.window_frames - self.sink_frames - self.chunk_frames
+
+
+STRATEGIES = ("recache", "soft", "hard")
+
+
+@dataclass(frozen=True)
+class TransitionConfig:
+    """How the conditioning changes at a prompt switch (see `transition.py` for the strategies)."""
+
+    strategy: str = option(
+        "soft",
+        "Prompt switch. soft: blend old and new prompt over a window sized by how different they are (IAMFlow); "
+        "recache: re-encode the recent frames under the new prompt (LongLive/MemFlow); hard: just switch.",
+        choices=STRATEGIES,
+        label="transition strategy",
+    )
+    delay_frames: int = 3
+    min_window_frames: int = 3
+    max_window_frames: int = 15
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not 0 < self.min_window_frames <= self.max_window_frames:
+            lo, hi = self.min_window_frames, self.max_window_frames
+            raise ValueError(f"need 0 < min_window_frames ({lo}) <= max_window_frames ({hi})")
+        if self.delay_frames < 0:
+            raise ValueError(f"delay_frames must be >= 0, got {self.delay_frames}")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """One run of the streaming sampler: video size, the few-step schedule, the cache and the transition.
+
+    The noise seed is the story's (`Story.seed`), so a story file carries it and the sampler never picks it again.
+    """
+
+    height: int = option(480, "Video height in pixels, a multiple of 16.", min=16, max=2048, step=16)
+    width: int = option(
+        832,
+        "Video width in pixels, a multiple of 16 (the models were trained at 832x480).",
+        min=16,
+        max=2048,
+        step=16,
+    )
+    steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    shift: float = 5.0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    transition: TransitionConfig = field(default_factory=TransitionConfig)
+
+    def __post_init__(self) -> None:
+        if self.height <= 0 or self.width <= 0 or self.height % 16 or self.width % 16:
+            raise ValueError(
+                f"video size {self.width}x{self.height} must be positive multiples of 16 (VAE 8x, patch 2x); "
+                "e.g. 832x480"
+            )
+        check_options(self)
+        if not self.steps:
+            raise ValueError("steps must list at least one denoising timestep, e.g. (1000, 750, 500, 250)")

@@ -9,11 +9,10 @@ import random
 import sentencepiece
 import torch
 
-from .config import CacheConfig, DiTConfig, T5Config, VAEConfig
+from .config import CacheConfig, DiTConfig, SamplerConfig, T5Config, VAEConfig
 from .models.dit import CausalWanDiT
 from .models.t5 import UMT5Encoder
 from .models.vae import WanVAE
-from .pipeline import SamplerConfig
 from .story import Segment, Story
 from .text_encoder import TextEncoder, umt5_tokenizer_from_spiece
 

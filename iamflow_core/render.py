@@ -23,15 +23,14 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from .config import VIDEO_FPS, CacheConfig, SamplerConfig
 from .memory import MemoryPolicy
 from .models.vae import WanVAE
-from .pipeline import ChunkEvent, SamplerConfig, StreamingPipeline
+from .pipeline import ChunkEvent, StreamingPipeline
 from .story import ChunkPlan, Story, plan_chunks
 from .video import VideoWriter, to_uint8_frames
 
 logger = logging.getLogger(__name__)
-
-FPS = 16
 
 
 @dataclass(frozen=True)
@@ -102,6 +101,54 @@ def _record(event: ChunkEvent, plan: ChunkPlan, frames_done: int) -> ChunkRecord
     )  # fmt: skip
 
 
+class _Outputs:
+    """Where a render's frames go: the mp4 and, when the frames are wanted back, a temp spool; both written on one
+    background thread in chunk order. A context manager: leaving it waits for every write, then closes the file."""
+
+    def __init__(self, out_path: str | Path | None, fps: float, keep_frames: bool, spool_dir: str | Path | None):
+        self.pending: list = []
+        self.frames_made = 0
+        self.writer, self.spool = None, None
+        with ExitStack() as stack:  # a failure while opening closes what was opened
+            if out_path is not None:
+                self.writer = stack.enter_context(VideoWriter(out_path, fps=fps))
+            if keep_frames:
+                if spool_dir is not None:
+                    Path(spool_dir).mkdir(parents=True, exist_ok=True)
+                prefix = "iamflow-frames-"
+                self.spool = _FrameSpool(stack.enter_context(tempfile.TemporaryFile(prefix=prefix, dir=spool_dir)))
+            self.writes = ThreadPoolExecutor(1, thread_name_prefix="iamflow-write")
+            stack.callback(self.writes.shutdown, wait=True)  # runs before the writer closes: every chunk reaches it
+            self.stack = stack.pop_all()
+
+    def __enter__(self) -> _Outputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def add(self, frames: np.ndarray) -> None:
+        self.frames_made += frames.shape[0]
+        self.pending.append(self.writes.submit(self._write, frames))
+
+    def _write(self, frames: np.ndarray) -> None:
+        if self.writer is not None:
+            self.writer.write(frames)
+        if self.spool is not None:
+            self.spool.write(frames)
+
+    def finish(self) -> np.ndarray | None:
+        """Wait for every write; a failed one (disk full, ...) raises here, not silently. The spooled frames."""
+        self.writes.shutdown(wait=True)
+        for future in self.pending:
+            future.result()
+        return self.spool.read() if self.spool is not None else None
+
+    @property
+    def frames_written(self) -> int:
+        return self.writer.frames_written if self.writer is not None else self.frames_made
+
+
 def render_story(
     pipe: StreamingPipeline,
     story: Story,
@@ -113,7 +160,7 @@ def render_story(
     cancel: threading.Event | None = None,
     keep_frames: bool = True,
     keep_latents: bool = True,
-    fps: float = FPS,
+    fps: float = VIDEO_FPS,
     spool_dir: str | Path | None = None,
 ) -> RenderResult:
     """Render `story` with a fresh `memory` policy; write the frames to `out_path` (mp4) as they come.
@@ -131,48 +178,29 @@ def render_story(
     latents: list[torch.Tensor] = []
     totals: dict[str, float] = {}
     start = time.perf_counter()
-    with ExitStack() as stack:
-        writer = stack.enter_context(VideoWriter(out_path, fps=fps)) if out_path is not None else None
-        spool = None
-        if keep_frames:
-            if spool_dir is not None:
-                Path(spool_dir).mkdir(parents=True, exist_ok=True)
-            spool = _FrameSpool(stack.enter_context(tempfile.TemporaryFile(prefix="iamflow-frames-", dir=spool_dir)))
-        writes = ThreadPoolExecutor(1, thread_name_prefix="iamflow-write")
-        stack.callback(writes.shutdown, wait=True)  # runs before the writer closes: every chunk reaches the file
-
-        def write(frames: np.ndarray) -> None:
-            if writer is not None:
-                writer.write(frames)
-            if spool is not None:
-                spool.write(frames)
-
-        frames_done = 0
-        pending_writes = []
+    with _Outputs(out_path, fps, keep_frames, spool_dir) as outputs:
         for event in pipe.run(story, config, memory, cancel=cancel):
             if keep_latents:
                 latents.append(event.latents.detach().to("cpu", torch.float32))
             if event.frames is not None:
-                frames_done += event.frames.shape[0]
-                pending_writes.append(writes.submit(write, event.frames))
+                outputs.add(event.frames)
             for key, value in event.timings.items():
                 totals[key] = totals.get(key, 0.0) + value
-            records.append(_record(event, plan, frames_done))
+            records.append(_record(event, plan, outputs.frames_made))
             if on_chunk is not None:
                 on_chunk(event, records[-1])
-        writes.shutdown(wait=True)
-        for future in pending_writes:
-            future.result()  # a failed write (disk full, ...) surfaces here, not silently
-        frames = spool.read() if spool is not None else None
+        frames = outputs.finish()
     cancelled = len(records) < plan.num_chunks
     if cancelled:
-        logger.info("stopped after %d of %d chunks; %d frames kept", len(records), plan.num_chunks, frames_done)
+        logger.info(
+            "stopped after %d of %d chunks; %d frames kept", len(records), plan.num_chunks, outputs.frames_made
+        )
     totals["wall"] = time.perf_counter() - start
     story_map = getattr(memory, "story_map", None)
     return RenderResult(
         frames=frames, latents=torch.cat(latents, dim=2) if latents else None, chunks=tuple(records), plan=plan,
         timings=totals, out_path=Path(out_path) if out_path is not None else None,
-        frames_written=writer.frames_written if writer is not None else frames_done, cancelled=cancelled,
+        frames_written=outputs.frames_written, cancelled=cancelled,
         memory_map=copy.deepcopy(story_map()) if callable(story_map) else None,
     )  # fmt: skip
 
@@ -194,7 +222,11 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def decode_latents(
-    vae: WanVAE, latents: torch.Tensor, *, chunk_frames: int = 3, on_chunk: Callable[[np.ndarray], None] | None = None
+    vae: WanVAE,
+    latents: torch.Tensor,
+    *,
+    chunk_frames: int = CacheConfig.chunk_frames,
+    on_chunk: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Decode normalized latents [1, C, F, h, w] chunk by chunk with the streaming VAE: uint8 [T, H, W, 3].
 
@@ -203,12 +235,11 @@ def decode_latents(
     """
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise ValueError(f"latents must be [1, C, F, h, w], got {tuple(latents.shape)}")
-    param = next(vae.parameters())
     state = vae.new_decode_state()
     chunks = []
     with torch.no_grad():
         for start in range(0, latents.shape[2], chunk_frames):
-            z = latents[:, :, start : start + chunk_frames].to(param.device, param.dtype)
+            z = latents[:, :, start : start + chunk_frames].to(vae.device, vae.dtype)
             chunks.append(to_uint8_frames(vae.decode_stream(z, state)))
             if on_chunk is not None:
                 on_chunk(chunks[-1])

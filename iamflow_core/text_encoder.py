@@ -11,6 +11,7 @@ import html
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,3 +231,21 @@ class TextEncoder:
         ids, mask = ids.to(self.device), mask.to(self.device)
         out = self.encoder(ids, mask)
         return out.masked_fill(mask[:, :, None] == 0, 0.0)
+
+
+class OffloadedTextEncoder:
+    """A `TextEncoder` that lives on the CPU and visits `device` only to encode (on one GPU this frees the ~11 GB of
+    umT5-XXL for the DiT). Same `encode` contract; outputs come back on `device`. Thread-safe."""
+
+    def __init__(self, encoder: TextEncoder, device: torch.device | str) -> None:
+        self.encoder, self.compute_device = encoder.to("cpu"), torch.device(device)
+        self.tokenizer = encoder.tokenizer
+        self._lock = threading.Lock()
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        with self._lock:
+            self.encoder.to(self.compute_device)
+            try:
+                return self.encoder.encode(prompts)
+            finally:
+                self.encoder.to("cpu")

@@ -1,15 +1,15 @@
-"""Small helpers every IAMFlow node shares: the category, precisions, and text shown on a node."""
+"""Small helpers every IAMFlow node shares: the category, precisions, widgets of library options, and text shown
+on a node."""
 
 from __future__ import annotations
 
 import logging
 
-import torch
+from iamflow_core.config import DTYPES
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "IAMFlow"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
 
@@ -40,3 +40,27 @@ def with_text(result: tuple, lines: list[str], unique_id: str | None = None) -> 
 def widget(kind, tooltip: str, **options) -> tuple:
     """One input declaration: `kind` is a type name (INT, STRING, IAMFLOW_DIT, ...) or a list of choices."""
     return (kind, {**options, "tooltip": tooltip})
+
+
+def option_widget(cls: type, name: str, **extra) -> tuple:
+    """The widget of a library option (a field made with `iamflow_core.config.option`): its default, bounds,
+    choices and help come from the library's one declaration."""
+    from iamflow_core.config import option_spec
+
+    default, spec = option_spec(cls, name)
+    if spec.choices is not None:
+        return widget(list(spec.choices), spec.help, default=default, **extra)
+    if spec.auto is not None:  # "automatic" (None) is shown as a number a widget can hold
+        default, low = (spec.auto if default is None else default), spec.auto
+    else:
+        low = spec.min
+    kind = "BOOLEAN" if isinstance(default, bool) else "FLOAT" if isinstance(spec.step or default, float) else "INT"
+    bounds = {k: v for k, v in (("min", low), ("max", spec.max), ("step", spec.step)) if v is not None}
+    return widget(kind, spec.help, default=default, **bounds, **extra)
+
+
+def options_from_widgets(cls: type, values: dict):
+    """An instance of the settings class `cls` from widget values named like its options (automatic -> None)."""
+    from iamflow_core.config import option_spec
+
+    return cls(**{name: option_spec(cls, name)[1].value_of(value) for name, value in values.items()})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 
@@ -98,25 +97,6 @@ class IAMFlowLoadDiT:
         return with_text((dit,), [warning, attention_warning, info], unique_id)
 
 
-class OffloadedTextEncoder:
-    """A text encoder that lives on the CPU and visits `device` only to encode (one GPU: saves ~11 GB for umT5).
-
-    Wraps the library's `TextEncoder` without changing what it is; `encode` has the same contract."""
-
-    def __init__(self, encoder, device: torch.device) -> None:
-        self.encoder, self.compute_device = encoder, device
-        self.tokenizer = encoder.tokenizer
-        self._lock = threading.Lock()
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        with self._lock:
-            self.encoder.to(self.compute_device)
-            try:
-                return self.encoder.encode(prompts)
-            finally:
-                self.encoder.to("cpu")
-
-
 class IAMFlowLoadTextEncoder:
     DESCRIPTION = "Loads the umT5-XXL text encoder (ComfyUI's umt5_xxl_*.safetensors or Wan's .pth) and its tokenizer."
 
@@ -163,7 +143,12 @@ class IAMFlowLoadTextEncoder:
 
     def load(self, model, tokenizer, precision, device, offload, unique_id=None):
         from iamflow_core import weights
-        from iamflow_core.text_encoder import TextEncoder, load_umt5_tokenizer, umt5_tokenizer_from_spiece
+        from iamflow_core.text_encoder import (
+            OffloadedTextEncoder,
+            TextEncoder,
+            load_umt5_tokenizer,
+            umt5_tokenizer_from_spiece,
+        )
 
         dev, warning = resolve_device(device)
         path = folders.file_path("text_encoders", model)

@@ -6,7 +6,7 @@ import json
 import logging
 
 from . import folders
-from .common import CATEGORY, HIDDEN, widget, with_text
+from .common import CATEGORY, HIDDEN, option_widget, options_from_widgets, widget, with_text
 from .devices import check_device, device_input, resolve_device
 from .story import describe_registry
 from .values import MEMORY, STATE, VLM, MemoryValue, StoryValue
@@ -50,80 +50,22 @@ class IAMFlowVLMVerifier:
 
 class IAMFlowIdentityMemory:
     DESCRIPTION = (
-        "Memory settings: IAMFlow identity memory, the MemFlow bank or none, the frame budgets and the prompt "
-        "transition. The sampler builds a fresh memory from them on every run."
+        "Memory settings: IAMFlow identity memory, the MemFlow bank or none, the frame budgets, the prompt "
+        "transition and how the verifier runs. The sampler builds a fresh memory from them on every run."
     )
+    # Widget order is the order saved in workflows: new options go at the end.
+    OPTIONS = (
+        "mode", "transition", "max_frames", "min_frames_multi_entity", "bank_size", "record_interval", "sparse_topk",
+        "visual_weight", "archive_limit_mb", "async_verifier", "verifier_wait",
+    )  # fmt: skip
 
     @classmethod
     def INPUT_TYPES(cls):
-        from iamflow_core.memory.settings import MODES
-        from iamflow_core.transition import STRATEGIES
+        from iamflow_core.settings import MemorySettings
 
         return {
-            "required": {
-                "mode": widget(
-                    list(MODES),
-                    "identity: frames showing the new prompt's entities come back at each prompt switch (IAMFlow). "
-                    "memflow: a bank of frames ranked by prompt relevance (MemFlow). none: sink + rolling window "
-                    "only (LongLive).",
-                    default="identity",
-                ),
-                "transition": widget(
-                    list(STRATEGIES),
-                    "Prompt switch. soft: blend old and new prompt over a window sized by how different they are "
-                    "(IAMFlow); recache: re-encode the recent frames under the new prompt (LongLive/MemFlow); "
-                    "hard: just switch.",
-                    default="soft",
-                ),
-                "max_frames": widget(
-                    "INT", "identity: memory frames put back into attention, at most.", default=4, min=1, max=16
-                ),
-                "min_frames_multi_entity": widget(
-                    "INT",
-                    "identity: at least this many frames when a prompt has two or more entities (at most max_frames).",
-                    default=2,
-                    min=0,
-                    max=16,
-                ),
-                "bank_size": widget("INT", "memflow: frames in the bank.", default=3, min=1, max=16),
-                "record_interval": widget(
-                    "INT", "memflow: capture a frame every this many chunks.", default=3, min=1, max=64
-                ),
-                "sparse_topk": widget(
-                    "INT",
-                    "0: off. Else each attention head attends only to its top-k sink and memory frames (sparse "
-                    "activation).",
-                    default=0,
-                    min=0,
-                    max=64,
-                ),
-                "visual_weight": widget(
-                    "FLOAT",
-                    "identity: weight of the verifier's visual score against text relevance when choosing a "
-                    "chunk's frame (needs a verifier).",
-                    default=0.3,
-                    min=0.0,
-                    max=1.0,
-                    step=0.05,
-                ),
-                "archive_limit_mb": widget(
-                    "INT",
-                    "identity: host memory for archived frames; beyond it the least useful frames are dropped.",
-                    default=2048,
-                    min=64,
-                    max=65536,
-                    step=64,
-                ),
-                "async_verifier": widget(
-                    "BOOLEAN",
-                    "Run the verifier in a worker thread on its own device while sampling goes on (the sampler "
-                    "waits only when memory needs a score). Off: verify inline.",
-                    default=True,
-                ),
-            },
-            "optional": {
-                "verifier": widget(VLM, "Optional VLM verifier (identity mode)."),
-            },
+            "required": {name: option_widget(MemorySettings, name) for name in cls.OPTIONS},
+            "optional": {"verifier": widget(VLM, "Optional VLM verifier (identity mode).")},
         }
 
     RETURN_TYPES = (MEMORY,)
@@ -132,16 +74,10 @@ class IAMFlowIdentityMemory:
     FUNCTION = "settings"
     CATEGORY = CATEGORY
 
-    def settings(self, mode, transition, max_frames, min_frames_multi_entity, bank_size, record_interval,
-                 sparse_topk, visual_weight, archive_limit_mb, async_verifier, verifier=None):  # fmt: skip
-        from iamflow_core.memory.settings import MemorySettings
+    def settings(self, verifier=None, **options):
+        from iamflow_core.settings import MemorySettings
 
-        settings = MemorySettings(
-            mode=mode, transition=transition, max_frames=max_frames, bank_size=bank_size,
-            min_frames_multi_entity=min_frames_multi_entity, record_interval=record_interval,
-            sparse_topk=sparse_topk, visual_weight=visual_weight, archive_limit_mb=archive_limit_mb,
-        )  # fmt: skip
-        return (MemoryValue(settings, verifier, async_verifier),)
+        return (MemoryValue(options_from_widgets(MemorySettings, options), verifier),)
 
 
 def describe_state(state) -> str:

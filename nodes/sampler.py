@@ -12,7 +12,7 @@ import folder_paths
 import numpy as np
 import torch
 
-from .common import CATEGORY, HIDDEN, show_text, widget
+from .common import CATEGORY, HIDDEN, option_widget, show_text, widget
 from .values import DIT, MEMORY, STATE, STORY, TEXT_ENCODER, VAE, StateValue
 
 logger = logging.getLogger(__name__)
@@ -108,13 +108,12 @@ class _ChunkMonitor:
         raise mm.InterruptProcessingException()
 
 
-def _verifier_for_run(memory):
-    """A fresh verifier front-end per run (the async one owns a worker thread); a context manager."""
-    if memory is None or memory.verifier is None:
-        return nullcontext()
-    from iamflow_core.story.vlm import AsyncVerifier, ImmediateVerifier
+def _verifier_for_run(settings, memory):
+    """A fresh verifier per run (the async one owns a worker thread), or None; as a context manager."""
+    from iamflow_core.settings import build_verifier
 
-    return AsyncVerifier(memory.verifier) if memory.async_verifier else ImmediateVerifier(memory.verifier)
+    verifier = build_verifier(settings, memory.verifier if memory is not None else None)
+    return verifier if verifier is not None else nullcontext()
 
 
 def _output_path(prefix: str, width: int, height: int) -> tuple[Path, dict]:
@@ -135,22 +134,15 @@ class IAMFlowStreamingSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from iamflow_core.config import SamplerConfig
+
         return {
             "required": {
                 "dit": widget(DIT, "The streaming DiT (Load Wan DiT)."),
                 "text_encoder": widget(TEXT_ENCODER, "umT5 (Load Text Encoder)."),
                 "story": widget(STORY, "The story (Story, or Entity Extractor for identity memory)."),
-                "width": widget(
-                    "INT",
-                    "Video width in pixels, a multiple of 16 (the models were trained at 832x480).",
-                    default=832,
-                    min=16,
-                    max=2048,
-                    step=16,
-                ),
-                "height": widget(
-                    "INT", "Video height in pixels, a multiple of 16.", default=480, min=16, max=2048, step=16
-                ),
+                "width": option_widget(SamplerConfig, "width"),
+                "height": option_widget(SamplerConfig, "height"),
                 "seed": widget(
                     "INT",
                     "Noise seed of the whole video (it replaces a seed given in story JSON).",
@@ -193,18 +185,18 @@ class IAMFlowStreamingSampler:
 
     def sample(self, dit, text_encoder, story, width, height, seed, filename_prefix, memory=None, vae=None,
                unique_id=None):  # fmt: skip
-        from iamflow_core.memory.settings import LONGLIVE, build_memory, sampler_config
         from iamflow_core.pipeline import StreamingPipeline
         from iamflow_core.render import render_story
+        from iamflow_core.settings import LONGLIVE, build_memory, sampler_config
         from iamflow_core.story import plan_chunks
 
         settings = memory.settings if memory is not None else LONGLIVE
         run_story = replace(story.story, seed=seed)
         out_path, ui = _output_path(filename_prefix, width, height) if vae is not None else (None, {})
         monitor = _ChunkMonitor(unique_id, plan_chunks(run_story).num_chunks, out_path)
-        with _verifier_for_run(memory) as verifier:
+        with _verifier_for_run(settings, memory) as verifier:
             result = render_story(
-                StreamingPipeline(dit, text_encoder, vae), run_story, sampler_config(settings, height, width, seed),
+                StreamingPipeline(dit, text_encoder, vae), run_story, sampler_config(settings, height, width),
                 build_memory(settings, story.registry, verifier), out_path=out_path, on_chunk=monitor,
                 cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(),
             )  # fmt: skip
@@ -238,9 +230,10 @@ class IAMFlowDecodeVAE:
     def decode(self, vae, latent):
         import comfy.utils
 
+        from iamflow_core.config import CacheConfig
         from iamflow_core.render import decode_latents
 
         latents = from_comfy_latent(latent)
-        pbar = comfy.utils.ProgressBar(-(-latents.shape[2] // 3))
+        pbar = comfy.utils.ProgressBar(-(-latents.shape[2] // CacheConfig.chunk_frames))
         frames = decode_latents(vae, latents[:1], on_chunk=lambda _: pbar.update(1))
         return (to_image(frames, 0, 0),)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from iamflow_core.memory.settings import MemorySettings
 from iamflow_core.render import RenderResult
+from iamflow_core.settings import MemorySettings
 from iamflow_core.story import Story
 from iamflow_core.story.entities import EntityRegistry
 
@@ -36,12 +36,11 @@ class StoryValue:
 class MemoryValue:
     """IAMFLOW_MEMORY: what the artist chose; the sampler builds a fresh (stateful) policy from it per run.
 
-    verifier: a loaded `FrameVerifier` or None; async_verifier: run it in a worker thread (else inline).
+    verifier: a loaded `FrameVerifier` (the scorer) or None; `settings.async_verifier` says how it runs.
     """
 
     settings: MemorySettings
     verifier: Any = None
-    async_verifier: bool = True
 
 
 @dataclass(frozen=True)

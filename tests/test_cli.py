@@ -5,9 +5,9 @@ import json
 import pytest
 
 from iamflow_core import cli
-from iamflow_core.config import CacheConfig
+from iamflow_core.config import CacheConfig, SamplerConfig
 from iamflow_core.memory import NoMemory
-from iamflow_core.pipeline import SamplerConfig, StreamingPipeline
+from iamflow_core.pipeline import StreamingPipeline
 from iamflow_core.presets import tiny_models
 from iamflow_core.story import Segment, Story
 from iamflow_core.video import read_video_frame_count

@@ -7,16 +7,16 @@ import logging
 import pytest
 
 from iamflow_core.story.entities import Entity, EntityRegistry, RegistryError
+from iamflow_core.story.hf import ModelFolderError
+from iamflow_core.story.jsonish import parse_json_answer
 from iamflow_core.story.llm import (
     NUDGE,
     EntityExtractor,
-    ModelFolderError,
     PromptEntity,
     assign_ids,
     entities_from_answer,
     infer_gender,
     is_new_marker,
-    parse_json_answer,
     registry_for_story,
 )
 

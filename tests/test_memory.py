@@ -6,13 +6,17 @@ import pytest
 import torch
 
 from iamflow_core.cache import sparse_select
-from iamflow_core.memory.identity import ArchivedFrame, IdentityMemory, entity_token_weights, evict, greedy_cover
-from iamflow_core.memory.settings import MemorySettings, build_memory, sampler_config
+from iamflow_core.memory.archive import ArchivedFrame, evict, greedy_cover
+from iamflow_core.memory.identity import IdentityMemory
+from iamflow_core.memory.pacing import VerdictPacing
+from iamflow_core.memory.scoring import entity_token_weights
 from iamflow_core.models.attention import attention
 from iamflow_core.pipeline import StreamingPipeline
 from iamflow_core.presets import tiny_models, tiny_tokenizer
+from iamflow_core.settings import MemorySettings, build_memory, sampler_config
 from iamflow_core.story import Segment, Story
 from iamflow_core.story.entities import EntityRegistry
+from iamflow_core.verify import AsyncVerifier, Verdict
 
 
 def _frame(frame: int, entities: tuple[int, ...], visual: float = 0.5, nbytes: int = 100) -> ArchivedFrame:
@@ -165,7 +169,8 @@ def test_without_the_llm_memory_follows_prompt_relevance(models):
 
 
 class _RecordingVerifier:
-    """Stands in for the VLM at its boundary: scores the last frame of each chunk highest."""
+    """Stands in for the VLM at its boundary (the `Verifier` protocol): scores the last frame of each chunk
+    highest."""
 
     def __init__(self):
         self.jobs = {}
@@ -174,11 +179,18 @@ class _RecordingVerifier:
         self.jobs[key] = (frames.shape, prompt, [e.id for e in entities], check_attributes)
 
     def result(self, key, wait=True, timeout=None):
-        from types import SimpleNamespace
-
         if key not in self.jobs:  # as AsyncVerifier: a key never submitted gets neutral scores at once
-            return SimpleNamespace(scores=(0.5, 0.5, 0.5), corrections={})
-        return SimpleNamespace(scores=(0.1, 0.2, 0.9), corrections={2: ("grey hoodie", "white sneakers")})
+            return Verdict.neutral(3, "unknown key")
+        return Verdict((0.1, 0.2, 0.9), {2: ("grey hoodie", "white sneakers")})
+
+    def started(self, key):
+        return key in self.jobs
+
+    def pending(self):
+        return 0
+
+    def close(self):
+        pass
 
 
 def test_visual_scores_steer_the_frame_choice_and_correct_attributes(models):
@@ -196,9 +208,9 @@ def test_memory_settings_validate():
     with pytest.raises(ValueError, match="min_frames_multi_entity"):
         MemorySettings(max_frames=2, min_frames_multi_entity=3)
     with pytest.raises(ValueError, match="max_frames"):
-        IdentityMemory(None, max_frames=8).start(
-            type("Ctx", (), {"cache": type("C", (), {"cfg": sampler_config(MemorySettings()).cache})()})()
-        )
+        IdentityMemory(
+            None, max_frames=8, min_frames_multi_entity=2, visual_weight=0.3, archive_limit_bytes=2**30
+        ).start(type("Ctx", (), {"cache": type("C", (), {"cfg": sampler_config(MemorySettings()).cache})()})())
 
 
 def test_archive_stays_under_2_gib_for_a_60_s_story_at_full_size():
@@ -224,15 +236,11 @@ class _SlowScorer:
     def score(self, clip, prompt, entities, check_attributes=False):
         import time
 
-        from iamflow_core.story.vlm import Verdict
-
         time.sleep(0.3)
-        return Verdict((0.1,) * len(clip), {2: ("grey hoodie",)} if check_attributes else {}, ok=True)
+        return Verdict((0.1,) * len(clip), {2: ("grey hoodie",)} if check_attributes else {})
 
 
 def test_a_slow_verifier_does_not_hold_the_sampler_and_its_late_corrections_still_count(models):
-    from iamflow_core.story.vlm import AsyncVerifier
-
     with AsyncVerifier(_SlowScorer(), max_queue=16) as verifier:
         _, memory = _run(models, MemorySettings(verifier_wait=0.0), verifier=verifier)
         assert memory.late_verdicts > 0  # frames were chosen on text alone rather than waiting
@@ -246,8 +254,6 @@ def test_the_loop_does_not_wait_for_a_verdict_whose_job_has_not_started(models):
     """With the VLM stuck on chunk 0's job (sink frames, never archived), every later job only queues: each chunk
     is decided at once instead of spending the (here long) verdict wait."""
     import threading
-
-    from iamflow_core.story.vlm import AsyncVerifier
 
     gate = threading.Event()
 
@@ -278,10 +284,10 @@ def test_verifier_wait_is_validated():
 
 
 def test_the_default_verdict_wait_is_a_share_of_the_chunk_time():
-    from iamflow_core.memory.identity import FIRST_CHUNKS_WAIT, VERIFIER_SHARE
+    from iamflow_core.memory.pacing import FIRST_CHUNKS_WAIT, VERIFIER_SHARE
 
-    memory = IdentityMemory(None)
-    assert memory._wait_limit() == FIRST_CHUNKS_WAIT  # no pace yet
-    memory._chunk_seconds = 0.4
-    assert memory._wait_limit() == pytest.approx(VERIFIER_SHARE * 0.4)  # 20 ms of a 0.4-s chunk
-    assert IdentityMemory(None, verifier_wait=1.5)._wait_limit() == 1.5
+    pacing = VerdictPacing(_RecordingVerifier(), wait=None)
+    assert pacing.wait_limit() == FIRST_CHUNKS_WAIT  # no pace yet
+    pacing.chunk_seconds = 0.4
+    assert pacing.wait_limit() == pytest.approx(VERIFIER_SHARE * 0.4)  # 20 ms of a 0.4-s chunk
+    assert VerdictPacing(_RecordingVerifier(), wait=1.5).wait_limit() == 1.5

@@ -18,9 +18,9 @@ from tests import _comfy_stub
 _comfy_stub.install()
 
 import nodes  # noqa: E402
-from iamflow_core.config import CacheConfig  # noqa: E402
+from iamflow_core.config import CacheConfig, SamplerConfig  # noqa: E402
 from iamflow_core.memory import NoMemory  # noqa: E402
-from iamflow_core.pipeline import SamplerConfig, StreamingPipeline  # noqa: E402
+from iamflow_core.pipeline import StreamingPipeline  # noqa: E402
 from iamflow_core.presets import tiny_models  # noqa: E402
 from iamflow_core.render import decode_latents, render_story  # noqa: E402
 from iamflow_core.story import Segment, Story  # noqa: E402
@@ -79,7 +79,9 @@ def story_value(registry=True) -> StoryValue:
 
 
 def memory_value(mode="identity", transition="soft", verifier=None, async_verifier=True) -> MemoryValue:
-    return run("IAMFlowIdentityMemory", mode, transition, 4, 2, 3, 1, 0, 0.3, 2048, async_verifier, verifier)[0][0]
+    values = (mode, transition, 4, 2, 3, 1, 0, 0.3, 2048, async_verifier, -1.0)  # ComfyUI passes inputs by name
+    options = dict(zip(N["IAMFlowIdentityMemory"].OPTIONS, values))
+    return run("IAMFlowIdentityMemory", verifier=verifier, **options)[0][0]
 
 
 # --- definitions ------------------------------------------------------------------------------------------------
@@ -262,13 +264,33 @@ def test_extractor_node_with_a_tiny_qwen(comfy):
 # --- memory -----------------------------------------------------------------------------------------------------
 
 
+def test_memory_node_exposes_every_memory_option_as_declared(comfy):
+    """The node's widgets are the library's options: the same names, defaults, bounds and help as the CLI's flags."""
+    from iamflow_core.config import option_spec
+    from iamflow_core.settings import MemorySettings
+
+    required = N["IAMFlowIdentityMemory"].INPUT_TYPES()["required"]
+    assert set(required) == {f.name for f in dataclasses.fields(MemorySettings)}
+    for name, (kind, options) in required.items():
+        default, spec = option_spec(MemorySettings, name)
+        assert options["tooltip"] == spec.help and options["default"] == (spec.auto if default is None else default)
+        if spec.choices:
+            assert kind == list(spec.choices)
+        elif kind != "BOOLEAN":
+            assert options["max"] == spec.max and options["min"] == (spec.auto if spec.auto is not None else spec.min)
+    assert run("IAMFlowIdentityMemory", **{n: o[1]["default"] for n, o in required.items()})[0][0].settings == (
+        MemorySettings()
+    )
+
+
 def test_memory_node_makes_settings_not_a_policy(comfy):
     value = memory_value("memflow", "recache")
     assert value.settings.mode == "memflow" and value.settings.transition == "recache" and value.verifier is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         value.settings.mode = "none"
     with pytest.raises(ValueError, match="min_frames_multi_entity"):
-        run("IAMFlowIdentityMemory", "identity", "soft", 2, 3, 3, 3, 0, 0.3, 2048, True)
+        values = ("identity", "soft", 2, 3, 3, 3, 0, 0.3, 2048, True, -1.0)
+        run("IAMFlowIdentityMemory", **dict(zip(N["IAMFlowIdentityMemory"].OPTIONS, values)))
 
 
 # --- sampler ----------------------------------------------------------------------------------------------------

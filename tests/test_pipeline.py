@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from iamflow_core.config import CacheConfig
+from iamflow_core.config import CacheConfig, SamplerConfig, TransitionConfig
 from iamflow_core.memory import MemFlowMemory, NoMemory
-from iamflow_core.pipeline import SamplerConfig, StreamingPipeline
+from iamflow_core.pipeline import StreamingPipeline
 from iamflow_core.presets import tiny_models
 from iamflow_core.story import Segment, Story
-from iamflow_core.transition import TransitionConfig
 
 SMALL = SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=3))
 STORY = Story(
@@ -74,7 +73,10 @@ def test_each_transition_strategy_runs_and_differs(models, strategy):
         height=32, width=48, cache=CacheConfig(memory_frames=0), transition=TransitionConfig(strategy)
     )
     events = _run(models, config, vae=False)
-    baseline = _run(models, SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=0)), vae=False)
+    recache = TransitionConfig("recache")
+    baseline = _run(
+        models, SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=0), transition=recache), vae=False
+    )
     assert len(events) == 4
     # Chunks before the switch are identical; the strategy only changes what happens from the switch on.
     assert torch.equal(events[1].latents, baseline[1].latents)
@@ -101,7 +103,7 @@ def test_memflow_bank_must_fit_the_memory_segment(models):
     dit, te, _ = models
     config = SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=1))
     with pytest.raises(ValueError, match="memory segment"):
-        list(StreamingPipeline(dit, te).run(STORY, config, MemFlowMemory(bank_size=3)))
+        list(StreamingPipeline(dit, te).run(STORY, config, MemFlowMemory(bank_size=3, record_interval=3)))
 
 
 def test_cancel_keeps_every_finished_chunk(models):

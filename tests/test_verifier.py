@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 
 from iamflow_core.story.entities import Entity
-from iamflow_core.story.llm import ModelFolderError
-from iamflow_core.story.vlm import (
-    AsyncVerifier,
-    FrameVerifier,
-    ImmediateVerifier,
-    Verdict,
-    parse_verdict,
-    resize_frames,
-    verifier_instruction,
-)
+from iamflow_core.story.hf import ModelFolderError
+from iamflow_core.story.vlm import FrameVerifier, parse_verdict, resize_frames, verifier_instruction
+from iamflow_core.verify import AsyncVerifier, ImmediateVerifier, Status, Verdict
 
 from ._tiny_qwen import frames, tiny_qwen_folders
 
@@ -45,7 +38,7 @@ def test_tiny_vlm_garbage_answer_gives_a_neutral_verdict(verifier, caplog, n, he
     assert isinstance(answer, str)
     with caplog.at_level(logging.WARNING):
         verdict = verifier.score(clip, PROMPT, [NORA, NOTEBOOK], check_attributes=True)
-    assert verdict == Verdict((0.5,) * n, {}, ok=False, note=verdict.note) and verdict.note
+    assert verdict == Verdict((0.5,) * n, {}, Status.NEUTRAL, note=verdict.note) and verdict.note
     assert "neutral" in caplog.text
 
 
@@ -73,7 +66,7 @@ def test_recorded_answer_through_score(verifier, monkeypatch):
     answer = '```json\n{"scores": [0.9, 0.2, 1.7], "corrections": {"1": ["grey hoodie"]}}\n```'
     monkeypatch.setattr(verifier, "answer", lambda *args: answer)
     verdict = verifier.score(frames(3), PROMPT, [NORA, NOTEBOOK], check_attributes=True)
-    assert verdict == Verdict((0.9, 0.2, 1.0), {1: ("grey hoodie",)}, ok=True)
+    assert verdict == Verdict((0.9, 0.2, 1.0), {1: ("grey hoodie",)}, Status.SCORED)
 
 
 def test_bad_frames_are_refused(verifier):
@@ -163,7 +156,7 @@ class FakeScorer:
         if prompt == "boom":
             raise KeyError("a bug inside the verifier")
         self.order.append(prompt)
-        return Verdict(tuple(float(v) for v in clip[:, 0, 0, 0] / 255), {}, ok=True)
+        return Verdict(tuple(float(v) for v in clip[:, 0, 0, 0] / 255), {})
 
 
 def clip_of(value, n=3):
@@ -199,7 +192,7 @@ def test_timeout_gives_a_neutral_verdict_and_a_warning(caplog):
         assert runner.pending() == 1
         with caplog.at_level(logging.WARNING):
             verdict = runner.result("late")
-        assert verdict == Verdict((0.5, 0.5), {}, ok=False, note="not ready after 0.05s")
+        assert verdict == Verdict((0.5, 0.5), {}, Status.NOT_READY, note="not ready after 0.05s")
         assert "not ready after" in caplog.text
         assert "not ready" in runner.result("late", wait=False).note
         caplog.clear()

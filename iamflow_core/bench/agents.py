@@ -19,20 +19,8 @@ import numpy as np
 import torch
 
 from ..story.entities import Entity
-from .qwen_random import qwen_tokenizer, write_llm, write_vlm
-from .speed import DEFAULT_PROMPTS
-
-
-def model_folders(workdir: Path, device: str) -> tuple[Path, Path]:
-    """Full-size random LLM and VLM folders under `workdir` (built on `device`, once)."""
-    llm, vlm = workdir / "Qwen3-4B-Instruct-2507", workdir / "Qwen3-VL-2B-Instruct"
-    if not (llm / "config.json").exists() or not (vlm / "config.json").exists():
-        tokenizer = qwen_tokenizer()
-        torch.manual_seed(0)
-        with torch.device(device):
-            write_llm(llm, tokenizer)
-            write_vlm(vlm, tokenizer)
-    return llm, vlm
+from .qwen_random import model_folders
+from .stories import DEFAULT_PROMPTS
 
 
 def _peak(device: str) -> float:

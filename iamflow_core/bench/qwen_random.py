@@ -119,3 +119,17 @@ def write_vlm(
                              image_std=[0.5] * 3).save_pretrained(folder)  # fmt: skip
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def model_folders(workdir: Path, device: str) -> tuple[Path, Path]:
+    """Full-size random LLM and VLM folders under `workdir` (built on `device`, once)."""
+    llm, vlm = workdir / "Qwen3-4B-Instruct-2507", workdir / "Qwen3-VL-2B-Instruct"
+    if not (llm / "config.json").exists() or not (vlm / "config.json").exists():
+        import torch
+
+        tokenizer = qwen_tokenizer()
+        torch.manual_seed(0)
+        with torch.device(device):
+            write_llm(llm, tokenizer)
+            write_vlm(vlm, tokenizer)
+    return llm, vlm

@@ -23,32 +23,21 @@ from pathlib import Path
 
 import torch
 
-from ..cli import _render as render  # the CLI's own render path, so the benchmark measures what users run
 from ..config import DiTConfig, T5Config, VAEConfig
-from ..memory.settings import IAMFLOW, LONGLIVE, MEMFLOW, build_memory, sampler_config
 from ..models.attention import BACKENDS, resolve_backend
 from ..models.dit import CausalWanDiT
 from ..models.t5 import UMT5Encoder
 from ..models.vae import WanVAE
 from ..pipeline import StreamingPipeline
+from ..render import render_story
+from ..settings import IAMFLOW, LONGLIVE, MEMFLOW, build_memory, sampler_config
 from ..story import Segment, Story, load_stories
-from ..story.entities import EntityRegistry
 from ..text_encoder import TextEncoder
-
-DEFAULT_PROMPTS = (
-    "A woman with short black curls in a beige sweater reads a red notebook at a library table, soft window light.",
-    "A tall man in a navy coat walks between the shelves and stops beside her table, holding two coffee cups.",
-    "The woman looks up and smiles; the man sets a cup down and points at a page of the red notebook.",
-    "Close-up of the red notebook: hand-drawn maps and notes, the woman's finger tracing a route.",
-    "The man leaves through the glass doors; the woman keeps reading alone as rain starts outside.",
-    "Evening: the woman in the beige sweater closes the red notebook and packs it into her bag, lamps glowing.",
-)
+from .stories import DEFAULT_REGISTRY, DEFAULT_STORY
 
 
 def _story(path: str | None) -> Story:
-    if path:
-        return load_stories(path)[0]
-    return Story(tuple(Segment(p, 10.0) for p in DEFAULT_PROMPTS), title="bench 6 x 10 s", seed=0)
+    return load_stories(path)[0] if path else DEFAULT_STORY
 
 
 def build_models(device: str, vae_device: str, dtype: torch.dtype = torch.bfloat16, attention: str = "auto"):
@@ -67,81 +56,76 @@ def build_models(device: str, vae_device: str, dtype: torch.dtype = torch.bfloat
     return dit, TextEncoder(t5, tiny_tokenizer(), device=device), vae
 
 
-# Entities of DEFAULT_PROMPTS: 1 the woman, 2 the man, 3 the red notebook.
-DEFAULT_REGISTRY = EntityRegistry.from_json(
-    {
-        "entities": [
-            {"id": 1, "name": "woman", "attributes": ["short black curls", "beige sweater"]},
-            {"id": 2, "name": "man", "attributes": ["tall", "navy coat"]},
-            {"id": 3, "name": "red notebook", "kind": "object", "attributes": ["red"]},
-        ],
-        "prompts": [[1, 3], [2, 1], [1, 2, 3], [3, 1], [2, 1], [1, 3]],
-    },
-    num_segments=6,
-    source="user",
-)
-MODES = {"none": LONGLIVE, "memflow": MEMFLOW, "identity": IAMFLOW, "iamflow": IAMFLOW}
+CASES = {"none": LONGLIVE, "memflow": MEMFLOW, "identity": IAMFLOW, "iamflow": IAMFLOW}
+
+
+def _verifier(memory_mode: str, vlm_dir: Path | None, device: str, queue: int):
+    """The asynchronous verifier of the `iamflow` case (a random Qwen3-VL-2B-shaped model), else None."""
+    if memory_mode != "iamflow":
+        return None
+    from ..story.vlm import FrameVerifier
+    from ..verify import AsyncVerifier
+
+    # Random weights never end an answer, so cap each at the length a real verdict has (FrameVerifier's own
+    # token budget: ~34 tokens for 3 frames, more on a prompt's first chunk where attributes are checked).
+    return AsyncVerifier(FrameVerifier(vlm_dir, device=device, max_new_tokens=16), max_queue=queue)
+
+
+def _warm_up(models, story: Story, config, memory) -> float:
+    """Compiles the fused kernels for these shapes (not timed); 4 chunks before the switch, so the warm-up also
+    compiles the full 9-frame recache. Returns its seconds."""
+    t0 = time.perf_counter()
+    warm = Story((Segment(story.prompts[0], 3.0), Segment(story.prompts[1], 1.5)))
+    for _ in StreamingPipeline(*models).run(warm, config, memory):
+        pass
+    return time.perf_counter() - t0
+
+
+def _per_chunk_ms(models, story: Story, config, memory, chunks: int) -> tuple[dict[str, float], float]:
+    """Per-stage time per chunk from a short run with synchronised stages (slower overall, so separate), and the
+    text encoding time."""
+    half = 0.75 * chunks / 2
+    short = Story((Segment(story.prompts[0], half), Segment(story.prompts[1], half)))
+    events = list(StreamingPipeline(*models, profile=True).run(short, config, memory))
+    sums: dict[str, float] = {}
+    for e in events[1:]:  # skip the first chunk (warm-up, text encoding)
+        for k, v in e.timings.items():
+            sums[k] = sums.get(k, 0.0) + v
+    per_chunk = {k: round(1000 * v / (len(events) - 1), 1) for k, v in sums.items()}
+    return per_chunk, round(1000 * events[0].timings["text"], 1)
 
 
 def run_case(
     models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None, verifier_queue: int = 4
 ) -> dict:
-    dit, text_encoder, vae = models
-    vae_device = str(next(vae.parameters()).device)
-    devices = sorted({str(dit.device), vae_device})
-    settings = MODES[memory_mode]
+    dit, _, vae = models
+    devices = sorted({str(dit.device), str(vae.device)})
+    settings = CASES[memory_mode]
     config = sampler_config(settings)
     registry = DEFAULT_REGISTRY if settings.mode == "identity" and len(story.segments) == 6 else None
-    verifier = None
-    if memory_mode == "iamflow":
-        from ..story.vlm import AsyncVerifier, FrameVerifier
-
-        # Random weights never end an answer, so cap each at the length a real verdict has (FrameVerifier's own
-        # token budget: ~34 tokens for 3 frames, more on a prompt's first chunk where attributes are checked).
-        scorer = FrameVerifier(vlm_dir, device=vae_device, max_new_tokens=16)
-        verifier = AsyncVerifier(scorer, max_queue=verifier_queue)
-
-    def memory():
-        return build_memory(settings, registry, verifier)
-
-    # Warm-up (compiles the fused kernels for these shapes), not timed.
-    t0 = time.perf_counter()
-    # 4 chunks before the switch, so the warm-up also compiles the full 9-frame recache.
-    warm = Story((Segment(story.prompts[0], 3.0), Segment(story.prompts[1], 1.5)))
-    for _ in StreamingPipeline(dit, text_encoder, vae).run(warm, config, memory()):
-        pass
-    warmup_s = time.perf_counter() - t0
+    verifier = _verifier(memory_mode, vlm_dir, str(vae.device), verifier_queue)
+    warmup_s = _warm_up(models, story, config, build_memory(settings, registry, verifier))
     for d in devices:
         torch.cuda.reset_peak_memory_stats(d)
-    policy = memory()
-    with tempfile.TemporaryDirectory() as tmp:
-        totals = render(StreamingPipeline(dit, text_encoder, vae), story, config, policy, Path(tmp) / "v.mp4")
+    policy = build_memory(settings, registry, verifier)
+    with tempfile.TemporaryDirectory() as tmp:  # the CLI's own render call, so the benchmark measures what users run
+        result = render_story(
+            StreamingPipeline(*models), story, config, policy, out_path=Path(tmp) / "v.mp4", keep_frames=False,
+            keep_latents=False,
+        )  # fmt: skip
+    wall = result.timings["wall"]
     row = {
-        "memory": memory_mode,
-        "attention": dit.attention_backend,
-        "transition": settings.transition,
-        "gpus": len(devices),
-        "video_frames": int(totals["frames"]),
-        "wall_s": round(totals["wall"], 2),
-        "video_fps": round(totals["frames"] / totals["wall"], 2),
+        "memory": memory_mode, "attention": dit.attention_backend, "transition": settings.transition,
+        "gpus": len(devices), "video_frames": result.frames_written, "wall_s": round(wall, 2),
+        "video_fps": round(result.frames_written / wall, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
         "warmup_s": round(warmup_s, 1),
-    }
+    }  # fmt: skip
     if verifier is not None:
         # late_chunks: frames chosen on text alone because the verdict came too late (dropped jobs included)
         row["verifier"] = {"queue": verifier_queue, **verifier.stats(), "late_chunks": policy.late_verdicts}
-    # Per-stage time per chunk: a short run with synchronised stages (slower overall, so separate).
-    short = Story(
-        (Segment(story.prompts[0], 0.75 * profile_chunks / 2), Segment(story.prompts[1], 0.75 * profile_chunks / 2))
-    )
-    pipe = StreamingPipeline(dit, text_encoder, vae, profile=True)
-    sums: dict[str, float] = {}
-    events = list(pipe.run(short, config, memory()))
-    for e in events[1:]:  # skip the first chunk (warm-up, text encoding)
-        for k, v in e.timings.items():
-            sums[k] = sums.get(k, 0.0) + v
-    row["per_chunk_ms"] = {k: round(1000 * v / (len(events) - 1), 1) for k, v in sums.items()}
-    row["text_encoding_ms"] = round(1000 * events[0].timings["text"], 1)
+    memory = build_memory(settings, registry, verifier)
+    row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(models, story, config, memory, profile_chunks)
     if verifier is not None:
         verifier.close()
     return row
@@ -151,7 +135,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (comments start with #, results are JSON rows)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--story", help="story file (first story is used); default: a built-in 6 x 10 s story")
-    parser.add_argument("--memory", nargs="+", default=["none", "memflow"], choices=list(MODES))
+    parser.add_argument("--memory", nargs="+", default=["none", "memflow"], choices=list(CASES))
     parser.add_argument("--workdir", default="/tmp/iamflow-agents-bench", help="where random VLM folders are built")
     parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--chunks-profile", type=int, default=8)
@@ -171,7 +155,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         yield f"# models built in {time.perf_counter() - t0:.1f} s"
         vlm_dir = None
         if "iamflow" in args.memory:
-            from .agents import model_folders
+            from .qwen_random import model_folders
 
             vlm_dir = model_folders(Path(args.workdir), "cuda:1" if gpus == 2 else "cuda:0")[1]
         for memory_mode in args.memory:

@@ -16,51 +16,23 @@ chunks by visual quality, the archive is bounded, and every setting reaches the 
 from __future__ import annotations
 
 import logging
-import re
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..story.entities import EntityRegistry
-from ..story.vlm import NOT_READY
-from ..text_encoder import clean_prompt
-from . import StepContext, frame_descriptor, frame_relevance, require_memory_segment, text_query
+from ..verify import NEUTRAL, Verdict, Verifier
+from .archive import Archive, ArchivedFrame, greedy_cover, to_device
+from .base import StepContext, require_memory_segment
+from .pacing import VerdictPacing
+from .scoring import entity_token_weights, frame_descriptor, frame_relevance, text_query
 
 logger = logging.getLogger(__name__)
-# Without a set `verifier_wait`, the loop waits for a late verdict at most this share of its chunk time, so a
-# verifier slower than the sampler costs it at most that much; before the pace is known, FIRST_CHUNKS_WAIT seconds.
-VERIFIER_SHARE = 0.05
-FIRST_CHUNKS_WAIT = 0.05
 
-
-@dataclass
-class ArchivedFrame:
-    frame: int  # absolute latent frame index
-    chunk: int
-    segment: int
-    entities: tuple[int, ...]
-    text_score: float
-    visual_score: float
-    k: torch.Tensor = field(repr=False)  # [layers, B, T, H, D] host memory, rotated at `position`
-    v: torch.Tensor = field(repr=False)
-    position: int = 0
-
-    @property
-    def quality(self) -> float:
-        """Cross-chunk rank: the verifier's visual score, text relevance breaking ties."""
-        return self.visual_score + 1e-3 * self.text_score
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    def summary(self) -> dict[str, Any]:
-        return {"frame": self.frame, "chunk": self.chunk, "segment": self.segment, "entities": list(self.entities),
-                "text_score": round(self.text_score, 4), "visual_score": round(self.visual_score, 4)}  # fmt: skip
+# How much more the tokens naming an entity weigh in a frame's text score than the prompt's other tokens.
+ENTITY_TOKEN_WEIGHT = 2.5
 
 
 @dataclass
@@ -72,120 +44,56 @@ class _Candidate:
     text_scores: tuple[float, ...]
 
 
-def greedy_cover(
-    archive: list[ArchivedFrame], wanted: tuple[int, ...], max_frames: int, min_frames_multi_entity: int
-) -> list[ArchivedFrame]:
-    """Frames covering the wanted entity IDs: repeatedly take the frame showing the most still-uncovered IDs (ties:
-    better quality, then newer), up to `max_frames`; with two or more wanted IDs, top up to
-    `min_frames_multi_entity` frames with the best remaining frames that show any of them."""
-    chosen: list[ArchivedFrame] = []
-    uncovered = set(wanted)
-    while uncovered and len(chosen) < max_frames:
-        options = [f for f in archive if f not in chosen and uncovered & set(f.entities)]
-        if not options:
-            break
-        best = max(options, key=lambda f: (len(uncovered & set(f.entities)), f.quality, f.frame))
-        chosen.append(best)
-        uncovered -= set(best.entities)
-    floor = min(min_frames_multi_entity, max_frames) if len(set(wanted)) >= 2 else 0
-    while len(chosen) < floor:
-        options = [f for f in archive if f not in chosen and set(wanted) & set(f.entities)]
-        if not options:
-            break
-        chosen.append(max(options, key=lambda f: (f.quality, f.frame)))
-    return chosen
+@dataclass(frozen=True)
+class _Chunk:
+    """What the memory keeps of a chunk until its frames reach the verifier."""
+
+    segment: int
+    prompt: str
+    first_of_segment: bool
+    latent_frames: int
+    temporal_factor: int | None
 
 
-def evict(archive: list[ArchivedFrame], limit_bytes: int, keep: int = 1) -> list[ArchivedFrame]:
-    """Drop frames until the archive fits `limit_bytes` (keeping at least `keep`): first the worst frame whose
-    entities all appear in other frames (redundant), else the worst frame. Returns the evicted frames."""
-    gone = []
-    while len(archive) > keep and sum(f.nbytes for f in archive) > limit_bytes:
-
-        def redundant(f: ArchivedFrame) -> bool:
-            others = set().union(*(set(g.entities) for g in archive if g is not f))
-            return set(f.entities) <= others
-
-        pool = [f for f in archive if redundant(f)] or archive
-        worst = min(pool, key=lambda f: (f.quality, f.frame))
-        archive.remove(worst)
-        gone.append(worst)
-    return gone
-
-
-def entity_token_weights(
-    tokenizer: Any, prompt: str, phrases: list[str], text_len: int, entity_weight: float = 2.5
-) -> torch.Tensor | None:
-    """Per-token weights [text_len]: `entity_weight` on the tokens that spell one of `phrases` in the prompt, 1 on
-    the other real tokens, 0 on padding. Tokens are located by the tokenizer's character offsets on the cleaned
-    prompt (what the text encoder sees). None when the tokenizer gives no offsets."""
-    text = clean_prompt(prompt)
-    try:
-        enc = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=text_len)
-    except (TypeError, ValueError, NotImplementedError):
-        return None
-    offsets = enc.get("offset_mapping")
-    if offsets is None:
-        return None
-    spans = []
-    for phrase in phrases:
-        phrase = clean_prompt(phrase) if phrase else ""
-        if phrase:
-            spans += [m.span() for m in re.finditer(re.escape(phrase), text, flags=re.IGNORECASE)]
-    weights = torch.zeros(text_len)
-    for i, (start, end) in enumerate(offsets[:text_len]):
-        weights[i] = 1.0
-        if end > start and any(start < e and s < end for s, e in spans):
-            weights[i] = entity_weight
-    return weights
-
-
-def _last_frame_of_each_latent(num_pixel_frames: int, num_latents: int) -> list[int]:
+def _last_frame_of_each_latent(num_pixel_frames: int, num_latents: int, temporal_factor: int) -> list[int]:
     """Pixel frame index standing for each latent frame of a decoded chunk (the last one it decodes to)."""
-    first = num_pixel_frames - 4 * (num_latents - 1)  # 1 for the video's first chunk, else 4
-    return [first - 1 + 4 * i for i in range(num_latents)]
+    first = num_pixel_frames - temporal_factor * (num_latents - 1)  # 1 for the video's first chunk, else the factor
+    return [first - 1 + temporal_factor * i for i in range(num_latents)]
 
 
 class IdentityMemory:
+    """The identity-aware memory policy. Settings are those of `settings.MemorySettings` (declared and validated
+    there): max_frames, min_frames_multi_entity, visual_weight, archive_limit_bytes, verifier_wait."""
+
     name = "identity"
 
     def __init__(
         self,
         registry: EntityRegistry | None,
         *,
-        verifier: Any = None,
-        max_frames: int = 4,
-        min_frames_multi_entity: int = 2,
-        visual_weight: float = 0.3,
-        archive_limit_bytes: int = 2 * 2**30,
-        entity_token_weight: float = 2.5,
+        max_frames: int,
+        min_frames_multi_entity: int,
+        visual_weight: float,
+        archive_limit_bytes: int,
+        verifier: Verifier | None = None,
         verifier_wait: float | None = None,
     ) -> None:
         self.registry = registry
-        self.verifier = verifier
-        self.max_frames = max_frames
-        self.min_frames_multi_entity = min_frames_multi_entity
+        self.max_frames, self.min_frames_multi_entity = max_frames, min_frames_multi_entity
         self.visual_weight = visual_weight if verifier is not None else 0.0
-        self.archive_limit_bytes = archive_limit_bytes
-        self.entity_token_weight = entity_token_weight
-        self.archive: list[ArchivedFrame] = []
+        self.pacing = VerdictPacing(verifier, verifier_wait) if verifier is not None else None
+        self.archive = Archive(archive_limit_bytes, keep=max_frames)
         self.injected: list[ArchivedFrame] = []
-        self.timeline: list[dict[str, Any]] = []
+        self.timeline: list[dict[str, Any]] = []  # evictions, for the story map
         self.corrections: dict[int, list[str]] = {}
-        self._pending: list[_Candidate] = []
-        self._chunks: dict[int, tuple[int, str, bool]] = {}  # chunk -> (segment, prompt, first chunk of segment)
-        self._weights: dict[int, torch.Tensor | None] = {}
-        self._submitted: dict[int, threading.Event] = {}  # set once a chunk's frames went to the verifier
-        self.submit_timeout = 120.0  # the longest the loop waits for a chunk's frames to be decoded
-        # The longest the loop waits for a verdict the frame choice needs, in seconds; None: VERIFIER_SHARE of the
-        # sampler's recent chunk time, so a slow verifier can cost the loop at most that share. A later verdict
-        # still corrects attributes when it comes; that chunk's frame is chosen on text alone.
-        self.verifier_wait = verifier_wait
-        self._chunk_seconds: float | None = None  # moving average of the time between chunks
-        self._last_chunk_at: float | None = None
-        self.late_verdicts = 0
-        self._late: list[int] = []
-        self.peak_archive_bytes = 0
+        self._pending: list[_Candidate] = []  # chunks whose frame is not chosen yet
+        self._chunks: dict[int, _Chunk] = {}
+        self._weights: dict[int, torch.Tensor | None] = {}  # per segment: entity-token weights of its prompt
+
+    @property
+    def late_verdicts(self) -> int:
+        """Chunks whose frame was chosen on text alone because their verdict came too late."""
+        return self.pacing.late_verdicts if self.pacing is not None else 0
 
     # policy hooks ------------------------------------------------------------------------------------------------
     def start(self, ctx: StepContext) -> None:
@@ -198,7 +106,7 @@ class IdentityMemory:
         if self.registry is None:  # no entity extraction: keep the frames most relevant to the new prompt
             chosen = self._most_relevant(ctx)
         else:
-            chosen = greedy_cover(self.archive, wanted, self.max_frames, self.min_frames_multi_entity)
+            chosen = greedy_cover(self.archive.frames, wanted, self.max_frames, self.min_frames_multi_entity)
         self._inject(ctx, chosen)
         ctx.info["retrieved"] = {"wanted": list(wanted), "frames": [f.summary() for f in chosen]}
 
@@ -206,16 +114,16 @@ class IdentityMemory:
         ctx.info["memory_frames"] = [f.frame for f in self.injected]
 
     def after_chunk(self, ctx: StepContext) -> None:
-        self._clock()
-        if self._late:
+        if self.pacing is not None:
+            self.pacing.tick()
             self._collect_late()
-        first_of_segment = ctx.chunk == 0 or self._chunks.get(ctx.chunk - 1, (None,))[0] != ctx.segment
-        self._chunks[ctx.chunk] = (ctx.segment, ctx.prompt, first_of_segment)
-        if self.verifier is not None and ctx.decoding:
-            self._submitted[ctx.chunk] = threading.Event()  # before the decode is submitted: no race
-        frames = tuple(f for f in range(ctx.start_frame, ctx.start_frame + ctx.num_frames) if f >= self._sink(ctx))
-        stored = set(ctx.cache.state.local)
-        frames = tuple(f for f in frames if f in stored)  # sink frames are always attended; nothing to archive
+        previous = self._chunks.get(ctx.chunk - 1)
+        first = previous is None or previous.segment != ctx.segment
+        self._chunks[ctx.chunk] = _Chunk(ctx.segment, ctx.prompt, first, ctx.num_frames, ctx.temporal_factor)
+        if self.pacing is not None and ctx.decoding:
+            self.pacing.expect(ctx.chunk)
+        stored = set(ctx.cache.state.local)  # sink frames are always attended; nothing to archive
+        frames = tuple(f for f in range(ctx.start_frame, ctx.start_frame + ctx.num_frames) if f in stored)
         if frames:
             scores = self._text_scores(ctx, frames)
             self._pending.append(_Candidate(ctx.chunk, ctx.segment, frames, self._entities(ctx.segment), scores))
@@ -226,25 +134,22 @@ class IdentityMemory:
             ctx.info["archived"] = [f.summary() for f in archived]
             self._refresh(ctx, archived)
         ctx.info["archive_frames"] = len(self.archive)
-        ctx.info["archive_mb"] = round(sum(f.nbytes for f in self.archive) / 2**20, 1)
+        ctx.info["archive_mb"] = round(self.archive.nbytes / 2**20, 1)
 
     def on_frames(self, chunk: int, frames: np.ndarray) -> None:
         """The chunk's frames are on the host: send them to the verifier (one pixel frame per latent frame)."""
-        if self.verifier is None or chunk not in self._chunks:
+        if self.pacing is None or chunk not in self._chunks:
             return
-        segment, prompt, first = self._chunks[chunk]
-        picks = frames[_last_frame_of_each_latent(frames.shape[0], 3 if frames.shape[0] >= 9 else 1)]
-        entities = [self.registry.entity(i) for i in self._entities(segment)] if self.registry else []
+        info = self._chunks[chunk]
+        picks = frames[_last_frame_of_each_latent(frames.shape[0], info.latent_frames, info.temporal_factor)]
+        entities = [self.registry.entity(i) for i in self._entities(info.segment)] if self.registry else []
         try:
-            self.verifier.submit(chunk, picks, prompt, entities, check_attributes=first and bool(entities))
+            check = info.first_of_segment and bool(entities)
+            self.pacing.verifier.submit(chunk, picks, info.prompt, entities, check_attributes=check)
         finally:
-            if chunk in self._submitted:
-                self._submitted[chunk].set()
+            self.pacing.submitted(chunk)
 
     # decisions ---------------------------------------------------------------------------------------------------
-    def _sink(self, ctx: StepContext) -> int:
-        return ctx.cache.cfg.sink_frames
-
     def _entities(self, segment: int) -> tuple[int, ...]:
         if self.registry is None or segment >= len(self.registry.prompts):
             return ()
@@ -259,7 +164,7 @@ class IdentityMemory:
                     entity = self.registry.entity(m.entity)
                     phrases += [m.text, entity.name, *entity.aliases]
                 weights = entity_token_weights(
-                    ctx.tokenizer, ctx.prompt, phrases, ctx.text.shape[0], self.entity_token_weight
+                    ctx.tokenizer, ctx.prompt, phrases, ctx.text.shape[0], ENTITY_TOKEN_WEIGHT
                 )
             self._weights[ctx.segment] = weights
         return self._weights[ctx.segment]
@@ -273,57 +178,25 @@ class IdentityMemory:
         return tuple(frame_relevance(query, torch.stack(descriptors)).tolist())
 
     def _visual(self, ctx: StepContext, candidate: _Candidate) -> tuple[float, ...]:
-        submitted = self._submitted.get(candidate.chunk)
-        if self.verifier is None or submitted is None:  # no verifier, or no decoded frames to verify
-            return (0.5,) * len(candidate.frames)
-        # The frames of this chunk may still be decoding: the loop waits only here, when the choice needs them.
-        if not submitted.is_set():
-            ctx.flush_frames()
-        arrived = submitted.wait(self.submit_timeout)
-        del self._submitted[candidate.chunk]  # only now: the decode worker looks the event up to set it
-        if not arrived:
-            logger.warning("chunk %d was not decoded within %.0f s; neutral visual scores", candidate.chunk,
-                           self.submit_timeout)  # fmt: skip
-            return (0.5,) * len(candidate.frames)
-        # A job still waiting behind another cannot finish within the short wait: do not spend it.
-        started = getattr(self.verifier, "started", None)
-        wait = self._wait_limit() if started is None or started(candidate.chunk) else 0.0
-        verdict = self.verifier.result(candidate.chunk, wait=True, timeout=wait)
-        if _not_ready(verdict):
-            self._late.append(candidate.chunk)
-            self.late_verdicts += 1
-            return (0.5,) * len(candidate.frames)
+        """The verifier's score of each candidate frame; neutral without a verdict in time."""
+        n = len(candidate.frames)
+        verdict = self.pacing.verdict(candidate.chunk, ctx.flush_frames) if self.pacing is not None else None
+        if verdict is None:
+            return (NEUTRAL,) * n
         self._apply_corrections(verdict)
-        scores = list(verdict.scores)[-len(candidate.frames) :]
-        return tuple(scores + [0.5] * (len(candidate.frames) - len(scores)))
+        scores = list(verdict.scores)[-n:]
+        return tuple(scores + [NEUTRAL] * (n - len(scores)))
 
-    def _clock(self) -> None:
-        now = time.perf_counter()
-        if self._last_chunk_at is not None:
-            period = now - self._last_chunk_at
-            self._chunk_seconds = period if self._chunk_seconds is None else 0.7 * self._chunk_seconds + 0.3 * period
-        self._last_chunk_at = now
-
-    def _wait_limit(self) -> float:
-        if self.verifier_wait is not None:
-            return self.verifier_wait
-        if self._chunk_seconds is None:  # the first chunks: no pace known yet
-            return FIRST_CHUNKS_WAIT
-        return VERIFIER_SHARE * self._chunk_seconds
-
-    def _apply_corrections(self, verdict: Any) -> None:
-        for entity_id, attrs in getattr(verdict, "corrections", {}).items():
+    def _apply_corrections(self, verdict: Verdict) -> None:
+        for entity_id, attrs in verdict.corrections.items():
             if self.registry is not None and entity_id in {e.id for e in self.registry.entities}:
                 self.registry = self.registry.with_attributes(entity_id, list(attrs))
                 self.corrections[entity_id] = list(attrs)
 
     def _collect_late(self) -> None:
         """Verdicts that came after their chunk's frame was chosen: keep their attribute corrections."""
-        for chunk in list(self._late):
-            verdict = self.verifier.result(chunk, wait=False)
-            if not _not_ready(verdict):
-                self._late.remove(chunk)
-                self._apply_corrections(verdict)
+        for verdict in self.pacing.late_verdicts_ready():
+            self._apply_corrections(verdict)
 
     def _decide(self, ctx: StepContext, until: int) -> list[ArchivedFrame]:
         """Choose and archive the best frame of every pending chunk with index < until."""
@@ -333,7 +206,7 @@ class IdentityMemory:
             visual = self._visual(ctx, candidate)
             text = np.array(candidate.text_scores)
             spread = text.max() - text.min()
-            text_norm = (text - text.min()) / spread if spread > 0 else np.full_like(text, 0.5)
+            text_norm = (text - text.min()) / spread if spread > 0 else np.full_like(text, NEUTRAL)
             fused = (1 - self.visual_weight) * text_norm + self.visual_weight * np.array(visual)
             best = int(fused.argmax())
             frame = candidate.frames[best]
@@ -342,13 +215,10 @@ class IdentityMemory:
             k, v, position = ctx.cache.frame_kv(frame)  # a copy on the cache's device
             entry = ArchivedFrame(frame, candidate.chunk, candidate.segment, candidate.entities,
                                   float(text[best]), float(visual[best]), k, v, position)  # fmt: skip
-            self.archive.append(entry)
-            for gone in evict(self.archive, self.archive_limit_bytes, keep=self.max_frames):
-                self.timeline.append({"evicted": gone.summary()})
-            if entry in self.archive:  # moved to host memory only once it has a place: the bound holds strictly
-                entry.k, entry.v = _to_host(entry.k), _to_host(entry.v)
+            kept, gone = self.archive.add(entry)
+            self.timeline += [{"evicted": f.summary()} for f in gone]
+            if kept:
                 archived.append(entry)
-            self.peak_archive_bytes = max(self.peak_archive_bytes, sum(f.nbytes for f in self.archive))
         return archived
 
     def _refresh(self, ctx: StepContext, new: list[ArchivedFrame]) -> None:
@@ -375,11 +245,9 @@ class IdentityMemory:
         if not self.archive:
             return []
         query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device))
-        if ctx.cache.k.is_cuda:  # the host copies are read here on the CPU: let their transfers finish
-            torch.cuda.current_stream(ctx.cache.k.device).synchronize()
-        descriptors = torch.stack([frame_descriptor(f.k, f.position, ctx.rope) for f in self.archive]).to(query.device)
+        descriptors = self.archive.descriptors(ctx.rope, like=ctx.cache.k)
         order = frame_relevance(query, descriptors).argsort(descending=True).tolist()
-        return [self.archive[i] for i in order[: self.max_frames]]
+        return [self.archive.frames[i] for i in order[: self.max_frames]]
 
     def _inject(self, ctx: StepContext, frames: list[ArchivedFrame]) -> None:
         self.injected = list(frames)
@@ -387,44 +255,19 @@ class IdentityMemory:
             ctx.cache.clear_memory()
             return
         frames = sorted(frames, key=lambda f: f.frame)
-        k, v = _to_device(frames, "k", ctx.cache.k), _to_device(frames, "v", ctx.cache.k)
+        k, v = to_device(frames, "k", ctx.cache.k), to_device(frames, "v", ctx.cache.k)
         ctx.cache.set_memory(k, v, [f.frame for f in frames], [f.position for f in frames])
 
     # report ------------------------------------------------------------------------------------------------------
     def story_map(self) -> dict[str, Any]:
-        if self._late:
+        if self.pacing is not None:
             self._collect_late()  # verdicts that arrived after the last chunk still correct the registry
         return {
             "registry": self.registry.to_dict() if self.registry is not None else None,
             "archive": [f.summary() for f in self.archive],
-            "archive_mb": round(sum(f.nbytes for f in self.archive) / 2**20, 1),
-            "peak_archive_mb": round(self.peak_archive_bytes / 2**20, 1),
+            "archive_mb": round(self.archive.nbytes / 2**20, 1),
+            "peak_archive_mb": round(self.archive.peak_bytes / 2**20, 1),
             "corrections": {str(k): v for k, v in self.corrections.items()},
             "late_verdicts": self.late_verdicts,
             "events": self.timeline,
         }
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of a frame's K or V. From a GPU it goes to pinned memory without stopping the loop: the copy is
-    ordered on the stream, so later GPU reads of it are safe, and host reads synchronise first (`_most_relevant`)."""
-    if not t.is_cuda:
-        return t.cpu()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
-
-
-def _to_device(frames: list[ArchivedFrame], name: str, like: torch.Tensor) -> torch.Tensor:
-    """The frames' K (or V) side by side along the token axis, on `like`'s device and dtype: [L, B, n*T, H, D].
-    Each frame is copied straight into place (no host-side concatenation of hundreds of MB)."""
-    parts = [getattr(f, name) for f in frames]
-    tokens = parts[0].shape[2]
-    out = torch.empty((*parts[0].shape[:2], tokens * len(parts), *parts[0].shape[3:]), device=like.device,
-                      dtype=like.dtype)  # fmt: skip
-    for i, part in enumerate(parts):
-        out[:, :, i * tokens : (i + 1) * tokens].copy_(part, non_blocking=part.is_pinned())
-    return out
-
-
-def _not_ready(verdict: Any) -> bool:
-    return not getattr(verdict, "ok", True) and getattr(verdict, "note", "").startswith(NOT_READY)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import StepContext, frame_descriptor, frame_relevance, require_memory_segment, text_query
+from .base import StepContext, require_memory_segment
+from .scoring import frame_descriptor, frame_relevance, text_query
 
 
 @dataclass
@@ -28,9 +29,8 @@ class _Frame:
 class MemFlowMemory:
     name = "memflow"
 
-    def __init__(self, bank_size: int = 3, record_interval: int = 3, candidates: int | None = None) -> None:
-        if bank_size < 1 or record_interval < 1:
-            raise ValueError(f"bank_size and record_interval must be >= 1, got {bank_size}, {record_interval}")
+    def __init__(self, *, bank_size: int, record_interval: int, candidates: int | None = None) -> None:
+        """bank_size, record_interval: as `settings.MemorySettings` declares and validates them."""
         self.bank_size = bank_size
         self.record_interval = record_interval
         # Captured frames kept as candidates: the bank plus the newest capture (MemFlow keeps bank_size - 1 + 1).

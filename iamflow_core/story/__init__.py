@@ -2,6 +2,7 @@
 
 from .script import (
     DEFAULT_SECONDS,
+    DEFAULT_SEED,
     ChunkPlan,
     Segment,
     Story,
@@ -14,6 +15,7 @@ from .script import (
 
 __all__ = [
     "DEFAULT_SECONDS",
+    "DEFAULT_SEED",
     "ChunkPlan",
     "Segment",
     "Story",

@@ -17,8 +17,6 @@ nudge, and a prompt whose answer still cannot be read gets no entities and a not
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -29,6 +27,8 @@ from typing import Any
 import torch
 
 from .entities import KINDS, Entity, EntityRegistry, Mention
+from .hf import chat_prompt, check_model_folder, free_model, greedy_config, resolve_dtype
+from .jsonish import parse_json_answer
 
 logger = logging.getLogger(__name__)
 
@@ -69,104 +69,6 @@ NUDGE = "Reply with the JSON object only, no other text."
 MAX_ENTITIES_PER_PROMPT = 12
 MAX_ATTRIBUTES = 12
 MAX_ALIASES = 8
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tolerant JSON parsing
-# ---------------------------------------------------------------------------------------------------------------------
-
-_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)```", re.S)
-_THINK = re.compile(r"<think>.*?(</think>|$)", re.S)
-_PY_LITERALS = {"None": "null", "True": "true", "False": "false"}
-
-
-def parse_json_answer(text: str, list_key: str | None = None) -> dict | None:
-    """The JSON object in a model answer, repaired where that is safe; None when there is none.
-
-    Handles code fences, prose before or after the object, trailing commas, single-quoted strings, unquoted keys and
-    Python literals (None/True/False). A truncated object is not guessed at: it gives None (the caller retries).
-    With `list_key`, an answer that is a bare JSON list is returned as `{list_key: [...]}`."""
-    if not isinstance(text, str):
-        return None
-    body = _THINK.sub("", text)
-    fenced = _FENCE.findall(body)
-    sources = [*fenced, body] if fenced else [body]
-    for source in sources:
-        for candidate in _candidates(source, list_key is not None):
-            value = _loads_lenient(candidate)
-            if isinstance(value, dict):
-                return value
-            if isinstance(value, list) and list_key is not None:
-                return {list_key: value}
-    return None
-
-
-def _candidates(text: str, allow_list: bool) -> list[str]:
-    """Substrings that may hold the answer: the outermost {...} and everything from the first "{" on (the decoder
-    stops after the first value, so trailing junk such as a second object is ignored); or, when lists are accepted
-    and one opens before any "{", the outermost [...]. An inner list of a broken object is never taken for the answer.
-    """
-    start, end = text.find("{"), text.rfind("}")
-    list_start, list_end = text.find("["), text.rfind("]")
-    if allow_list and list_start != -1 and list_end > list_start and (start == -1 or list_start < start):
-        return [text[list_start : list_end + 1], text[list_start:]]
-    return [text[start : end + 1], text[start:]] if start != -1 and end > start else []
-
-
-def _loads_lenient(candidate: str) -> Any:
-    decoder = json.JSONDecoder()
-    for attempt in (candidate, _normalise_json_like(candidate)):
-        try:
-            value, _ = decoder.raw_decode(attempt)
-        except json.JSONDecodeError:
-            continue
-        return value
-    return None
-
-
-def _normalise_json_like(text: str) -> str:
-    """Rewrite JSON-like text as JSON: strings in either quote re-emitted as JSON strings, Python literals mapped,
-    bare keys quoted, trailing commas dropped. Works on a character scan so text inside strings is never touched."""
-    out: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch in "\"'":
-            value, i = _read_string(text, i)
-            out.append(json.dumps(value, ensure_ascii=False))
-            continue
-        if ch.isalpha() or ch == "_":
-            j = i
-            while j < n and (text[j].isalnum() or text[j] == "_"):
-                j += 1
-            word = text[i:j]
-            after = text[j:].lstrip()
-            if after.startswith(":"):
-                out.append(json.dumps(word))
-            else:
-                out.append(_PY_LITERALS.get(word, word))
-            i = j
-            continue
-        if ch == "," and text[i + 1 :].lstrip()[:1] in ("}", "]"):
-            i += 1
-            continue
-        out.append(ch)
-        i += 1
-    return "".join(out)
-
-
-def _read_string(text: str, start: int) -> tuple[str, int]:
-    """The content of the string literal opening at `start`, and the index after it (unclosed: runs to the end)."""
-    quote, chars, i = text[start], [], start + 1
-    escapes = {"n": "\n", "t": "\t", "r": "\r", "/": "/", "\\": "\\", '"': '"', "'": "'"}
-    while i < len(text) and text[i] != quote:
-        if text[i] == "\\" and i + 1 < len(text):
-            chars.append(escapes.get(text[i + 1], text[i + 1]))
-            i += 2
-            continue
-        chars.append(text[i])
-        i += 1
-    return "".join(chars), i + 1
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One prompt's entities, as the LLM read them
@@ -484,76 +386,6 @@ def assign_ids(
     for entities in per_prompt_entities:
         assigner.add_prompt(entities)
     return assigner.registry(notes)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Model folders and chat prompts (shared with the VLM)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class ModelFolderError(FileNotFoundError):
-    """A model folder is missing or incomplete. The message names the folder, the missing part and where to get it."""
-
-
-def check_model_folder(model_dir: str | Path, what: str) -> Path:
-    """`model_dir` as a Path after checking it holds config.json, a tokenizer and weights."""
-    folder = Path(model_dir).expanduser()
-    hint = f"put the {what} folder (config.json, tokenizer files, *.safetensors) there"
-    if not folder.is_dir():
-        raise ModelFolderError(f"{what}: model folder {str(folder)!r} does not exist; {hint}")
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        missing.append("a tokenizer (tokenizer.json, or vocab.json + merges.txt)")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
-        missing.append("weights (*.safetensors)")
-    if missing:
-        raise ModelFolderError(f"{what}: model folder {str(folder)!r} lacks {', '.join(missing)}; {hint}")
-    return folder
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA and fp32 on CPU unless told otherwise; accepts torch dtypes and names ("bf16", "float16")."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)}")
-    return names[dtype]
-
-
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The generation prompt for `messages`, by the tokenizer's own chat template (real Qwen folders ship one), else
-    plain ChatML, the format of Qwen3-Instruct-2507 (which has no think block)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
-        )
-    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return turns + "<|im_start|>assistant\n"
-
-
-def greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) -> Any:
-    """The model's generation config switched to greedy decoding (real folders ship sampling defaults)."""
-    import copy
-
-    config = copy.deepcopy(model.generation_config)
-    config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
-    config.max_new_tokens = max_new_tokens
-    if pad_token_id is not None:
-        config.pad_token_id = pad_token_id
-    return config
-
-
-def free_model(model: Any, device: torch.device) -> None:
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

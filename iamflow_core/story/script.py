@@ -33,7 +33,10 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from ..config import VIDEO_FPS, WAN21_TEMPORAL_FACTOR, CacheConfig
+
 DEFAULT_SECONDS = 10.0  # NarraStream-Bench gives each prompt 10 s.
+DEFAULT_SEED = 0  # the noise seed of a story that gives none
 _SEGMENT_KEYS = ("prompt", "seconds")
 _SEGMENTS_STORY_KEYS = ("segments", "title", "seed")
 _PROMPTS_STORY_KEYS = ("prompts", "seconds", "title", "seed")
@@ -139,6 +142,11 @@ class Story:
         return tuple(s.prompt for s in self.segments)
 
     @property
+    def noise_seed(self) -> int:
+        """The seed the video is made with: the story's, else `DEFAULT_SEED`."""
+        return self.seed if self.seed is not None else DEFAULT_SEED
+
+    @property
     def seconds_total(self) -> float:
         """Requested length; the generated length is `plan_chunks(story).seconds_actual`."""
         return sum(s.seconds for s in self.segments)
@@ -160,9 +168,9 @@ class ChunkPlan:
 
     segment_chunks: tuple[int, ...]
     seconds_requested: tuple[float, ...]
-    chunk_frames: int = 3
-    fps: float = 16.0
-    temporal_factor: int = 4
+    chunk_frames: int = CacheConfig.chunk_frames
+    fps: float = VIDEO_FPS
+    temporal_factor: int = WAN21_TEMPORAL_FACTOR
 
     def __post_init__(self) -> None:
         if not self.segment_chunks or any(n < 1 for n in self.segment_chunks):
@@ -251,7 +259,12 @@ class ChunkPlan:
             raise IndexError(f"chunk {chunk} is outside this plan's chunks 0..{self.num_chunks - 1}")
 
 
-def plan_chunks(story: Story, chunk_frames: int = 3, fps: float = 16.0, temporal_factor: int = 4) -> ChunkPlan:
+def plan_chunks(
+    story: Story,
+    chunk_frames: int = CacheConfig.chunk_frames,
+    fps: float = VIDEO_FPS,
+    temporal_factor: int = WAN21_TEMPORAL_FACTOR,
+) -> ChunkPlan:
     """Round each segment to the nearest whole number of chunks (ties up, at least one). Pure; report the
     rounding to the user with `ChunkPlan.rounding_notes()`."""
     seconds_per_chunk = chunk_frames * temporal_factor / fps

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from iamflow_core.config import CacheConfig, DiTConfig
-from iamflow_core.memory.settings import IAMFLOW, MEMFLOW, build_memory, sampler_config
 from iamflow_core.models import fused
 from iamflow_core.models.dit import CausalWanDiT
 from iamflow_core.pipeline import StreamingPipeline
 from iamflow_core.presets import DEFAULT_STORY, tiny_models
+from iamflow_core.settings import IAMFLOW, MEMFLOW, build_memory, sampler_config
 
 pytestmark = pytest.mark.gpu
 

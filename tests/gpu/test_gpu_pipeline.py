@@ -6,9 +6,10 @@ import logging
 import numpy as np
 import pytest
 
-from iamflow_core.memory.settings import MemorySettings, build_memory, sampler_config
-from iamflow_core.pipeline import StreamingPipeline, _Decoded
+from iamflow_core.decode import QueuedDecode
+from iamflow_core.pipeline import StreamingPipeline
 from iamflow_core.presets import DEFAULT_STORY, tiny_models
+from iamflow_core.settings import MemorySettings, build_memory, sampler_config
 from tests.test_memory import RETURN_REGISTRY, RETURN_STORY, _RecordingVerifier
 
 pytestmark = pytest.mark.gpu
@@ -30,18 +31,18 @@ def test_queued_decode_hands_frames_to_the_verifier_when_a_switch_needs_them(cap
     """At a prompt switch the identity memory decides on the chunk just made: it must not wait for the frames the
     loop would read back only after the switch."""
     queued = []
-    original = _Decoded.__init__
+    original = QueuedDecode.__init__
 
     def record(self, *args):
         queued.append(args[0])
         original(self, *args)
 
-    monkeypatch.setattr(_Decoded, "__init__", record)
+    monkeypatch.setattr(QueuedDecode, "__init__", record)
     dit, text_encoder, vae = tiny_models(device="cuda")
     settings = MemorySettings(visual_weight=1.0)
     verifier = _RecordingVerifier()
     memory = build_memory(settings, RETURN_REGISTRY, verifier)
-    memory.submit_timeout = 5.0  # a missed hand-off would show as a warning after 5 s, not pass silently
+    memory.pacing.submit_timeout = 5.0  # a missed hand-off would show as a warning after 5 s, not pass silently
     pipe = StreamingPipeline(dit, text_encoder, vae, compile_kernels=False)
     with caplog.at_level(logging.WARNING):
         events = list(pipe.run(RETURN_STORY, sampler_config(settings, 32, 48), memory))

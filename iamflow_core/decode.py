@@ -1,0 +1,114 @@
+"""Streaming VAE decode beside the sampler: each chunk's latents go in, its uint8 frames come out.
+
+`Decoder.submit` returns a handle whose `result()` gives ``(frames, seconds)``. Three ways, the same frames:
+
+- overlapped: a worker thread (on its own CUDA stream) decodes chunk k while the loop denoises chunk k+1; for a
+  VAE on its own GPU;
+- queued (in turn on a GPU): the decode is queued on the stream behind the chunk and its frames are copied to
+  pinned host memory without waiting; they are read when the chunk is handed out, when the GPU is already busy
+  with the next chunk. The host never stands between two chunks on the GPU (writing, previews, Python);
+- in turn on the CPU: decoded right away.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .models import fused
+from .models.vae import WanVAE
+from .video import uint8_frames_on_device
+
+
+class QueuedDecode:
+    """A chunk's decode queued on a GPU, its frames on their way to pinned host memory. `result()` waits for them
+    (once), hands them to `on_frames` and returns ``(frames, seconds)`` like the worker's future does."""
+
+    def __init__(self, chunk: int, host: torch.Tensor, done: torch.cuda.Event, seconds: float, on_frames) -> None:
+        self.chunk, self.host, self.done, self.seconds, self.on_frames = chunk, host, done, seconds, on_frames
+        self.value: tuple[np.ndarray, float] | None = None
+
+    def result(self) -> tuple[np.ndarray, float]:
+        if self.value is None:
+            start = time.perf_counter()
+            self.done.synchronize()
+            frames = self.host.numpy().copy()  # pageable: the pinned block goes back to the allocator's cache
+            self.host = None
+            self.value = frames, self.seconds + time.perf_counter() - start
+            if self.on_frames is not None:
+                self.on_frames(self.chunk, frames)
+        return self.value
+
+    def cancelled(self) -> bool:
+        return False
+
+
+Pending = Future | QueuedDecode
+
+
+class Decoder:
+    """One video's streaming decode on the VAE's device (see the module docstring for the three ways).
+
+    on_frames(chunk, frames) is called as soon as a chunk's frames are on the host (from the worker thread when
+    overlapped). `sync` (the pipeline's profile mode) waits for each queued decode, so its seconds are the GPU's.
+    """
+
+    def __init__(self, vae: WanVAE, overlap: bool, on_frames=None, sync: bool = False) -> None:
+        self.vae = vae
+        self.on_frames = on_frames
+        self.device, self.dtype = vae.device, vae.dtype
+        self.state = vae.new_decode_state()
+        self.sync = sync
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="iamflow-vae") if overlap else None
+        self.stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
+
+    def submit(self, chunk: int, latents: torch.Tensor) -> Pending:
+        ready = None
+        if latents.is_cuda:  # the decode's stream must wait for the DiT's work that produced the latents
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(latents.device))
+        if self.pool is not None:
+            return self.pool.submit(self._decode, chunk, latents, ready)
+        if self.device.type == "cuda":
+            return self._queue(chunk, latents, ready)
+        done: Future = Future()
+        done.set_result(self._decode(chunk, latents, ready))
+        return done
+
+    def _video(self, latents: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
+        """Queue the decode on the current stream of the VAE's device: uint8 frames [T, H, W, 3] there."""
+        with fused.launch_guard():
+            if ready is not None and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            z = latents.to(self.device, self.dtype, non_blocking=True)
+            return uint8_frames_on_device(self.vae.decode_stream(z, self.state))
+
+    def _queue(self, chunk: int, latents: torch.Tensor, ready: torch.cuda.Event | None) -> QueuedDecode:
+        start = time.perf_counter()
+        with torch.no_grad(), torch.cuda.device(self.device):
+            frames = self._video(latents, ready)
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        if self.sync:
+            done.synchronize()
+        return QueuedDecode(chunk, host, done, time.perf_counter() - start, self.on_frames)
+
+    def _decode(self, chunk: int, latents: torch.Tensor, ready: torch.cuda.Event | None) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with torch.no_grad(), stream:
+            frames = self._video(latents, ready).cpu().numpy()  # waits for the decode, outside the launch lock
+        seconds = time.perf_counter() - start
+        if self.on_frames is not None:
+            self.on_frames(chunk, frames)
+        return frames, seconds
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

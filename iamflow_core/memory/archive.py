@@ -1,0 +1,143 @@
+"""The identity memory's frame archive: frames of K/V tagged with the entity IDs they show, bounded in bytes.
+
+`Archive` holds the frames in host memory and evicts past its byte bound; `greedy_cover` and `evict` are the pure
+choices (which frames cover a prompt's entities, which frame to drop) with unit tests of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..models.rope import RopeTables
+from .scoring import frame_descriptor
+
+
+@dataclass
+class ArchivedFrame:
+    frame: int  # absolute latent frame index
+    chunk: int
+    segment: int
+    entities: tuple[int, ...]
+    text_score: float
+    visual_score: float
+    k: torch.Tensor = field(repr=False)  # [layers, B, T, H, D] host memory, rotated at `position`
+    v: torch.Tensor = field(repr=False)
+    position: int = 0
+
+    @property
+    def quality(self) -> float:
+        """Cross-chunk rank: the verifier's visual score, text relevance breaking ties."""
+        return self.visual_score + 1e-3 * self.text_score
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def summary(self) -> dict[str, Any]:
+        return {"frame": self.frame, "chunk": self.chunk, "segment": self.segment, "entities": list(self.entities),
+                "text_score": round(self.text_score, 4), "visual_score": round(self.visual_score, 4)}  # fmt: skip
+
+
+def greedy_cover(
+    archive: list[ArchivedFrame], wanted: tuple[int, ...], max_frames: int, min_frames_multi_entity: int
+) -> list[ArchivedFrame]:
+    """Frames covering the wanted entity IDs: repeatedly take the frame showing the most still-uncovered IDs (ties:
+    better quality, then newer), up to `max_frames`; with two or more wanted IDs, top up to
+    `min_frames_multi_entity` frames with the best remaining frames that show any of them."""
+    chosen: list[ArchivedFrame] = []
+    uncovered = set(wanted)
+    while uncovered and len(chosen) < max_frames:
+        options = [f for f in archive if f not in chosen and uncovered & set(f.entities)]
+        if not options:
+            break
+        best = max(options, key=lambda f: (len(uncovered & set(f.entities)), f.quality, f.frame))
+        chosen.append(best)
+        uncovered -= set(best.entities)
+    floor = min(min_frames_multi_entity, max_frames) if len(set(wanted)) >= 2 else 0
+    while len(chosen) < floor:
+        options = [f for f in archive if f not in chosen and set(wanted) & set(f.entities)]
+        if not options:
+            break
+        chosen.append(max(options, key=lambda f: (f.quality, f.frame)))
+    return chosen
+
+
+def evict(archive: list[ArchivedFrame], limit_bytes: int, keep: int = 1) -> list[ArchivedFrame]:
+    """Drop frames until the archive fits `limit_bytes` (keeping at least `keep`): first the worst frame whose
+    entities all appear in other frames (redundant), else the worst frame. Returns the evicted frames."""
+    gone = []
+    while len(archive) > keep and sum(f.nbytes for f in archive) > limit_bytes:
+
+        def redundant(f: ArchivedFrame) -> bool:
+            others = set().union(*(set(g.entities) for g in archive if g is not f))
+            return set(f.entities) <= others
+
+        pool = [f for f in archive if redundant(f)] or archive
+        worst = min(pool, key=lambda f: (f.quality, f.frame))
+        archive.remove(worst)
+        gone.append(worst)
+    return gone
+
+
+class Archive:
+    """Archived frames under a byte bound, in host memory. Iterating gives the frames, oldest first."""
+
+    def __init__(self, limit_bytes: int, keep: int) -> None:
+        self.limit_bytes, self.keep = limit_bytes, keep  # keep: never evict below this many frames
+        self.frames: list[ArchivedFrame] = []
+        self.peak_bytes = 0
+
+    def __iter__(self) -> Iterator[ArchivedFrame]:
+        return iter(self.frames)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.frames)
+
+    def add(self, entry: ArchivedFrame) -> tuple[bool, list[ArchivedFrame]]:
+        """Archive `entry` (its K/V may still be on the GPU); evict to the bound. Returns whether `entry` stayed
+        and the evicted frames. Only a frame that keeps its place is copied to host memory, so the bound holds
+        strictly."""
+        self.frames.append(entry)
+        gone = evict(self.frames, self.limit_bytes, keep=self.keep)
+        kept = entry in self.frames
+        if kept:
+            entry.k, entry.v = to_host(entry.k), to_host(entry.v)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        return kept, gone
+
+    def descriptors(self, rope: RopeTables, like: torch.Tensor) -> torch.Tensor:
+        """Each frame's mean key moved back to time 0 (`frame_descriptor`): [n, layers, B, H, D] on `like`'s
+        device."""
+        if like.is_cuda:  # the host copies are read here on the CPU: let their transfers finish
+            torch.cuda.current_stream(like.device).synchronize()
+        return torch.stack([frame_descriptor(f.k, f.position, rope) for f in self.frames]).to(like.device)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a frame's K or V. From a GPU it goes to pinned memory without stopping the loop: the copy is
+    ordered on the stream, so later GPU reads of it are safe, and host reads synchronise first
+    (`Archive.descriptors`)."""
+    if not t.is_cuda:
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def to_device(frames: list[ArchivedFrame], name: str, like: torch.Tensor) -> torch.Tensor:
+    """The frames' K (or V) side by side along the token axis, on `like`'s device and dtype: [L, B, n*T, H, D].
+    Each frame is copied straight into place (no host-side concatenation of hundreds of MB)."""
+    parts = [getattr(f, name) for f in frames]
+    tokens = parts[0].shape[2]
+    out = torch.empty((*parts[0].shape[:2], tokens * len(parts), *parts[0].shape[3:]), device=like.device,
+                      dtype=like.dtype)  # fmt: skip
+    for i, part in enumerate(parts):
+        out[:, :, i * tokens : (i + 1) * tokens].copy_(part, non_blocking=part.is_pinned())
+    return out

@@ -1,0 +1,96 @@
+"""When the identity memory reads the verifier, and how long it waits: a slow verifier must not hold the sampler.
+
+The memory chooses a chunk's frame a little after the chunk is made (just before its frames leave the window), so
+the verifier has had a chunk's time to answer. `VerdictPacing` waits at most a small share of the sampler's chunk
+time for a verdict (or the set `verifier_wait`), never for a job still queued behind others, and keeps the late
+ones: a verdict that comes after its chunk's frame was chosen still corrects the registry's attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from ..verify import Verdict, Verifier
+
+logger = logging.getLogger(__name__)
+
+# Without a set `verifier_wait`, the loop waits for a late verdict at most this share of its chunk time, so a
+# verifier slower than the sampler costs it at most that much; before the pace is known, FIRST_CHUNKS_WAIT seconds.
+VERIFIER_SHARE = 0.05
+FIRST_CHUNKS_WAIT = 0.05
+# The longest the loop waits for a chunk's frames to be decoded and handed to the verifier, in seconds.
+SUBMIT_TIMEOUT = 120.0
+
+
+class VerdictPacing:
+    """The identity memory's side of the verifier: which chunks' frames went to it, and each chunk's verdict.
+
+    wait: the longest the loop waits for a verdict the frame choice needs, in seconds; None: `VERIFIER_SHARE` of
+    the sampler's recent chunk time.
+    """
+
+    def __init__(self, verifier: Verifier, wait: float | None) -> None:
+        self.verifier, self.wait = verifier, wait
+        self.submit_timeout = SUBMIT_TIMEOUT
+        self.chunk_seconds: float | None = None  # moving average of the time between chunks
+        self._last_chunk_at: float | None = None
+        self._submitted: dict[int, threading.Event] = {}  # set once a chunk's frames went to the verifier
+        self._late: list[int] = []
+        self.late_verdicts = 0
+
+    def tick(self) -> None:
+        """Once per chunk: keeps the sampler's pace."""
+        now = time.perf_counter()
+        if self._last_chunk_at is not None:
+            period = now - self._last_chunk_at
+            self.chunk_seconds = period if self.chunk_seconds is None else 0.7 * self.chunk_seconds + 0.3 * period
+        self._last_chunk_at = now
+
+    def wait_limit(self) -> float:
+        if self.wait is not None:
+            return self.wait
+        if self.chunk_seconds is None:  # the first chunks: no pace known yet
+            return FIRST_CHUNKS_WAIT
+        return VERIFIER_SHARE * self.chunk_seconds
+
+    def expect(self, chunk: int) -> None:
+        """The chunk's frames will be decoded and submitted (call before its decode is queued: no race)."""
+        self._submitted[chunk] = threading.Event()
+
+    def submitted(self, chunk: int) -> None:
+        """The chunk's frames reached the verifier (or failed to): the loop may stop waiting for them."""
+        if chunk in self._submitted:
+            self._submitted[chunk].set()
+
+    def verdict(self, chunk: int, flush_frames: Callable[[], None]) -> Verdict | None:
+        """The chunk's verdict for the frame choice, or None: no frames of it were sent, they were not decoded in
+        time, or the verdict is late (then kept for `late_verdicts_ready`)."""
+        submitted = self._submitted.get(chunk)
+        if submitted is None:
+            return None
+        if not submitted.is_set():  # the frames may still be decoding: the loop waits only here
+            flush_frames()
+        arrived = submitted.wait(self.submit_timeout)
+        del self._submitted[chunk]  # only now: the decode worker looks the event up to set it
+        if not arrived:
+            logger.warning("chunk %d was not decoded within %.0f s; neutral visual scores", chunk, self.submit_timeout)
+            return None
+        # A job still waiting behind another cannot finish within the short wait: do not spend it.
+        wait = self.wait_limit() if self.verifier.started(chunk) else 0.0
+        verdict = self.verifier.result(chunk, wait=True, timeout=wait)
+        if not verdict.ready:
+            self._late.append(chunk)
+            self.late_verdicts += 1
+            return None
+        return verdict
+
+    def late_verdicts_ready(self) -> Iterator[Verdict]:
+        """Verdicts that came after their chunk's frame was chosen (each once)."""
+        for chunk in list(self._late):
+            verdict = self.verifier.result(chunk, wait=False)
+            if verdict.ready:
+                self._late.remove(chunk)
+                yield verdict
