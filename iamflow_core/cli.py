@@ -21,7 +21,7 @@ import torch
 from .config import DTYPES, SamplerConfig, option_spec
 from .models.attention import BACKENDS
 from .pipeline import StreamingPipeline
-from .render import render_story
+from .render import RenderResult, render_story, story_map
 from .settings import MODES, PRESETS, MemorySettings, build_memory, build_verifier, sampler_config
 from .story import DEFAULT_SEED, Story, StoryError, load_stories, plan_chunks
 from .story.entities import EntityRegistry, RegistryError
@@ -158,8 +158,8 @@ def _stories(args: argparse.Namespace) -> list[Story]:
     return [dataclasses.replace(story, seed=args.seed) for story in stories]  # the story's seed is the one seed
 
 
-def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> dict:
-    """Render one story to `out` with a progress bar. Returns timings, frame count and per-chunk reports."""
+def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> RenderResult:
+    """Render one story to `out` with a progress bar."""
     from tqdm import tqdm
 
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
@@ -172,11 +172,9 @@ def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory
             bar.set_postfix(prompt=f"{record.segment + 1}/{record.num_segments}")
             bar.update(1)
 
-        result = render_story(
+        return render_story(
             pipe, story, config, memory, out_path=out, on_chunk=progress, keep_frames=False, keep_latents=False
         )
-    chunks = [{"chunk": r.index, "segment": r.segment, **r.memory} for r in result.chunks]
-    return {**result.timings, "frames": result.frames_written, "chunks": chunks}
 
 
 def _registry(args: argparse.Namespace, story: Story) -> EntityRegistry | None:
@@ -206,14 +204,14 @@ def _verifier(args: argparse.Namespace, settings: MemorySettings):
     return build_verifier(settings, FrameVerifier(args.vlm, device=args.vlm_device or args.vae_device))
 
 
-def _story_map(story: Story, registry: EntityRegistry | None, memory, totals: dict) -> dict:
-    return {
-        "title": story.title,
-        "prompts": list(story.prompts),
-        "registry": registry.to_dict() if registry is not None else None,
-        "memory": memory.story_map() if hasattr(memory, "story_map") else {"mode": memory.name},
-        "chunks": totals["chunks"],
-    }
+def _write_story_map(target: Path, story: Story, registry: EntityRegistry | None, result: RenderResult) -> None:
+    """The story map next to the video: `video.story.json` and its picture `video.story.png`."""
+    from .pictures import story_map_picture
+
+    data = story_map(story, registry, result)
+    target.with_suffix(".story.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    story_map_picture(data).save(target.with_suffix(".story.png"))
+    print(f"{target.with_suffix('.story.json')}: story map; picture: {target.with_suffix('.story.png')}")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -229,13 +227,11 @@ def generate(args: argparse.Namespace) -> int:
     try:
         for i, (story, registry) in enumerate(zip(stories, registries)):
             target = out if len(stories) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
-            memory = build_memory(settings, registry, verifier)
-            totals = _render(pipe, story, config, memory, target)
-            story_map = target.with_suffix(".story.json")
-            story_map.write_text(json.dumps(_story_map(story, registry, memory, totals), indent=1), encoding="utf-8")
-            fps = totals["frames"] / totals["wall"] if totals["wall"] else 0.0
-            print(f"{target}: {int(totals['frames'])} frames in {totals['wall']:.1f} s ({fps:.1f} video FPS)")
-            print(f"{story_map}: story map (entities, and per chunk what was archived, retrieved, injected)")
+            result = _render(pipe, story, config, build_memory(settings, registry, verifier), target)
+            wall = result.timings["wall"]
+            fps = result.frames_written / wall if wall else 0.0
+            print(f"{target}: {result.frames_written} frames in {wall:.1f} s ({fps:.1f} video FPS)")
+            _write_story_map(target, story, registry, result)
     finally:
         if verifier is not None:
             verifier.close()

@@ -28,6 +28,7 @@ from .memory import MemoryPolicy
 from .models.vae import WanVAE
 from .pipeline import ChunkEvent, StreamingPipeline
 from .story import ChunkPlan, Story, plan_chunks
+from .story.entities import EntityRegistry
 from .video import VideoWriter, to_uint8_frames
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class RenderResult:
     frames_written: int
     cancelled: bool
     memory_map: dict[str, Any] | None = None
+    memory_name: str = ""  # the policy's name (identity, memflow, none)
 
     @property
     def complete(self) -> bool:
@@ -196,29 +198,25 @@ def render_story(
             "stopped after %d of %d chunks; %d frames kept", len(records), plan.num_chunks, outputs.frames_made
         )
     totals["wall"] = time.perf_counter() - start
-    story_map = getattr(memory, "story_map", None)
+    report = getattr(memory, "story_map", None)
     return RenderResult(
         frames=frames, latents=torch.cat(latents, dim=2) if latents else None, chunks=tuple(records), plan=plan,
         timings=totals, out_path=Path(out_path) if out_path is not None else None,
         frames_written=outputs.frames_written, cancelled=cancelled,
-        memory_map=copy.deepcopy(story_map()) if callable(story_map) else None,
+        memory_map=copy.deepcopy(report()) if callable(report) else None, memory_name=memory.name,
     )  # fmt: skip
 
 
-def describe_timeline(result: RenderResult) -> str:
-    """One line per chunk: chunk, prompt, frames, and what the memory did (for a node's text or a log)."""
-    lines = [result.plan.summary()]
-    if result.cancelled:
-        lines.append(f"stopped early: {len(result.chunks)} of {result.plan.num_chunks} chunks made")
-    for r in result.chunks:
-        mem = ", ".join(f"{k}={_short(v)}" for k, v in r.memory.items()) or "-"
-        lines.append(f"chunk {r.index + 1}/{r.num_chunks} · prompt {r.segment + 1}/{r.num_segments} · memory: {mem}")
-    return "\n".join(lines)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def story_map(story: Story, registry: EntityRegistry | None, result: RenderResult) -> dict[str, Any]:
+    """The story map of a render: the prompts, the entity registry, the memory's own report, and per chunk what the
+    memory did. Written next to a CLI video as JSON and drawn by `pictures.story_map_picture`."""
+    return {
+        "title": story.title,
+        "prompts": list(story.prompts),
+        "registry": registry.to_dict() if registry is not None else None,
+        "memory": result.memory_map if result.memory_map is not None else {"mode": result.memory_name},
+        "chunks": [{"chunk": r.index, "segment": r.segment, **r.memory} for r in result.chunks],
+    }
 
 
 def decode_latents(

@@ -1,6 +1,8 @@
-"""ComfyUI nodes of the IAMFlow pack: thin glue over `iamflow_core` (one library call per node).
+"""ComfyUI nodes of the IAMFlow pack, in ComfyUI's V3 schema (`comfy_api.latest`): thin glue over `iamflow_core`
+(one library call per node). ComfyUI finds them through `comfy_entrypoint`.
 
-Imported by the pack's `__init__.py` only inside ComfyUI (it needs `folder_paths`, `comfy` and `server`).
+Imported by the pack's `__init__.py` only inside ComfyUI (it needs `comfy_api`, `folder_paths`, `comfy` and
+`server`).
 """
 
 import importlib.util
@@ -12,28 +14,30 @@ from pathlib import Path
 if importlib.util.find_spec("iamflow_core") is None:
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from comfy_api.latest import ComfyExtension, io  # noqa: E402
+
 from .folders import register_folders  # noqa: E402
 
 register_folders()
 
-from .loaders import IAMFlowLoadDiT, IAMFlowLoadTextEncoder, IAMFlowLoadVAE  # noqa: E402
-from .memory import IAMFlowIdentityMemory, IAMFlowInspectMemory, IAMFlowVLMVerifier  # noqa: E402
-from .sampler import IAMFlowDecodeVAE, IAMFlowStreamingSampler  # noqa: E402
-from .story import IAMFlowEntityExtractor, IAMFlowStory  # noqa: E402
+from .loaders import LoadDiT, LoadTextEncoder, LoadVAE  # noqa: E402
+from .memory import IdentityMemory, InspectMemory, VLMVerifier  # noqa: E402
+from .sampler import DecodeVAE, StreamingSampler  # noqa: E402
+from .story import EntityExtractor, Story  # noqa: E402
 
-_NODES = {
-    "IAMFlowLoadDiT": (IAMFlowLoadDiT, "Load Wan DiT (IAMFlow)"),
-    "IAMFlowLoadTextEncoder": (IAMFlowLoadTextEncoder, "Load Text Encoder (IAMFlow)"),
-    "IAMFlowLoadVAE": (IAMFlowLoadVAE, "Load Wan VAE (IAMFlow)"),
-    "IAMFlowStory": (IAMFlowStory, "Story (IAMFlow)"),
-    "IAMFlowEntityExtractor": (IAMFlowEntityExtractor, "Entity Extractor LLM (IAMFlow)"),
-    "IAMFlowVLMVerifier": (IAMFlowVLMVerifier, "VLM Verifier (IAMFlow)"),
-    "IAMFlowIdentityMemory": (IAMFlowIdentityMemory, "Identity Memory (IAMFlow)"),
-    "IAMFlowStreamingSampler": (IAMFlowStreamingSampler, "Streaming Sampler (IAMFlow)"),
-    "IAMFlowDecodeVAE": (IAMFlowDecodeVAE, "Decode VAE, streaming (IAMFlow)"),
-    "IAMFlowInspectMemory": (IAMFlowInspectMemory, "Inspect Memory (IAMFlow)"),
-}
-NODE_CLASS_MAPPINGS = {name: cls for name, (cls, _) in _NODES.items()}
-NODE_DISPLAY_NAME_MAPPINGS = {name: title for name, (_, title) in _NODES.items()}
+NODES: list[type[io.ComfyNode]] = [
+    LoadDiT, LoadTextEncoder, LoadVAE, Story, EntityExtractor, VLMVerifier, IdentityMemory, StreamingSampler,
+    DecodeVAE, InspectMemory,
+]  # fmt: skip
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+class IAMFlowExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> IAMFlowExtension:
+    return IAMFlowExtension()
+
+
+__all__ = ["NODES", "IAMFlowExtension", "comfy_entrypoint"]

@@ -1,66 +1,74 @@
-"""Small helpers every IAMFlow node shares: the category, precisions, widgets of library options, and text shown
-on a node."""
+"""What every IAMFlow node shares: the category, widgets made from the library's option declarations, the
+precision and device widgets, and the short status an artist reads on a node."""
 
 from __future__ import annotations
 
 import logging
 
-from iamflow_core.config import DTYPES
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from iamflow_core.config import DTYPES, option_spec
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "IAMFlow"
-HIDDEN = {"unique_id": "UNIQUE_ID"}
+# A node's status: at most this many lines of at most this many characters, so it never grows into its neighbour.
+STATUS_LINES, STATUS_WIDTH = 2, 60
 
 
-def precision_input(what: str) -> tuple[list[str], dict]:
-    return widget(list(DTYPES), f"Number format of {what}: bf16 (default), fp16 or fp32.", default="bf16")
+def precision_input(what: str) -> io.Combo.Input:
+    return io.Combo.Input(
+        "precision", options=list(DTYPES), default="bf16", tooltip=f"Number format of {what}: bf16, fp16 or fp32."
+    )
 
 
-def show_text(unique_id: str | None, text: str) -> None:
-    """Put `text` on the node now (ComfyUI's progress text, in frontends that have it); also logged."""
-    logger.debug("node %s: %s", unique_id, text)
-    try:
-        from server import PromptServer
-    except ImportError:  # no ComfyUI server (tests, scripts)
-        return
-    server = getattr(PromptServer, "instance", None)
-    if unique_id is not None and server is not None and hasattr(server, "send_progress_text"):
-        server.send_progress_text(text, unique_id)
-
-
-def with_text(result: tuple, lines: list[str], unique_id: str | None = None) -> dict:
-    """A node return value that shows `lines` on the node (progress text now, `ui.text` in the history)."""
-    text = "\n".join(line for line in lines if line)
-    if text:
-        show_text(unique_id, text)
-    return {"ui": {"text": [text]} if text else {}, "result": result}
-
-
-def widget(kind, tooltip: str, **options) -> tuple:
-    """One input declaration: `kind` is a type name (INT, STRING, IAMFLOW_DIT, ...) or a list of choices."""
-    return (kind, {**options, "tooltip": tooltip})
-
-
-def option_widget(cls: type, name: str, **extra) -> tuple:
+def option_input(cls: type, name: str) -> io.Input:
     """The widget of a library option (a field made with `iamflow_core.config.option`): its default, bounds,
-    choices and help come from the library's one declaration."""
-    from iamflow_core.config import option_spec
-
+    choices and help come from the library's one declaration. An "automatic" (None) option shows its `auto`
+    number."""
     default, spec = option_spec(cls, name)
     if spec.choices is not None:
-        return widget(list(spec.choices), spec.help, default=default, **extra)
-    if spec.auto is not None:  # "automatic" (None) is shown as a number a widget can hold
+        return io.Combo.Input(name, options=list(spec.choices), default=default, tooltip=spec.help)
+    if isinstance(default, bool):
+        return io.Boolean.Input(name, default=default, tooltip=spec.help)
+    low = spec.min
+    if spec.auto is not None:
         default, low = (spec.auto if default is None else default), spec.auto
-    else:
-        low = spec.min
-    kind = "BOOLEAN" if isinstance(default, bool) else "FLOAT" if isinstance(spec.step or default, float) else "INT"
+    kind = io.Float if isinstance(spec.step or default, float) else io.Int
     bounds = {k: v for k, v in (("min", low), ("max", spec.max), ("step", spec.step)) if v is not None}
-    return widget(kind, spec.help, default=default, **bounds, **extra)
+    return kind.Input(name, default=default, tooltip=spec.help, **bounds)
 
 
 def options_from_widgets(cls: type, values: dict):
     """An instance of the settings class `cls` from widget values named like its options (automatic -> None)."""
-    from iamflow_core.config import option_spec
-
     return cls(**{name: option_spec(cls, name)[1].value_of(value) for name, value in values.items()})
+
+
+def picture(image) -> torch.Tensor:
+    """A PIL picture as a ComfyUI IMAGE: float32 [1, H, W, 3] in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None]
+
+
+def short(text: str, width: int = STATUS_WIDTH) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def show_status(unique_id: str | None, *lines: str | None) -> str:
+    """Put a short status on the node now (ComfyUI's progress text): the first `STATUS_LINES` non-empty lines, each
+    cut to `STATUS_WIDTH` characters. Everything is logged in full. Returns the text shown."""
+    full = [line for line in lines if line]
+    for line in full:
+        logger.info("node %s: %s", unique_id, line)
+    text = "\n".join(short(line) for line in full[:STATUS_LINES])
+    try:
+        from server import PromptServer
+    except ImportError:  # no ComfyUI server (scripts)
+        return text
+    server = getattr(PromptServer, "instance", None)
+    if unique_id is not None and server is not None and text:
+        server.send_progress_text(text, unique_id)
+    return text

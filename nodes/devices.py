@@ -7,6 +7,7 @@ import logging
 import re
 
 import torch
+from comfy_api.latest import io
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ def device_options() -> list[str]:
     return [f"cuda:{i}" for i in range(count)] + ["cpu"]
 
 
-def device_input(preferred: int = 0, what: str = "this model") -> tuple[list[str], dict]:
+def device_input(preferred: int = 0, what: str = "this model") -> io.Combo.Input:
     """A device combo that defaults to GPU `preferred` (or the last GPU there is, or the CPU)."""
     options = device_options()
     default = f"cuda:{min(preferred, len(options) - 2)}" if len(options) > 1 else "cpu"
@@ -27,18 +28,12 @@ def device_input(preferred: int = 0, what: str = "this model") -> tuple[list[str
         f"Where {what} runs. A device this machine lacks (a workflow saved on more GPUs) falls back to the last "
         "GPU, or the CPU, with a warning."
     )
-    return (options, {"default": default, "tooltip": tooltip})
-
-
-def check_device(name: object) -> bool | str:
-    """For VALIDATE_INPUTS: any `cpu` / `cuda:N` passes (it is resolved at run time); anything else is an error."""
-    if name is None or (isinstance(name, str) and _DEVICE.fullmatch(name)):
-        return True
-    return f"device {name!r} is not a device; use 'cpu' or 'cuda:N' (e.g. cuda:0)"
+    return io.Combo.Input("device", options=options, default=default, tooltip=tooltip)
 
 
 def resolve_device(name: str) -> tuple[torch.device, str | None]:
-    """The device to use for `name`, and a warning when it had to fall back (logged here, shown by the node)."""
+    """The device to use for `name`, and a short warning when it had to fall back (logged in full here, shown on
+    the node)."""
     match = _DEVICE.fullmatch(name)
     if match is None:
         raise ValueError(f"device {name!r} is not a device; use 'cpu' or 'cuda:N' (e.g. cuda:0)")
@@ -49,9 +44,8 @@ def resolve_device(name: str) -> tuple[torch.device, str | None]:
     if index < count:
         return torch.device(name), None
     fallback = torch.device(f"cuda:{count - 1}") if count else torch.device("cpu")
-    warning = (
-        f"device {name} is not on this machine ({count} GPU{'s' if count != 1 else ''} visible); "
-        f"using {fallback} instead"
+    plural = "" if count == 1 else "s"
+    logger.warning(
+        "device %s is not on this machine (%d GPU%s visible); using %s instead", name, count, plural, fallback
     )
-    logger.warning(warning)
-    return fallback, warning
+    return fallback, f"{name} is not on this machine: using {fallback}"

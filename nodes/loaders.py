@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from comfy_api.latest import io
+
+from iamflow_core.config import DTYPES
 
 from . import folders
-from .common import CATEGORY, DTYPES, HIDDEN, precision_input, widget, with_text
-from .devices import check_device, device_input, resolve_device
+from .common import CATEGORY, precision_input, show_status
+from .devices import device_input, resolve_device
 from .values import DIT, TEXT_ENCODER, VAE
 
 logger = logging.getLogger(__name__)
@@ -22,67 +25,58 @@ def _attention_backend(name: str) -> tuple[str, str | None]:
 
     if name in available_backends():
         return resolve_backend(name), None
-    warning = f"attention backend {name} is not available here ({', '.join(available_backends())}); using auto"
-    logger.warning(warning)
+    warning = f"{name} attention is not available here; using auto"
+    logger.warning("%s (available: %s)", warning, ", ".join(available_backends()))
     return resolve_backend("auto"), warning
 
 
-class IAMFlowLoadDiT:
-    DESCRIPTION = (
-        "Loads a streaming Wan2.1-T2V DiT (any layout: ComfyUI, Wan folder, Self-Forcing/LongLive/MemFlow .pt, "
-        "IAMFlow FP8), optionally merging a LoRA."
-    )
+def _file_input(key: str, tooltip: str) -> io.Combo.Input:
+    return io.Combo.Input("model", options=folders.model_files(key), tooltip=tooltip)
 
+
+class LoadDiT(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from iamflow_core.models.attention import BACKENDS, available_backends
 
         backends = available_backends() + [b for b in BACKENDS if b not in available_backends()]
-        return {
-            "required": {
-                "model": widget(
-                    folders.model_files("diffusion_models"),
-                    "DiT checkpoint in models/diffusion_models: iamflow_fp8.safetensors, "
-                    "wan2.1_t2v_1.3B_bf16.safetensors, a LongLive/MemFlow/Self-Forcing .pt, ...",
+        return io.Schema(
+            node_id="IAMFlowLoadDiT",
+            display_name="Load Wan DiT",
+            category=CATEGORY,
+            description="Loads a streaming Wan2.1-T2V DiT (any layout: ComfyUI, Wan folder, Self-Forcing/LongLive/"
+            "MemFlow .pt, IAMFlow FP8), optionally merging a LoRA.",
+            inputs=[
+                _file_input("diffusion_models", "DiT checkpoint in models/diffusion_models: iamflow_fp8.safetensors, "
+                            "wan2.1_t2v_1.3B_bf16.safetensors, a LongLive/MemFlow/Self-Forcing .pt, ..."),
+                io.Combo.Input(
+                    "lora", options=[folders.NONE, *folders.model_files("loras")], default=folders.NONE,
+                    tooltip="Optional PEFT LoRA from models/loras, merged into the DiT at load (e.g. LongLive's "
+                    "lora.pt).",
                 ),
-                "lora": widget(
-                    [folders.NONE] + folders.model_files("loras"),
-                    "Optional PEFT LoRA from models/loras, merged into the DiT at load (e.g. LongLive's lora.pt).",
-                    default=folders.NONE,
+                precision_input("the DiT weights"),
+                io.Combo.Input(
+                    "quantization", options=list(QUANTIZATION), default="auto",
+                    tooltip="auto: keep the weights the file stores as FP8 in FP8; off: dequantize everything; fp8: "
+                    "quantize the attention and FFN linears to FP8 (less memory).",
                 ),
-                "precision": precision_input("the DiT weights"),
-                "quantization": widget(
-                    list(QUANTIZATION),
-                    "auto: keep the weights the file stores as FP8 in FP8; off: dequantize everything; "
-                    "fp8: quantize the attention and FFN linears to FP8 (less memory).",
-                    default="auto",
+                io.Combo.Input(
+                    "attention", options=backends, default="auto",
+                    tooltip="Attention kernel. auto: FlashAttention 3 when installed on a Hopper GPU, else PyTorch "
+                    "SDPA. A saved choice this machine lacks falls back to auto.",
                 ),
-                "attention": widget(
-                    backends,
-                    "Attention kernel. auto: FlashAttention 3 when installed on a Hopper GPU, else PyTorch SDPA. "
-                    "A saved choice this machine lacks falls back to auto.",
-                    default="auto",
-                ),
-                "device": device_input(0, "the DiT"),
-            },
-            "hidden": HIDDEN,
-        }
-
-    RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("dit",)
-    OUTPUT_TOOLTIPS = ("The loaded streaming DiT.",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
+                device_input(0, "the DiT"),
+            ],
+            outputs=[DIT.Output(display_name="dit", tooltip="The loaded streaming DiT.")],
+            hidden=[io.Hidden.unique_id],
+        )  # fmt: skip
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model, lora, attention, device):
-        from iamflow_core.models.attention import BACKENDS
+    def validate_inputs(cls, model):
+        return folders.missing("diffusion_models", model) or True
 
-        if attention is not None and attention not in BACKENDS:
-            return f"attention backend {attention!r} is unknown; choose one of {', '.join(BACKENDS)}"
-        return folders.missing("diffusion_models", model) or folders.missing("loras", lora) or check_device(device)
-
-    def load(self, model, lora, precision, quantization, attention, device, unique_id=None):
+    @classmethod
+    def execute(cls, model, lora, precision, quantization, attention, device) -> io.NodeOutput:
         from iamflow_core import weights
 
         dev, warning = resolve_device(device)
@@ -93,109 +87,100 @@ class IAMFlowLoadDiT:
             quantization=quantization,
         )  # fmt: skip
         dit.attention_backend = backend
-        info = f"{model}: {dit.load_info.layout}, {dit.cfg.num_layers} blocks, dim {dit.cfg.dim} on {dev} ({backend})"
-        return with_text((dit,), [warning, attention_warning, info], unique_id)
+        layout = f"{dit.load_info.layout}, {dit.cfg.num_layers} blocks"
+        show_status(cls.hidden.unique_id, warning or attention_warning, f"{dev} · {backend} · {layout}")
+        return io.NodeOutput(dit)
 
 
-class IAMFlowLoadTextEncoder:
-    DESCRIPTION = "Loads the umT5-XXL text encoder (ComfyUI's umt5_xxl_*.safetensors or Wan's .pth) and its tokenizer."
-
+class LoadTextEncoder(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": widget(
-                    folders.model_files("text_encoders"),
-                    "umT5-XXL encoder in models/text_encoders: umt5_xxl_fp16.safetensors (the fp8_e4m3fn_scaled "
-                    "file and Wan's models_t5_umt5-xxl-enc-bf16.pth work too).",
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowLoadTextEncoder",
+            display_name="Load umT5 Text Encoder",
+            category=CATEGORY,
+            description="Loads the umT5-XXL text encoder (ComfyUI's umt5_xxl_*.safetensors or Wan's .pth) and its "
+            "tokenizer.",
+            inputs=[
+                _file_input("text_encoders", "umT5-XXL encoder in models/text_encoders: umt5_xxl_fp16.safetensors "
+                            "(the fp8_e4m3fn_scaled file and Wan's models_t5_umt5-xxl-enc-bf16.pth work too)."),
+                io.Combo.Input(
+                    "tokenizer", options=[folders.EMBEDDED, *folders.tokenizer_folders()], default=folders.EMBEDDED,
+                    tooltip="ComfyUI's umT5 files carry their tokenizer. For Wan's .pth, copy its google/umt5-xxl "
+                    "folder into models/text_encoders and pick it here.",
                 ),
-                "tokenizer": widget(
-                    [folders.EMBEDDED] + folders.tokenizer_folders(),
-                    "ComfyUI's umT5 files carry their tokenizer. For Wan's .pth, copy its google/umt5-xxl folder "
-                    "into models/text_encoders and pick it here.",
-                    default=folders.EMBEDDED,
-                ),
-                "precision": precision_input("the text encoder"),
-                "device": device_input(0, "the text encoder"),
-                "offload": widget(
-                    "BOOLEAN",
-                    "Keep the encoder on the CPU and move it to the device only while it encodes the prompts "
+                precision_input("the text encoder"),
+                device_input(0, "the text encoder"),
+                io.Boolean.Input(
+                    "offload", default=False,
+                    tooltip="Keep the encoder on the CPU and move it to the device only while it encodes the prompts "
                     "(frees ~11 GB of GPU memory on a one-GPU machine).",
-                    default=False,
                 ),
-            },
-            "hidden": HIDDEN,
-        }
-
-    RETURN_TYPES = (TEXT_ENCODER,)
-    RETURN_NAMES = ("text_encoder",)
-    OUTPUT_TOOLTIPS = ("umT5 encoder + tokenizer.",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
+            ],
+            outputs=[TEXT_ENCODER.Output(display_name="text_encoder", tooltip="umT5 encoder + tokenizer.")],
+            hidden=[io.Hidden.unique_id],
+        )  # fmt: skip
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model, tokenizer, device):
-        return (
-            folders.missing("text_encoders", model)
-            or folders.missing("text_encoders", tokenizer, folder=True)
-            or check_device(device)
-        )
+    def validate_inputs(cls, model):
+        return folders.missing("text_encoders", model) or True
 
-    def load(self, model, tokenizer, precision, device, offload, unique_id=None):
+    @classmethod
+    def execute(cls, model, tokenizer, precision, device, offload) -> io.NodeOutput:
         from iamflow_core import weights
-        from iamflow_core.text_encoder import (
-            OffloadedTextEncoder,
-            TextEncoder,
-            load_umt5_tokenizer,
-            umt5_tokenizer_from_spiece,
-        )
+        from iamflow_core.text_encoder import OffloadedTextEncoder, TextEncoder
 
         dev, warning = resolve_device(device)
         path = folders.file_path("text_encoders", model)
-        if tokenizer == folders.EMBEDDED:
-            embedded = weights.read_embedded_tokenizer(path)
-            if embedded is None:
-                raise FileNotFoundError(
-                    f"{model} has no tokenizer inside; copy the google/umt5-xxl folder of the Wan2.1 download into "
-                    "models/text_encoders and pick it in the tokenizer widget"
-                )
-            tok = umt5_tokenizer_from_spiece(embedded, source=str(path))
-        else:
-            tok = load_umt5_tokenizer(folders.folder_path("text_encoders", tokenizer))
         load_on = torch.device("cpu") if offload else dev
-        encoder = TextEncoder(weights.load_t5(path, dtype=DTYPES[precision], device=load_on), tok, device=load_on)
+        t5 = weights.load_t5(path, dtype=DTYPES[precision], device=load_on)
+        encoder = TextEncoder(t5, _tokenizer(path, model, tokenizer), device=load_on)
         result = OffloadedTextEncoder(encoder, dev) if offload else encoder
-        where = f"cpu, encodes on {dev}" if offload else str(dev)
-        return with_text((result,), [warning, f"{model} on {where}"], unique_id)
+        show_status(cls.hidden.unique_id, warning, f"cpu, encodes on {dev}" if offload else str(dev))
+        return io.NodeOutput(result)
 
 
-class IAMFlowLoadVAE:
-    DESCRIPTION = "Loads the Wan2.1 VAE (ComfyUI's wan_2.1_vae.safetensors or Wan's Wan2.1_VAE.pth)."
+def _tokenizer(path, model: str, tokenizer: str):
+    from iamflow_core import weights
+    from iamflow_core.text_encoder import load_umt5_tokenizer, umt5_tokenizer_from_spiece
+
+    if tokenizer != folders.EMBEDDED:
+        return load_umt5_tokenizer(folders.folder_path("text_encoders", tokenizer))
+    embedded = weights.read_embedded_tokenizer(path)
+    if embedded is None:
+        raise FileNotFoundError(
+            f"{model} has no tokenizer inside; copy the google/umt5-xxl folder of the Wan2.1 download into "
+            "models/text_encoders and pick it in the tokenizer widget"
+        )
+    return umt5_tokenizer_from_spiece(embedded, source=str(path))
+
+
+class LoadVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowLoadVAE",
+            display_name="Load Wan VAE",
+            category=CATEGORY,
+            description="Loads the Wan2.1 VAE (ComfyUI's wan_2.1_vae.safetensors or Wan's Wan2.1_VAE.pth).",
+            inputs=[
+                _file_input("vae", "Wan2.1 VAE in models/vae: wan_2.1_vae.safetensors."),
+                precision_input("the VAE"),
+                device_input(1, "the VAE decode (a second GPU overlaps decoding with sampling)"),
+            ],
+            outputs=[VAE.Output(display_name="vae", tooltip="The Wan2.1 VAE (streaming decode).")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": widget(folders.model_files("vae"), "Wan2.1 VAE in models/vae: wan_2.1_vae.safetensors."),
-                "precision": precision_input("the VAE"),
-                "device": device_input(1, "the VAE decode (a second GPU overlaps decoding with sampling)"),
-            },
-            "hidden": HIDDEN,
-        }
-
-    RETURN_TYPES = (VAE,)
-    RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The Wan2.1 VAE (streaming decode).",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
+    def validate_inputs(cls, model):
+        return folders.missing("vae", model) or True
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model, device):
-        return folders.missing("vae", model) or check_device(device)
-
-    def load(self, model, precision, device, unique_id=None):
+    def execute(cls, model, precision, device) -> io.NodeOutput:
         from iamflow_core import weights
 
         dev, warning = resolve_device(device)
         vae = weights.load_vae(folders.file_path("vae", model), dtype=DTYPES[precision], device=dev)
-        return with_text((vae,), [warning, f"{model} on {dev}"], unique_id)
+        show_status(cls.hidden.unique_id, warning, str(dev))
+        return io.NodeOutput(vae)

@@ -1,58 +1,54 @@
-"""Memory nodes: the VLM verifier, the memory settings the sampler builds its policy from, and the inspector."""
+"""Memory nodes: the VLM verifier, the memory settings the sampler builds its policy from, and the inspector that
+draws the story map."""
 
 from __future__ import annotations
 
-import json
 import logging
 
+from comfy_api.latest import io, ui
+
 from . import folders
-from .common import CATEGORY, HIDDEN, option_widget, options_from_widgets, widget, with_text
-from .devices import check_device, device_input, resolve_device
-from .story import describe_registry
-from .values import MEMORY, STATE, VLM, MemoryValue, StoryValue
+from .common import CATEGORY, option_input, options_from_widgets, picture, show_status
+from .devices import device_input, resolve_device
+from .values import MEMORY, STATE, VLM, MemoryValue
 
 logger = logging.getLogger(__name__)
 
 
-class IAMFlowVLMVerifier:
-    DESCRIPTION = (
-        "Loads a vision-language model that scores decoded frames (to pick the best frame of a chunk for memory) "
-        "and corrects entity attributes."
-    )
+class VLMVerifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowVLMVerifier",
+            display_name="VLM Verifier",
+            category=CATEGORY,
+            description="Loads a vision-language model that scores decoded frames (to pick the best frame of a chunk "
+            "for memory) and corrects entity attributes.",
+            inputs=[
+                io.Combo.Input(
+                    "vlm", options=folders.hf_folders(), tooltip="VLM folder in models/LLM (e.g. Qwen3-VL-2B-Instruct)"
+                ),
+                device_input(1, "the verifier (a second GPU keeps it off the DiT's GPU)"),
+            ],
+            outputs=[VLM.Output(display_name="verifier", tooltip="The frame verifier; wire it into Identity Memory.")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vlm": widget(folders.hf_folders(), "VLM folder in models/LLM (e.g. Qwen3-VL-2B-Instruct)."),
-                "device": device_input(1, "the verifier (a second GPU keeps it off the DiT's GPU)"),
-            },
-            "hidden": HIDDEN,
-        }
-
-    RETURN_TYPES = (VLM,)
-    RETURN_NAMES = ("verifier",)
-    OUTPUT_TOOLTIPS = ("The frame verifier; wire it into Identity Memory.",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
+    def validate_inputs(cls, vlm):
+        return folders.missing(folders.LLM, vlm, folder=True) or True
 
     @classmethod
-    def VALIDATE_INPUTS(cls, vlm, device):
-        return folders.missing(folders.LLM, vlm, folder=True) or check_device(device)
-
-    def load(self, vlm, device, unique_id=None):
+    def execute(cls, vlm, device) -> io.NodeOutput:
         from iamflow_core.story.vlm import FrameVerifier
 
         dev, warning = resolve_device(device)
         verifier = FrameVerifier(folders.folder_path(folders.LLM, vlm), device=dev)
-        return with_text((verifier,), [warning, f"{vlm} on {dev}"], unique_id)
+        show_status(cls.hidden.unique_id, warning, str(dev))
+        return io.NodeOutput(verifier)
 
 
-class IAMFlowIdentityMemory:
-    DESCRIPTION = (
-        "Memory settings: IAMFlow identity memory, the MemFlow bank or none, the frame budgets, the prompt "
-        "transition and how the verifier runs. The sampler builds a fresh memory from them on every run."
-    )
+class IdentityMemory(io.ComfyNode):
     # Widget order is the order saved in workflows: new options go at the end.
     OPTIONS = (
         "mode", "transition", "max_frames", "min_frames_multi_entity", "bank_size", "record_interval", "sparse_topk",
@@ -60,54 +56,53 @@ class IAMFlowIdentityMemory:
     )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from iamflow_core.settings import MemorySettings
 
-        return {
-            "required": {name: option_widget(MemorySettings, name) for name in cls.OPTIONS},
-            "optional": {"verifier": widget(VLM, "Optional VLM verifier (identity mode).")},
-        }
-
-    RETURN_TYPES = (MEMORY,)
-    RETURN_NAMES = ("memory",)
-    OUTPUT_TOOLTIPS = ("Memory settings (and the verifier) for the Streaming Sampler.",)
-    FUNCTION = "settings"
-    CATEGORY = CATEGORY
-
-    def settings(self, verifier=None, **options):
-        from iamflow_core.settings import MemorySettings
-
-        return (MemoryValue(options_from_widgets(MemorySettings, options), verifier),)
-
-
-def describe_state(state) -> str:
-    from iamflow_core.render import describe_timeline
-
-    parts = [describe_timeline(state.render)]
-    if state.render.out_path is not None:
-        parts.append(f"video: {state.render.out_path} ({state.render.frames_written} frames)")
-    parts.append(describe_registry(StoryValue(state.story, state.registry)))
-    memory_map = state.render.memory_map
-    if memory_map:
-        summary = {k: v for k, v in memory_map.items() if k not in ("registry", "events")}
-        parts.append("memory:\n" + json.dumps(summary, indent=2, default=str))
-    return "\n\n".join(parts)
-
-
-class IAMFlowInspectMemory:
-    DESCRIPTION = "Shows the entity registry and the per-chunk memory timeline of a finished run as text."
+        return io.Schema(
+            node_id="IAMFlowIdentityMemory",
+            display_name="Identity Memory",
+            category=CATEGORY,
+            description="Memory settings: IAMFlow identity memory, the MemFlow bank or none, the frame budgets, the "
+            "prompt transition and how the verifier runs. The sampler builds a fresh memory from them on every run.",
+            inputs=[
+                *(option_input(MemorySettings, name) for name in cls.OPTIONS),
+                VLM.Input("verifier", optional=True, tooltip="Optional VLM verifier (identity mode)."),
+            ],
+            outputs=[MEMORY.Output(display_name="memory", tooltip="Memory settings and verifier, for the sampler.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"state": widget(STATE, "The state output of the Streaming Sampler.")}, "hidden": HIDDEN}
+    def execute(cls, verifier=None, **options) -> io.NodeOutput:
+        from iamflow_core.settings import MemorySettings
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("text",)
-    OUTPUT_TOOLTIPS = ("The same text, for saving or other text nodes.",)
-    FUNCTION = "inspect"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
+        return io.NodeOutput(MemoryValue(options_from_widgets(MemorySettings, options), verifier))
 
-    def inspect(self, state, unique_id=None):
-        text = describe_state(state)
-        return with_text((text,), [text], unique_id)
+
+class InspectMemory(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowInspectMemory",
+            display_name="Inspect Memory",
+            category=CATEGORY,
+            description="Draws the story map of a finished run: prompts along time, one lane per entity, where frames "
+            "were archived and where they came back; and says it in words.",
+            inputs=[STATE.Input("state", tooltip="The state output of the Streaming Sampler.")],
+            outputs=[
+                io.String.Output(display_name="text", tooltip="What the memory did, in plain words."),
+                io.Image.Output(display_name="story_map", tooltip="The story map as a picture."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, state) -> io.NodeOutput:
+        from iamflow_core.pictures import story_map_picture, story_map_summary
+
+        story_map = state.story_map()
+        lines = story_map_summary(story_map)
+        image = picture(story_map_picture(story_map))
+        show_status(cls.hidden.unique_id, *lines)
+        return io.NodeOutput("\n".join(lines), image, ui=ui.PreviewImage(image, cls=cls))

@@ -1,4 +1,5 @@
-"""The Streaming Sampler (story in, video out, chunk by chunk, previewed as it goes) and the streaming VAE decode."""
+"""The Streaming Sampler (story in, video out, chunk by chunk, previewed as it goes; the finished mp4 plays on the
+node) and the streaming VAE decode."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from pathlib import Path
 import folder_paths
 import numpy as np
 import torch
+from comfy_api.latest import InputImpl, io, ui
 
-from .common import CATEGORY, HIDDEN, option_widget, show_text, widget
+from iamflow_core.config import VIDEO_FPS
+
+from .common import CATEGORY, option_input, show_status
 from .values import DIT, MEMORY, STATE, STORY, TEXT_ENCODER, VAE, StateValue
 
 logger = logging.getLogger(__name__)
@@ -57,8 +61,8 @@ def _entities_in(memory_info: dict) -> list[int] | None:
 
 
 class _ChunkMonitor:
-    """Per chunk: progress bar with the newest frame as preview, status text, and ComfyUI's Cancel -> stop after
-    the chunk in progress (`cancel`), remembering that the user asked (`interrupted`)."""
+    """Per chunk: progress bar with the newest frame as preview, a two-line status, and ComfyUI's Cancel -> stop
+    after the chunk in progress (`cancel`), remembering that the user asked (`interrupted`)."""
 
     def __init__(self, unique_id: str | None, num_chunks: int, out_path: Path | None) -> None:
         import comfy.utils
@@ -82,11 +86,12 @@ class _ChunkMonitor:
             self._stop()
         self.entities = _entities_in(record.memory) or self.entities
         in_memory = ", ".join(f"#{e}" for e in self.entities) if self.entities else "none"
-        show_text(
+        where = f"{record.frames_done} frames → {self.out_path.name}" if self.out_path else None
+        show_status(
             self.unique_id,
             f"chunk {record.index + 1}/{record.num_chunks} · prompt {record.segment + 1}/{record.num_segments} · "
-            f"entities in memory: {in_memory}"
-            + (f" · {record.frames_done} frames -> {self.out_path.name}" if self.out_path else ""),
+            f"memory: {in_memory}",
+            where,
         )
 
     def _stop(self) -> None:
@@ -101,9 +106,9 @@ class _ChunkMonitor:
 
         if not self.interrupted:
             return
-        where = f"; the {result.frames_written} frames made so far are in {self.out_path}" if self.out_path else ""
-        show_text(self.unique_id, f"cancelled after {len(result.chunks)} of {result.plan.num_chunks} chunks{where}")
-        logger.warning("cancelled after %d chunks%s", len(result.chunks), where)
+        where = f"{result.frames_written} frames kept in {self.out_path.name}" if self.out_path else None
+        show_status(self.unique_id, f"cancelled after {len(result.chunks)} of {result.plan.num_chunks} chunks", where)
+        logger.warning("cancelled after %d chunks; %s", len(result.chunks), self.out_path or "no video written")
         mm.throw_exception_if_processing_interrupted()  # clears ComfyUI's flag if our progress bar did not
         raise mm.InterruptProcessingException()
 
@@ -116,118 +121,118 @@ def _verifier_for_run(settings, memory):
     return verifier if verifier is not None else nullcontext()
 
 
-def _output_path(prefix: str, width: int, height: int) -> tuple[Path, dict]:
-    """A new mp4 path in ComfyUI's output folder, and the UI entry that shows it on the node."""
+def _output_path(prefix: str, width: int, height: int) -> tuple[Path, str]:
+    """A new mp4 path in ComfyUI's output folder, and its subfolder there."""
     out_dir = folder_paths.get_output_directory()
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out_dir, width, height)
-    filename = f"{name}_{counter:05}_.mp4"
-    ui = {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": (True,)}
-    return Path(folder) / filename, ui
+    return Path(folder) / f"{name}_{counter:05}_.mp4", subfolder
 
 
-class IAMFlowStreamingSampler:
-    DESCRIPTION = (
-        "Generates the story's video chunk by chunk with the streaming DiT and the chosen memory; each chunk is "
-        "previewed as soon as it exists and written to an mp4 in the output folder. Cancel stops after the current "
-        "chunk and keeps the video made so far."
-    )
-
+class StreamingSampler(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from iamflow_core.config import SamplerConfig
 
-        return {
-            "required": {
-                "dit": widget(DIT, "The streaming DiT (Load Wan DiT)."),
-                "text_encoder": widget(TEXT_ENCODER, "umT5 (Load Text Encoder)."),
-                "story": widget(STORY, "The story (Story, or Entity Extractor for identity memory)."),
-                "width": option_widget(SamplerConfig, "width"),
-                "height": option_widget(SamplerConfig, "height"),
-                "seed": widget(
-                    "INT",
-                    "Noise seed of the whole video (it replaces a seed given in story JSON).",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
+        return io.Schema(
+            node_id="IAMFlowStreamingSampler",
+            display_name="Streaming Sampler",
+            category=CATEGORY,
+            description="Generates the story's video chunk by chunk with the streaming DiT and the chosen memory; "
+            "each chunk is previewed as soon as it exists and written to an mp4 in the output folder, which plays on "
+            "the node when it is done. Cancel stops after the current chunk and keeps the video made so far.",
+            inputs=[
+                DIT.Input("dit", tooltip="The streaming DiT (Load Wan DiT)."),
+                TEXT_ENCODER.Input("text_encoder", tooltip="umT5 (Load umT5 Text Encoder)."),
+                STORY.Input("story", tooltip="The story (Story, or Entity Extractor for identity memory)."),
+                option_input(SamplerConfig, "width"),
+                option_input(SamplerConfig, "height"),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="Noise seed of the whole video (it replaces a seed given in story JSON).",
                 ),
-                "filename_prefix": widget(
-                    "STRING",
-                    "The mp4 written chunk by chunk goes to ComfyUI's output folder under this prefix; it is kept "
-                    "if you cancel.",
-                    default="IAMFlow/story",
+                io.String.Input(
+                    "filename_prefix", default="IAMFlow/story",
+                    tooltip="The mp4 written chunk by chunk goes to ComfyUI's output folder under this prefix; it is "
+                    "kept if you cancel.",
                 ),
-            },
-            "optional": {
-                "memory": widget(
-                    MEMORY,
-                    "Memory settings (Identity Memory). Not connected: no memory, KV recache at prompt switches "
-                    "(LongLive).",
+                MEMORY.Input(
+                    "memory", optional=True,
+                    tooltip="Memory settings (Identity Memory). Not connected: no memory, KV recache at prompt "
+                    "switches (LongLive).",
                 ),
-                "vae": widget(
-                    VAE,
-                    "Wan VAE: decodes each chunk while the next one is sampled (on its own device). Not connected: "
-                    "only LATENT comes out (decode it with Decode VAE).",
+                VAE.Input(
+                    "vae", optional=True,
+                    tooltip="Wan VAE: decodes each chunk while the next one is sampled (on its own device). Not "
+                    "connected: only LATENT comes out (decode it with Streaming VAE Decode).",
                 ),
-            },
-            "hidden": HIDDEN,
-        }
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="Every frame, [N, H, W, 3] (one black frame without "
+                                "a VAE)."),
+                io.Latent.Output(display_name="latent", tooltip="Wan2.1 latents [1, 16, F, H/8, W/8]."),
+                STATE.Output(display_name="state", tooltip="Registry and per-chunk story map, for Inspect Memory."),
+                io.Video.Output(display_name="video", tooltip="The mp4 it wrote (for Save Video and other video "
+                                "nodes); none without a VAE."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )  # fmt: skip
 
-    RETURN_TYPES = ("IMAGE", "LATENT", STATE)
-    RETURN_NAMES = ("images", "latent", "state")
-    OUTPUT_TOOLTIPS = (
-        "Every frame, [N, H, W, 3] (one black frame without a VAE).",
-        "Wan2.1 latents [1, 16, F, H/8, W/8].",
-        "Registry and per-chunk story map, for Inspect Memory.",
-    )
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
-
-    def sample(self, dit, text_encoder, story, width, height, seed, filename_prefix, memory=None, vae=None,
-               unique_id=None):  # fmt: skip
-        from iamflow_core.pipeline import StreamingPipeline
-        from iamflow_core.render import render_story
-        from iamflow_core.settings import LONGLIVE, build_memory, sampler_config
-        from iamflow_core.story import plan_chunks
+    @classmethod
+    def execute(cls, dit, text_encoder, story, width, height, seed, filename_prefix, memory=None, vae=None):
+        from iamflow_core.settings import LONGLIVE
 
         settings = memory.settings if memory is not None else LONGLIVE
         run_story = replace(story.story, seed=seed)
-        out_path, ui = _output_path(filename_prefix, width, height) if vae is not None else (None, {})
-        monitor = _ChunkMonitor(unique_id, plan_chunks(run_story).num_chunks, out_path)
-        with _verifier_for_run(settings, memory) as verifier:
-            result = render_story(
-                StreamingPipeline(dit, text_encoder, vae), run_story, sampler_config(settings, height, width),
-                build_memory(settings, story.registry, verifier), out_path=out_path, on_chunk=monitor,
-                cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(),
-            )  # fmt: skip
-        monitor.raise_if_cancelled(result)
+        out_path, subfolder = _output_path(filename_prefix, width, height) if vae is not None else (None, "")
+        result = _render(cls.hidden.unique_id, (dit, text_encoder, vae), run_story, settings, story, memory,
+                         (height, width), out_path)  # fmt: skip
         state = StateValue(story.story, story.registry, replace(result, frames=None, latents=None))
-        images = to_image(result.frames, height, width)
-        return {"ui": ui, "result": (images, to_comfy_latent(result.latents), state)}
+        outputs = (to_image(result.frames, height, width), to_comfy_latent(result.latents), state)
+        if out_path is None:
+            return io.NodeOutput(*outputs, None)
+        seconds = result.frames_written / VIDEO_FPS
+        show_status(cls.hidden.unique_id, f"{result.frames_written} frames · {seconds:.1f} s → {out_path.name}")
+        video = ui.PreviewVideo([ui.SavedResult(out_path.name, subfolder, io.FolderType.output)])
+        return io.NodeOutput(*outputs, InputImpl.VideoFromFile(str(out_path)), ui=video)
 
 
-class IAMFlowDecodeVAE:
-    DESCRIPTION = (
-        "Decodes a Wan2.1 video LATENT with the streaming VAE, chunk by chunk (the frames of a full decode, a "
-        "fraction of the memory)."
-    )
+def _render(unique_id, models, run_story, settings, story, memory, size, out_path):
+    """The library's render with ComfyUI's progress, previews and Cancel; raises ComfyUI's interrupt on Cancel."""
+    from iamflow_core.pipeline import StreamingPipeline
+    from iamflow_core.render import render_story
+    from iamflow_core.settings import build_memory, sampler_config
+    from iamflow_core.story import plan_chunks
+
+    monitor = _ChunkMonitor(unique_id, plan_chunks(run_story).num_chunks, out_path)
+    with _verifier_for_run(settings, memory) as verifier:
+        result = render_story(
+            StreamingPipeline(*models), run_story, sampler_config(settings, *size),
+            build_memory(settings, story.registry, verifier), out_path=out_path, on_chunk=monitor,
+            cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(),
+        )  # fmt: skip
+    monitor.raise_if_cancelled(result)
+    return result
+
+
+class DecodeVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowDecodeVAE",
+            display_name="Streaming VAE Decode",
+            category=CATEGORY,
+            description="Decodes a Wan2.1 video LATENT with the streaming VAE, chunk by chunk (the frames of a full "
+            "decode, a fraction of the memory).",
+            inputs=[
+                VAE.Input("vae", tooltip="The Wan VAE (Load Wan VAE)."),
+                io.Latent.Input("latent", tooltip="Wan2.1 video latents, e.g. the Streaming Sampler's LATENT."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="Decoded frames [N, H, W, 3].")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": widget(VAE, "The Wan VAE (Load Wan VAE)."),
-                "latent": widget("LATENT", "Wan2.1 video latents, e.g. the Streaming Sampler's LATENT."),
-            },
-        }
-
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("Decoded frames [N, H, W, 3].",)
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-
-    def decode(self, vae, latent):
+    def execute(cls, vae, latent) -> io.NodeOutput:
         import comfy.utils
 
         from iamflow_core.config import CacheConfig
@@ -236,4 +241,4 @@ class IAMFlowDecodeVAE:
         latents = from_comfy_latent(latent)
         pbar = comfy.utils.ProgressBar(-(-latents.shape[2] // CacheConfig.chunk_frames))
         frames = decode_latents(vae, latents[:1], on_chunk=lambda _: pbar.update(1))
-        return (to_image(frames, 0, 0),)
+        return io.NodeOutput(to_image(frames, 0, 0))

@@ -1,13 +1,16 @@
-"""Story nodes: the script an artist types, and the entity registry an LLM (or the artist) makes from it."""
+"""Story nodes: the script an artist types (drawn as a timeline), and the entity registry an LLM (or the artist)
+makes from it (drawn as an entity sheet)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
 
+from comfy_api.latest import io, ui
+
 from . import folders
-from .common import CATEGORY, HIDDEN, widget, with_text
-from .devices import check_device, device_input, resolve_device
+from .common import CATEGORY, picture, show_status
+from .devices import device_input, resolve_device
 from .values import STORY, StoryValue
 
 logger = logging.getLogger(__name__)
@@ -23,118 +26,115 @@ EXAMPLE_STORY = """\
 """  # noqa: E501
 
 
-def describe_registry(value: StoryValue) -> str:
-    """The registry as the artist reads it: entities, then which appear in each prompt, then the JSON to edit."""
+def registry_status(value: StoryValue) -> str:
+    """One line naming the story's entities, e.g. `3 entities: #1 Nora, #2 Ethan, #3 red notebook`."""
     registry = value.registry
     if registry is None:
-        return "no entity registry (identity memory falls back to prompt relevance)"
-    lines = [f"{len(registry.entities)} entities ({registry.source}):"]
-    lines += [f"  #{e.id} {e.name} ({e.kind}): {', '.join(e.attributes) or '-'}" for e in registry.entities]
-    for i, mentions in enumerate(registry.prompts):
-        names = ", ".join(f"#{m.entity} {registry.entity(m.entity).name}" for m in mentions) or "-"
-        lines.append(f"  prompt {i + 1}: {names}")
-    lines += [f"  note: {n}" for n in registry.notes]
-    return "\n".join(lines) + "\n\nregistry JSON (paste into registry_json to edit):\n" + registry.to_json()
+        return "no entities: identity memory follows prompt relevance"
+    names = ", ".join(f"#{e.id} {e.name}" for e in registry.entities)
+    return f"{len(registry.entities)} entities: {names}" if registry.entities else "no entities found"
 
 
-class IAMFlowStory:
-    DESCRIPTION = "A story: one prompt per line with its duration (10s | prompt), a story JSON or a NarraStream line."
+class Story(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowStory",
+            display_name="Story",
+            category=CATEGORY,
+            description="A story: one prompt per line with its duration (10s | prompt), a story JSON or a "
+            "NarraStream line. The node draws its plan: prompts, seconds and chunks.",
+            inputs=[
+                io.String.Input(
+                    "text", default=EXAMPLE_STORY, multiline=True,
+                    tooltip="One segment per line: `10s | prompt`, `[5s] prompt`, `prompt | 10s` or a bare prompt "
+                    "(default duration); # starts a comment. Or paste a story JSON or a NarraStream JSONL line.",
+                ),
+                io.Float.Input(
+                    "default_seconds", default=10.0, min=0.75, max=600.0, step=0.25,
+                    tooltip="Duration of lines that give none. Segments are rounded to whole 0.75 s chunks (the node "
+                    "says so).",
+                ),
+            ],
+            outputs=[STORY.Output(display_name="story", tooltip="The story (segments of prompt and seconds).")],
+            hidden=[io.Hidden.unique_id],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "text": widget(
-                    "STRING",
-                    "One segment per line: `10s | prompt`, `[5s] prompt`, `prompt | 10s` or a bare prompt (default "
-                    "duration); # starts a comment. Or paste a story JSON or a NarraStream JSONL line.",
-                    default=EXAMPLE_STORY,
-                    multiline=True,
-                ),
-                "default_seconds": widget(
-                    "FLOAT",
-                    "Duration of lines that give none. Segments are rounded to whole 0.75 s chunks (the node "
-                    "says so).",
-                    default=10.0,
-                    min=0.75,
-                    max=600.0,
-                    step=0.25,
-                ),
-            },
-            "hidden": HIDDEN,
-        }
-
-    RETURN_TYPES = (STORY,)
-    RETURN_NAMES = ("story",)
-    OUTPUT_TOOLTIPS = ("The story (segments of prompt and seconds).",)
-    FUNCTION = "parse"
-    CATEGORY = CATEGORY
-
-    def parse(self, text, default_seconds, unique_id=None):
+    def execute(cls, text, default_seconds) -> io.NodeOutput:
+        from iamflow_core.pictures import plan_picture
         from iamflow_core.story import parse_story_text, plan_chunks
 
         story = parse_story_text(text, default_seconds=default_seconds, source="Story node")
         plan = plan_chunks(story)
-        return with_text((StoryValue(story),), [plan.summary(), *plan.rounding_notes()], unique_id)
+        rounded = "durations rounded to whole 0.75-s chunks" if plan.rounding_notes() else None
+        summary = f"{plan.num_segments} prompts · {plan.video_seconds:.1f} s · {plan.num_chunks} chunks"
+        show_status(cls.hidden.unique_id, summary, rounded)
+        preview = ui.PreviewImage(picture(plan_picture(plan, story.prompts)), cls=cls)
+        return io.NodeOutput(StoryValue(story), ui=preview)
 
 
-class IAMFlowEntityExtractor:
-    DESCRIPTION = (
-        "Finds the characters and key objects of every prompt with an LLM and gives each a global ID; the registry "
-        "is shown on the node and can be replaced by JSON."
-    )
+class EntityExtractor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowEntityExtractor",
+            display_name="Entity Extractor",
+            category=CATEGORY,
+            description="Finds the characters and key objects of every prompt with an LLM and gives each a global "
+            "ID; the node draws them as an entity sheet. A registry JSON replaces the LLM's answer.",
+            inputs=[
+                STORY.Input("story", tooltip="The story whose prompts are read."),
+                io.Combo.Input(
+                    "llm", options=[folders.NONE, *folders.hf_folders()], default=folders.NONE,
+                    tooltip="LLM folder in models/LLM (e.g. Qwen3-4B-Instruct-2507): loaded, run once over all "
+                    "prompts and unloaded before sampling. None: no LLM (use registry_json, or no registry).",
+                ),
+                device_input(0, "the LLM"),
+                io.String.Input(
+                    "registry_json", default="", multiline=True, optional=True,
+                    tooltip="Optional registry JSON that replaces the LLM's answer: edit names, attributes, or which "
+                    "prompt shows whom (the registry_json output gives the current one to start from).",
+                ),
+            ],
+            outputs=[
+                STORY.Output(display_name="story", tooltip="The same story with its entity registry."),
+                io.String.Output(display_name="registry_json", tooltip="The registry as JSON, to view or edit."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "story": widget(STORY, "The story whose prompts are read."),
-                "llm": widget(
-                    [folders.NONE] + folders.hf_folders(),
-                    "LLM folder in models/LLM (e.g. Qwen3-4B-Instruct-2507): loaded, run once over all prompts and "
-                    "unloaded before sampling. None: no LLM (use registry_json, or no registry).",
-                    default=folders.NONE,
-                ),
-                "device": device_input(0, "the LLM"),
-            },
-            "optional": {
-                "registry_json": widget(
-                    "STRING",
-                    "Optional registry JSON (as this node shows it after a run) that replaces the LLM's answer: "
-                    "edit names, attributes, or which prompt shows whom.",
-                    default="",
-                    multiline=True,
-                ),
-            },
-            "hidden": HIDDEN,
-        }
-
-    RETURN_TYPES = (STORY,)
-    RETURN_NAMES = ("story",)
-    OUTPUT_TOOLTIPS = ("The same story with its entity registry.",)
-    FUNCTION = "extract"
-    CATEGORY = CATEGORY
+    def validate_inputs(cls, llm):
+        return folders.missing(folders.LLM, llm, folder=True) or True
 
     @classmethod
-    def VALIDATE_INPUTS(cls, llm, device):
-        return folders.missing(folders.LLM, llm, folder=True) or check_device(device)
+    def execute(cls, story, llm, device, registry_json="") -> io.NodeOutput:
+        from iamflow_core.pictures import entity_sheet
 
-    def extract(self, story, llm, device, registry_json="", unique_id=None):
-        from iamflow_core.story.entities import EntityRegistry
-
-        num_segments, warning = len(story.story.segments), None
-        if registry_json.strip():
-            registry = EntityRegistry.from_json(registry_json, num_segments=num_segments, source="user")
-        elif llm == folders.NONE:
-            registry = None
-        else:
-            from iamflow_core.story.llm import EntityExtractor
-
-            dev, warning = resolve_device(device)
-            extractor = EntityExtractor(folders.folder_path(folders.LLM, llm), device=dev)
-            try:
-                registry = extractor.extract(list(story.story.prompts))
-            finally:
-                extractor.unload()
+        registry, warning = _registry(story, llm, device, registry_json)
         value = replace(story, registry=registry)
-        return with_text((value,), [warning, describe_registry(value)], unique_id)
+        show_status(cls.hidden.unique_id, warning, registry_status(value))
+        preview = ui.PreviewImage(picture(entity_sheet(registry)), cls=cls)
+        text = registry.to_json() if registry is not None else ""
+        return io.NodeOutput(value, text, ui=preview)
+
+
+def _registry(story: StoryValue, llm: str, device: str, registry_json: str):
+    """The registry: the artist's JSON, else the LLM's (loaded, run and unloaded here), else None. And a device
+    fallback warning."""
+    from iamflow_core.story.entities import EntityRegistry
+
+    num_segments = len(story.story.segments)
+    if registry_json.strip():
+        return EntityRegistry.from_json(registry_json, num_segments=num_segments, source="user"), None
+    if llm == folders.NONE:
+        return None, None
+    from iamflow_core.story.llm import EntityExtractor as Extractor
+
+    dev, warning = resolve_device(device)
+    extractor = Extractor(folders.folder_path(folders.LLM, llm), device=dev)
+    try:
+        return extractor.extract(list(story.story.prompts)), warning
+    finally:
+        extractor.unload()

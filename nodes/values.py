@@ -1,5 +1,6 @@
-"""The typed values that travel on IAMFlow's sockets. All frozen: ComfyUI caches node outputs and may hand one
-output to several nodes, so a node never changes a value it received; it makes a new one (dataclasses.replace).
+"""The socket types of the pack and the typed values that travel on them. All frozen: ComfyUI caches node outputs
+and may hand one output to several nodes, so a node never changes a value it received; it makes a new one
+(dataclasses.replace).
 
 Models (IAMFLOW_DIT, IAMFLOW_TEXT_ENCODER, IAMFLOW_VAE, IAMFLOW_VLM) travel as the library's model objects.
 """
@@ -9,19 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from comfy_api.latest import io
+
 from iamflow_core.render import RenderResult
 from iamflow_core.settings import MemorySettings
 from iamflow_core.story import Story
 from iamflow_core.story.entities import EntityRegistry
 
-DIT = "IAMFLOW_DIT"
-TEXT_ENCODER = "IAMFLOW_TEXT_ENCODER"
-VAE = "IAMFLOW_VAE"
-LLM = "IAMFLOW_LLM"  # reserved: the extractor node loads, uses and unloads its LLM itself
-VLM = "IAMFLOW_VLM"
-STORY = "IAMFLOW_STORY"
-MEMORY = "IAMFLOW_MEMORY"
-STATE = "IAMFLOW_STATE"
+DIT = io.Custom("IAMFLOW_DIT")
+TEXT_ENCODER = io.Custom("IAMFLOW_TEXT_ENCODER")
+VAE = io.Custom("IAMFLOW_VAE")
+VLM = io.Custom("IAMFLOW_VLM")
+STORY = io.Custom("IAMFLOW_STORY")
+MEMORY = io.Custom("IAMFLOW_MEMORY")
+STATE = io.Custom("IAMFLOW_STATE")
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,8 @@ class StateValue:
     story: Story
     registry: EntityRegistry | None
     render: RenderResult
+
+    def story_map(self) -> dict[str, Any]:
+        from iamflow_core.render import story_map
+
+        return story_map(self.story, self.registry, self.render)

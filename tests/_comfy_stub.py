@@ -1,7 +1,8 @@
-"""Test-time stand-ins for the ComfyUI modules the node pack imports (`folder_paths`, `comfy.utils`,
-`comfy.model_management`, `server`), with the behaviour the nodes rely on: model folders on disk, a progress bar
-whose hook raises on Cancel (as ComfyUI's does), the interrupt flag, and progress text. The real engine is
-exercised by test_comfyui_engine.py; these let the node functions run directly in-process.
+"""The node pack in-process, without a ComfyUI server: ComfyUI's real node API (`comfy_api`, from the ComfyUI 0.3.64
+source the tests use, see `comfyui_source`) with test-time stand-ins for the runtime modules the nodes call
+(`folder_paths`, `comfy.utils`, `comfy.model_management`, `server`): model folders on disk, a progress bar whose hook
+raises on Cancel (as ComfyUI's does), the interrupt flag, and progress text. The real server and frontend are
+exercised by test_frontend.py.
 
 `install()` registers the modules once; `configure(root)` points them at fresh folders for one test.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tarfile
 import tempfile
 import types
 from pathlib import Path
@@ -136,16 +138,65 @@ def _server() -> types.ModuleType:
     return server
 
 
+REPO = Path(__file__).resolve().parent.parent
+TARBALL = REPO.parent / "shared" / "vendor" / "comfyui-0.3.64.tar.gz"
+
+
+def comfyui_source() -> Path | None:
+    """A ComfyUI 0.3.64 source folder: `IAMFLOW_COMFYUI_SOURCE`, else the vendored tarball (`IAMFLOW_COMFYUI_TARBALL`,
+    default ../shared/vendor/comfyui-0.3.64.tar.gz) unpacked once into .cache/; None when there is neither."""
+    given = os.environ.get("IAMFLOW_COMFYUI_SOURCE")
+    if given:
+        return Path(given) if (Path(given) / "comfy_api").is_dir() else None
+    tarball = Path(os.environ.get("IAMFLOW_COMFYUI_TARBALL", TARBALL))
+    folder = REPO / ".cache" / "comfyui-src" / "ComfyUI-0.3.64"
+    if not (folder / ".complete").is_file():
+        if not tarball.is_file():
+            return None
+        with tarfile.open(tarball) as archive:
+            archive.extractall(folder.parent, filter="data")
+        (folder / ".complete").touch()
+    return folder
+
+
 def install() -> None:
+    """The stand-ins, then ComfyUI's own `comfy_api` from its source (its `comfy` package on top of the stand-ins).
+    Skips the calling test module when there is no ComfyUI source (fails when IAMFLOW_REQUIRE_COMFYUI=1)."""
     if "folder_paths" in sys.modules and getattr(sys.modules["folder_paths"], "_iamflow_stub", False):
         return
+    source = comfyui_source()
+    if source is None:
+        import pytest
+
+        reason = f"no ComfyUI source for the node API: set IAMFLOW_COMFYUI_SOURCE or put {TARBALL} in place"
+        if os.environ.get("IAMFLOW_REQUIRE_COMFYUI") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
     fp = _folder_paths()
     fp._iamflow_stub = True
     comfy, utils, mm = _comfy()
+    comfy.__path__ = [str(source / "comfy")]  # comfy.cli_args & co. from the source; utils, model_management stand in
     sys.modules.update(
         {"folder_paths": fp, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm, "server": _server()}
     )
+    sys.path.append(str(source))  # after the repository: `nodes` stays this pack's, never ComfyUI's nodes.py
     configure(Path(tempfile.mkdtemp(prefix="iamflow-comfy-")))
+
+
+def node_classes() -> dict:
+    """The pack's nodes by node id (what ComfyUI registers from `comfy_entrypoint`)."""
+    import nodes
+
+    return {cls.GET_SCHEMA().node_id: cls for cls in nodes.NODES}
+
+
+def run_node(cls, *args, unique_id: str = "9", **inputs):
+    """Run a node as ComfyUI's executor does (a class clone with its hidden inputs, then `execute`): its
+    `io.NodeOutput`."""
+    from comfy_api.latest import io
+
+    clone = cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+    return clone.EXECUTE_NORMALIZED(*args, **inputs)
 
 
 def configure(root: Path, *, legacy_names: bool = False) -> Recorder:

@@ -9,7 +9,7 @@ control mode. Socket inputs are `inputs` entries, linked through `links` ([id, f
 
 from __future__ import annotations
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_MODES = ("fixed", "increment", "decrement", "randomize")
 # Core nodes the workflows use, as ComfyUI defines them (the same in March 2024 and today).
 CORE_NODES = {
@@ -30,6 +30,15 @@ FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend; never sent to
 
 def is_widget(spec) -> bool:
     return isinstance(spec[0], (list, tuple)) or spec[0] in WIDGET_TYPES
+
+
+def combo_options(spec) -> list | None:
+    """The choices of a combo input: a V1 list type, or a V3 "COMBO" with `options`; None for other inputs."""
+    if isinstance(spec[0], (list, tuple)):
+        return list(spec[0])
+    if spec[0] == "COMBO":
+        return list(spec[1].get("options", []))
+    return None
 
 
 def has_control(name: str, spec) -> bool:

@@ -1,8 +1,9 @@
-"""Every IAMFlow node run by calling its function directly, on tiny model files under the names artists have
-(CPU), with stand-ins for the ComfyUI modules (tests/_comfy_stub.py). Also `render_story`, the library call
-behind the Streaming Sampler."""
+"""Every IAMFlow node run as ComfyUI's executor runs a V3 node (a class clone with its hidden inputs, then
+`execute`), on tiny model files under the names artists have (CPU), with ComfyUI's own node API and stand-ins for
+its runtime modules (tests/_comfy_stub.py). Also `render_story`, the library call behind the Streaming Sampler."""
 
 import dataclasses
+import inspect
 import json
 import sys
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests import _comfy_stub
 
@@ -38,9 +40,9 @@ from tests._comfy_models import (  # noqa: E402
     spiece_bytes,
     write_tiny_models,
 )
-from tests._comfy_workflows import has_control, inputs_of, is_widget  # noqa: E402
+from tests._comfy_workflows import combo_options, has_control, inputs_of, is_widget  # noqa: E402
 
-N = nodes.NODE_CLASS_MAPPINGS
+N = _comfy_stub.node_classes()
 STORY_TEXT = "1.5s | a woman in a red coat reads a notebook\n1.5s | a man in a grey hoodie waves"  # 2 + 2 chunks
 REGISTRY = {
     "entities": [{"id": 1, "name": "Nora", "attributes": ["red coat"]}, {"id": 2, "name": "Ethan"}],
@@ -57,11 +59,18 @@ def comfy(tmp_path):
     return recorder
 
 
-def run(node: str, *args, **kwargs):
-    """Call a node's function as ComfyUI does; returns (result tuple, ui dict)."""
-    cls = N[node]
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return (out["result"], out.get("ui", {})) if isinstance(out, dict) else (out, {})
+def run(node: str, *args, unique_id: str | None = None, **kwargs):
+    """Run a node as ComfyUI does (its id: `unique_id`, else its type); returns (result tuple, ui dict) and leaves
+    its status in the recorder."""
+    out = _comfy_stub.run_node(N[node], *args, unique_id=unique_id or node, **kwargs)
+    ui = out.ui.as_dict() if hasattr(out.ui, "as_dict") else (out.ui or {})
+    return out.result or (), ui
+
+
+def status(comfy, unique_id: str | None = None) -> str:
+    """The status text the node with `unique_id` (else the node that ran last) shows last."""
+    texts = [text for node, text in comfy.texts if unique_id is None or node == unique_id]
+    return texts[-1] if texts else ""
 
 
 def load_models(device="cpu"):
@@ -84,30 +93,47 @@ def memory_value(mode="identity", transition="soft", verifier=None, async_verifi
     return run("IAMFlowIdentityMemory", verifier=verifier, **options)[0][0]
 
 
+def saved_image(comfy, ui: dict) -> Path:
+    (image,) = ui["images"]
+    return comfy.root / image["type"] / image["subfolder"] / image["filename"]
+
+
 # --- definitions ------------------------------------------------------------------------------------------------
 
 
-def test_every_node_is_declared_for_comfyui(comfy):
-    assert set(N) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS) and len(N) == 10
+def test_every_node_is_a_v3_node_for_comfyui(comfy):
+    from comfy_api.latest import io
+
+    assert len(N) == 10 and all(issubclass(cls, io.ComfyNode) for cls in N.values())
     for name, cls in N.items():
-        assert name.startswith("IAMFlow") and cls.CATEGORY == "IAMFlow", name
-        assert hasattr(cls, cls.FUNCTION) and cls.DESCRIPTION and nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
+        schema = cls.GET_SCHEMA()
+        assert name.startswith("IAMFlow") and cls.CATEGORY == "IAMFlow" and cls.DESCRIPTION, name
+        assert "IAMFlow" not in schema.display_name and len(schema.display_name) <= 24, schema.display_name
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), name
         for input_name, spec, _ in inputs_of(cls.INPUT_TYPES()):
             options = spec[1] if len(spec) > 1 else {}
             assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
             if is_widget(spec) and spec[0] in ("INT", "FLOAT"):
                 assert "min" in options and "max" in options, f"{name}.{input_name} is unbounded"
-            if isinstance(spec[0], list):
-                assert spec[0], f"{name}.{input_name} offers nothing"
+            if combo_options(spec) is not None:
+                assert combo_options(spec), f"{name}.{input_name} offers nothing"
     assert has_control("seed", N["IAMFlowStreamingSampler"].INPUT_TYPES()["required"]["seed"])
+
+
+def test_the_pack_registers_through_comfy_entrypoint():
+    import asyncio
+
+    extension = asyncio.run(nodes.comfy_entrypoint())
+    assert asyncio.run(extension.get_node_list()) == nodes.NODES
 
 
 def test_dropdowns_list_the_model_folders(comfy):
     required = N["IAMFlowLoadDiT"].INPUT_TYPES()["required"]
-    assert required["model"][0] == sorted([DIT_FILE, IAMFLOW_FILE]) and required["lora"][0] == ["None"]
-    assert N["IAMFlowEntityExtractor"].INPUT_TYPES()["required"]["llm"][0] == ["None", LLM_FOLDER, VLM_FOLDER]
-    assert N["IAMFlowVLMVerifier"].INPUT_TYPES()["required"]["vlm"][0] == [LLM_FOLDER, VLM_FOLDER]
+    assert combo_options(required["model"]) == sorted([DIT_FILE, IAMFLOW_FILE])
+    assert combo_options(required["lora"]) == ["None"]
+    llm = N["IAMFlowEntityExtractor"].INPUT_TYPES()["required"]["llm"]
+    assert combo_options(llm) == ["None", LLM_FOLDER, VLM_FOLDER]
+    assert combo_options(N["IAMFlowVLMVerifier"].INPUT_TYPES()["required"]["vlm"]) == [LLM_FOLDER, VLM_FOLDER]
     llm_dir = str(comfy.root / "models" / "LLM")
     assert llm_dir in sys.modules["folder_paths"].get_folder_paths("LLM")
 
@@ -121,60 +147,70 @@ def test_old_comfyui_folder_names_get_the_new_keys(tmp_path):
     assert folders.model_files("diffusion_models") == ["new.safetensors", "old.safetensors"]
 
 
-def test_a_missing_file_names_the_folder_and_the_file(comfy):
-    message = N["IAMFlowLoadDiT"].VALIDATE_INPUTS("nope.safetensors", "None", "auto", "cpu")
+def test_a_missing_file_is_one_message_naming_the_folder_and_the_file(comfy):
+    message = N["IAMFlowLoadDiT"].validate_inputs("nope.safetensors")
     assert "'nope.safetensors'" in message and "diffusion_models" in message and "download" in message
     with pytest.raises(FileNotFoundError, match="nope.safetensors.*diffusion_models"):
         run("IAMFlowLoadDiT", "nope.safetensors", "None", "fp32", "auto", "auto", "cpu")
-    message = N["IAMFlowVLMVerifier"].VALIDATE_INPUTS("Qwen9", "cpu")
+    message = N["IAMFlowVLMVerifier"].validate_inputs("Qwen9")
     assert "'Qwen9'" in message and "LLM" in message
+    assert N["IAMFlowLoadVAE"].validate_inputs(VAE_FILE) is True
+    # ComfyUI repeats a failed validation once per input the function takes: each takes exactly one
+    for name, cls in N.items():
+        if "validate_inputs" in vars(cls):
+            assert len(inspect.signature(cls.validate_inputs).parameters) == 1, name
 
 
 # --- devices ----------------------------------------------------------------------------------------------------
 
 
 def test_device_widget_lists_gpus_and_cpu():
-    options, extra = devices.device_input(1)
+    widget = devices.device_input(1)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert options == [f"cuda:{i}" for i in range(count)] + ["cpu"]
-    assert extra["default"] == (f"cuda:{min(1, count - 1)}" if count else "cpu") and extra["tooltip"]
+    assert widget.options == [f"cuda:{i}" for i in range(count)] + ["cpu"]
+    assert widget.default == (f"cuda:{min(1, count - 1)}" if count else "cpu") and widget.tooltip
 
 
 def test_a_saved_device_this_machine_lacks_falls_back_with_a_warning(comfy, caplog):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for cls in ("IAMFlowLoadDiT", "IAMFlowLoadTextEncoder", "IAMFlowLoadVAE", "IAMFlowVLMVerifier"):
-        signature = N[cls].VALIDATE_INPUTS.__func__.__code__.co_varnames
-        assert "device" in signature, f"{cls} must validate its device itself (ComfyUI then skips the list check)"
-    assert devices.check_device("cuda:7") is True and devices.check_device("cpu") is True
-    assert "not a device" in devices.check_device("gpu0")
-    (vae,), ui = run("IAMFlowLoadVAE", VAE_FILE, "fp32", f"cuda:{count + 1}", unique_id="7")
+    with pytest.raises(ValueError, match="'gpu0' is not a device"):
+        devices.resolve_device("gpu0")
+    (vae,), _ = run("IAMFlowLoadVAE", VAE_FILE, "fp32", f"cuda:{count + 1}", unique_id="7")
     expected = torch.device(f"cuda:{count - 1}") if count else torch.device("cpu")
-    assert next(vae.parameters()).device == expected
-    assert f"cuda:{count + 1} is not on this machine" in ui["text"][0]
-    assert any("not on this machine" in r.message for r in caplog.records if r.levelname == "WARNING")
-    assert any(node == "7" and "not on this machine" in text for node, text in comfy.texts)
+    assert vae.device == expected
+    assert f"cuda:{count + 1} is not on this machine" in status(comfy, "7")
+    assert any("not on this machine" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_status_is_at_most_two_short_lines(comfy):
+    from nodes.common import STATUS_WIDTH, show_status
+
+    text = show_status("4", "a" * 200, "second", "third")
+    assert text.count("\n") == 1 and all(len(line) <= STATUS_WIDTH for line in text.splitlines())
+    assert status(comfy, "4") == text
 
 
 # --- loaders ----------------------------------------------------------------------------------------------------
 
 
 def test_loaders_read_the_files_artists_have(comfy):
-    (dit,), ui = run("IAMFlowLoadDiT", IAMFLOW_FILE, "None", "bf16", "auto", "auto", "cpu")
-    assert dit.load_info.fp8 and dit.cfg.dim == 256 and "iamflow_fp8.safetensors" in ui["text"][0]
+    (dit,), _ = run("IAMFlowLoadDiT", IAMFLOW_FILE, "None", "bf16", "auto", "auto", "cpu")
+    assert dit.load_info.fp8 and dit.cfg.dim == 256 and "cpu · sdpa" in status(comfy) and "fp8" in status(comfy)
     dit, te, vae = load_models()
     assert dit.attention_backend == "sdpa" and next(dit.parameters()).dtype == torch.float32
     assert te.encode(["a woman reads"]).shape == (1, 512, 64)
-    assert next(vae.parameters()).device.type == "cpu"
+    assert vae.device.type == "cpu"
 
 
 def test_text_encoder_with_a_tokenizer_folder_and_offload(comfy):
     folder = comfy.root / "models" / "text_encoders" / "google" / "umt5-xxl"
     folder.mkdir(parents=True)
     (folder / "spiece.model").write_bytes(spiece_bytes())
-    assert "google/umt5-xxl" in N["IAMFlowLoadTextEncoder"].INPUT_TYPES()["required"]["tokenizer"][0]
+    tokenizer = N["IAMFlowLoadTextEncoder"].INPUT_TYPES()["required"]["tokenizer"]
+    assert "google/umt5-xxl" in combo_options(tokenizer)
     (embedded,), _ = run("IAMFlowLoadTextEncoder", TEXT_ENCODER_FILE, folders.EMBEDDED, "fp32", "cpu", False)
-    (offloaded,), ui = run("IAMFlowLoadTextEncoder", TEXT_ENCODER_FILE, "google/umt5-xxl", "fp32", "cpu", True)
-    assert "encodes on cpu" in ui["text"][0]
+    (offloaded,), _ = run("IAMFlowLoadTextEncoder", TEXT_ENCODER_FILE, "google/umt5-xxl", "fp32", "cpu", True)
+    assert "encodes on cpu" in status(comfy)
     torch.testing.assert_close(offloaded.encode(["a woman reads"]), embedded.encode(["a woman reads"]))
     assert offloaded.encoder.device.type == "cpu"
 
@@ -193,25 +229,27 @@ def test_text_encoder_with_a_tokenizer_folder_and_offload(comfy):
     ],
     ids=["lines", "story-json", "narrastream-line"],
 )
-def test_story_node_reads_every_form(comfy, text):
+def test_story_node_reads_every_form_and_draws_its_plan(comfy, text):
     (value,), ui = run("IAMFlowStory", text, 10.0, unique_id="3")
     assert isinstance(value, StoryValue) and len(value.story.segments) == 2 and value.registry is None
-    assert "4 chunks" in ui["text"][0]
+    assert status(comfy, "3") == "2 prompts · 2.8 s · 4 chunks"
+    assert Image.open(saved_image(comfy, ui)).size[0] >= 300  # the plan, drawn
 
 
 def test_story_node_says_when_it_rounds(comfy):
-    _, ui = run("IAMFlowStory", "1s | a woman reads", 10.0)
-    assert "1 s requested" in ui["text"][0]
+    run("IAMFlowStory", "1s | a woman reads", 10.0)
+    assert "rounded" in status(comfy)
 
 
 def test_registry_json_overrides_and_the_input_story_is_untouched(comfy):
     story = run("IAMFlowStory", STORY_TEXT, 10.0)[0][0]
-    (with_registry,), ui = run("IAMFlowEntityExtractor", story, "None", "cpu", registry_json=json.dumps(REGISTRY))
+    (with_registry, text), ui = run("IAMFlowEntityExtractor", story, "None", "cpu", registry_json=json.dumps(REGISTRY))
     assert story.registry is None and with_registry.story is story.story
     assert [e.name for e in with_registry.registry.entities] == ["Nora", "Ethan"]
-    assert "#1 Nora" in ui["text"][0] and '"entities"' in ui["text"][0]
-    (none,), ui = run("IAMFlowEntityExtractor", story, "None", "cpu")
-    assert none.registry is None and "no entity registry" in ui["text"][0]
+    assert status(comfy) == "2 entities: #1 Nora, #2 Ethan" and '"entities"' in text
+    assert Image.open(saved_image(comfy, ui)).size[0] >= 300  # the entity sheet
+    (none, text), _ = run("IAMFlowEntityExtractor", story, "None", "cpu")
+    assert none.registry is None and "no entities" in status(comfy) and text == ""
     with pytest.raises(ValueError, match="registry"):
         run("IAMFlowEntityExtractor", story, "None", "cpu", registry_json='{"entities": [], "prompts": [[]]}')
 
@@ -234,10 +272,14 @@ def test_extractor_runs_the_llm_once_and_unloads_it(comfy, monkeypatch):
         sys.modules, "iamflow_core.story.llm", types.SimpleNamespace(EntityExtractor=RecordedExtractor)
     )
     story = run("IAMFlowStory", STORY_TEXT, 10.0)[0][0]
-    (value,), ui = run("IAMFlowEntityExtractor", story, LLM_FOLDER, "cuda:3", unique_id="5")
+    (value, _), _ = run("IAMFlowEntityExtractor", story, LLM_FOLDER, "cuda:3", unique_id="5")
     assert calls[0] == ("load", LLM_FOLDER, str(devices.resolve_device("cuda:3")[0]))
     assert calls[1][0] == "extract" and len(calls[1][1]) == 2 and calls[2] == ("unload",)
-    assert value.registry.source == "llm" and "not on this machine" in ui["text"][0]
+    assert value.registry.source == "llm"
+    assert status(comfy, "5").splitlines() == [
+        "cuda:3 is not on this machine: using cpu",
+        "2 entities: #1 Nora, #2 Ethan",
+    ]
 
 
 def _link_tiny_qwen(comfy) -> None:
@@ -256,9 +298,9 @@ def _link_tiny_qwen(comfy) -> None:
 def test_extractor_node_with_a_tiny_qwen(comfy):
     _link_tiny_qwen(comfy)
     story = run("IAMFlowStory", STORY_TEXT, 10.0)[0][0]
-    (value,), ui = run("IAMFlowEntityExtractor", story, LLM_FOLDER, "cpu", unique_id="5")
+    (value, text), _ = run("IAMFlowEntityExtractor", story, LLM_FOLDER, "cpu", unique_id="5")
     value.registry.check_story(2)  # random weights answer garbage: a valid (maybe empty) registry, never a crash
-    assert value.registry.source == "llm" and "registry JSON" in ui["text"][0]
+    assert value.registry.source == "llm" and '"prompts"' in text
 
 
 # --- memory -----------------------------------------------------------------------------------------------------
@@ -271,16 +313,18 @@ def test_memory_node_exposes_every_memory_option_as_declared(comfy):
 
     required = N["IAMFlowIdentityMemory"].INPUT_TYPES()["required"]
     assert set(required) == {f.name for f in dataclasses.fields(MemorySettings)}
-    for name, (kind, options) in required.items():
-        default, spec = option_spec(MemorySettings, name)
-        assert options["tooltip"] == spec.help and options["default"] == (spec.auto if default is None else default)
-        if spec.choices:
-            assert kind == list(spec.choices)
-        elif kind != "BOOLEAN":
-            assert options["max"] == spec.max and options["min"] == (spec.auto if spec.auto is not None else spec.min)
-    assert run("IAMFlowIdentityMemory", **{n: o[1]["default"] for n, o in required.items()})[0][0].settings == (
-        MemorySettings()
-    )
+    for name, spec in required.items():
+        options = spec[1]
+        default, declared = option_spec(MemorySettings, name)
+        assert options["tooltip"] == declared.help
+        assert options["default"] == (declared.auto if default is None else default)
+        if declared.choices:
+            assert combo_options(spec) == list(declared.choices)
+        elif spec[0] != "BOOLEAN":
+            low = declared.auto if declared.auto is not None else declared.min
+            assert options["max"] == declared.max and options["min"] == low
+    defaults = {name: spec[1]["default"] for name, spec in required.items()}
+    assert run("IAMFlowIdentityMemory", **defaults)[0][0].settings == MemorySettings()
 
 
 def test_memory_node_makes_settings_not_a_policy(comfy):
@@ -299,36 +343,38 @@ def test_memory_node_makes_settings_not_a_policy(comfy):
 def test_streaming_sampler_end_to_end(comfy):
     dit, te, vae = load_models()
     story = story_value()
-    (images, latent, state), ui = run(
+    (images, latent, state, video), ui = run(
         "IAMFlowStreamingSampler", dit, te, story, 48, 32, 7, "IAMFlow/test", memory=memory_value(), vae=vae,
         unique_id="9",
     )  # fmt: skip
     assert images.shape == (FRAMES, 32, 48, 3) and images.dtype == torch.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
     assert latent["samples"].shape == (1, 16, 12, 4, 6)
-    saved = comfy.root / "output" / ui["images"][0]["subfolder"] / ui["images"][0]["filename"]
-    assert ui["images"][0]["type"] == "output" and ui["animated"] == (True,)
-    assert read_video_frame_count(saved) == FRAMES
-    # per chunk: progress with the newest frame as a JPEG preview, and a status line on the node
+    # the finished mp4 plays on the node (ComfyUI's video preview) and goes out as VIDEO for Save Video
+    saved = saved_image(comfy, ui)
+    assert ui["images"][0]["type"] == "output" and ui["animated"] == (True,) and saved.suffix == ".mp4"
+    assert read_video_frame_count(saved) == FRAMES and video.get_dimensions() == (48, 32)
+    # per chunk: progress with the newest frame as a JPEG preview, and a two-line status on the node
     assert [(v, t) for v, t, _ in comfy.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert all(p[0] == "JPEG" and p[1].size == (48, 32) and p[2] == 512 for _, _, p in comfy.progress)
-    status = [text for node, text in comfy.texts if node == "9"]
-    assert (
-        status[0].startswith("chunk 1/4 · prompt 1/2 · entities in memory:") and "chunk 4/4 · prompt 2/2" in status[-1]
-    )
+    texts = [text for node, text in comfy.texts if node == "9"]
+    assert texts[0].startswith("chunk 1/4 · prompt 1/2 · memory:") and "chunk 4/4 · prompt 2/2" in texts[-2]
+    assert texts[-1] == f"{FRAMES} frames · 2.8 s → {saved.name}"
     # the state: the registry and a story map, frozen, without frames
     assert isinstance(state, StateValue) and state.registry is story.registry and state.render.frames is None
     assert [c.segment for c in state.render.chunks] == [0, 0, 1, 1] and not state.render.cancelled
     assert story.story.seed is None  # the input was not changed; the run used the sampler's seed
-    (text,), ui = run("IAMFlowInspectMemory", state, unique_id="11")
-    assert "chunk 4/4 · prompt 2/2" in text and "#1 Nora" in text and ui["text"] == [text]
+    (text, picture), ui = run("IAMFlowInspectMemory", state, unique_id="11")
+    assert "Nora" in text and not set("{}[]'=") & set(text)
+    assert picture.ndim == 4 and picture.shape[0] == 1 and picture.shape[-1] == 3
+    assert Image.open(saved_image(comfy, ui)).size == (picture.shape[2], picture.shape[1])
 
 
 def test_same_seed_same_video_and_decode_node_matches(comfy):
     dit, te, vae = load_models()
     story = story_value(registry=False)
-    (a, latent, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae)
-    (b, _, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae)
+    (a, latent, _, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae)
+    (b, _, _, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae)
     torch.testing.assert_close(a, b)
     (decoded,) = run("IAMFlowDecodeVAE", vae, latent)[0]
     assert decoded.shape == a.shape and (decoded - a).abs().max() <= 1.5 / 255  # latent round trip rounding
@@ -336,19 +382,21 @@ def test_same_seed_same_video_and_decode_node_matches(comfy):
 
 def test_sampler_without_vae_or_memory(comfy):
     dit, te, _ = load_models()
-    (images, latent, state), ui = run("IAMFlowStreamingSampler", dit, te, story_value(False), 48, 32, 0, "x")
+    (images, latent, state, video), ui = run("IAMFlowStreamingSampler", dit, te, story_value(False), 48, 32, 0, "x")
     assert images.shape == (1, 32, 48, 3) and latent["samples"].shape == (1, 16, 12, 4, 6) and ui == {}
-    assert not list((comfy.root / "output").rglob("*.mp4"))
+    assert video is None and not list((comfy.root / "output").rglob("*.mp4"))
     assert state.render.memory_map is None and len(state.render.chunks) == 4
 
 
 @pytest.mark.parametrize("mode", ["memflow", "none"])
 def test_sampler_with_every_memory_mode(comfy, mode):
     dit, te, vae = load_models()
-    (images, _, state), _ = run(
+    (images, _, state, _), _ = run(
         "IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 1, "x", memory=memory_value(mode, "hard"), vae=vae
     )
     assert images.shape[0] == FRAMES and len(state.render.chunks) == 4
+    (text, _), _ = run("IAMFlowInspectMemory", state)
+    assert text
 
 
 def test_cancel_stops_after_the_chunk_and_keeps_the_video(comfy):
@@ -360,7 +408,7 @@ def test_cancel_stops_after_the_chunk_and_keeps_the_video(comfy):
         run("IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 0, "IAMFlow/cut", vae=vae, unique_id="9")
     (saved,) = (comfy.root / "output" / "IAMFlow").glob("cut_*.mp4")
     assert read_video_frame_count(saved) == 9 + 12  # chunk 1 and chunk 2 (already made): nothing finished is lost
-    assert "cancelled after 2 of 4 chunks" in comfy.texts[-1][1] and str(saved) in comfy.texts[-1][1]
+    assert status(comfy) == f"cancelled after 2 of 4 chunks\n21 frames kept in {saved.name}"
     assert not mm.processing_interrupted()  # the flag is consumed, so the next run starts clean
 
 
@@ -368,11 +416,11 @@ def test_cancel_stops_after_the_chunk_and_keeps_the_video(comfy):
 @pytest.mark.parametrize("async_verifier", [True, False])
 def test_verifier_node_feeds_identity_memory(comfy, async_verifier):
     _link_tiny_qwen(comfy)
-    (verifier,), ui = run("IAMFlowVLMVerifier", VLM_FOLDER, "cuda:5", unique_id="6")
-    assert "not on this machine" in ui["text"][0]
+    (verifier,), _ = run("IAMFlowVLMVerifier", VLM_FOLDER, "cuda:5", unique_id="6")
+    assert "not on this machine" in status(comfy, "6")
     dit, te, vae = load_models()
     memory = memory_value(verifier=verifier, async_verifier=async_verifier)
-    (images, _, state), _ = run(
+    (images, _, state, _), _ = run(
         "IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 2, "v", memory=memory, vae=vae
     )
     assert images.shape[0] == FRAMES and state.render.memory_map["archive"]
