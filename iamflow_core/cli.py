@@ -123,7 +123,7 @@ def _build(args: argparse.Namespace):
         dit, text_encoder, vae = tiny_models(device=args.device, vae_device=args.vae_device)
         base = TINY_SAMPLER
     else:
-        from .model_files import find_model_files, load_models
+        from .weights import find_model_files, load_models
 
         files = find_model_files(
             args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
@@ -257,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in bench.main(args.rest):
             print(line, flush=True)
         return 0
-    from .model_files import MissingModelFiles
-    from .weights import CheckpointError
+    from .weights import CheckpointError, MissingModelFiles
 
     try:
         return generate(args)

@@ -87,8 +87,8 @@ class LoadDiT(io.ComfyNode):
             quantization=quantization,
         )  # fmt: skip
         dit.attention_backend = backend
-        layout = f"{dit.load_info.layout}, {dit.cfg.num_layers} blocks"
-        show_status(cls.hidden.unique_id, warning or attention_warning, f"{dev} · {backend} · {layout}")
+        details = f"{backend} · {dit.load_info.layout}, {dit.cfg.num_layers} blocks"
+        show_status(cls.hidden.unique_id, warning or attention_warning or str(dev), details)
         return io.NodeOutput(dit)
 
 
@@ -136,7 +136,9 @@ class LoadTextEncoder(io.ComfyNode):
         t5 = weights.load_t5(path, dtype=DTYPES[precision], device=load_on)
         encoder = TextEncoder(t5, _tokenizer(path, model, tokenizer), device=load_on)
         result = OffloadedTextEncoder(encoder, dev) if offload else encoder
-        show_status(cls.hidden.unique_id, warning, f"cpu, encodes on {dev}" if offload else str(dev))
+        show_status(
+            cls.hidden.unique_id, warning or str(dev), f"offloaded: on the cpu, encodes on {dev}" if offload else None
+        )
         return io.NodeOutput(result)
 
 
@@ -182,5 +184,5 @@ class LoadVAE(io.ComfyNode):
 
         dev, warning = resolve_device(device)
         vae = weights.load_vae(folders.file_path("vae", model), dtype=DTYPES[precision], device=dev)
-        show_status(cls.hidden.unique_id, warning, str(dev))
+        show_status(cls.hidden.unique_id, warning or str(dev))
         return io.NodeOutput(vae)

@@ -44,7 +44,7 @@ class VLMVerifier(io.ComfyNode):
 
         dev, warning = resolve_device(device)
         verifier = FrameVerifier(folders.folder_path(folders.LLM, vlm), device=dev)
-        show_status(cls.hidden.unique_id, warning, str(dev))
+        show_status(cls.hidden.unique_id, warning or str(dev))
         return io.NodeOutput(verifier)
 
 

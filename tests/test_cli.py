@@ -98,7 +98,7 @@ def test_user_errors_are_one_clear_message(tmp_path, capsys, argv, message):
 
 
 def test_missing_model_message_lists_every_file(tmp_path):
-    from iamflow_core.model_files import MissingModelFiles, find_model_files
+    from iamflow_core.weights import MissingModelFiles, find_model_files
 
     with pytest.raises(MissingModelFiles) as info:
         find_model_files(tmp_path)
@@ -109,7 +109,7 @@ def test_missing_model_message_lists_every_file(tmp_path):
 
 
 def test_model_files_found_in_a_comfyui_models_folder(tmp_path):
-    from iamflow_core.model_files import find_model_files
+    from iamflow_core.weights import find_model_files
 
     for rel in ("diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors", "text_encoders/umt5_xxl_fp16.safetensors",
                 "vae/wan_2.1_vae.safetensors"):  # fmt: skip

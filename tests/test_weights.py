@@ -25,6 +25,8 @@ from iamflow_core.weights import (
     read_t5_state_dict,
     read_vae_state_dict,
 )
+from iamflow_core.weights.layouts import EXPECTED, LABELS, LAYOUTS
+from iamflow_core.weights.plan import survey
 
 from . import _checkpoints as ck
 from ._tiny_dit import TINY_DIT
@@ -448,3 +450,26 @@ def test_custom_dims_are_detected(tmp_path):
     state = CausalWanDiT(cfg).state_dict()
     path = ck.write_comfyui_dit(tmp_path / "dit.safetensors", state)
     assert read_dit_state_dict(path)[0] == cfg
+
+
+# --- the layout table --------------------------------------------------------------------------------------------
+
+
+def test_every_layout_is_detected_by_its_own_keys_and_by_no_other():
+    for layout in LAYOUTS:
+        for key in layout.detect:
+            name = f"blocks.0.self_attn.q.{key}.weight" if layout.component == "lora" else "model." + key
+            assert [other for other in LAYOUTS if other.detects(name)] == [layout], name
+            assert layout.prefix(name, key) == ("blocks.0.self_attn.q" if layout.component == "lora" else "model.")
+
+
+def test_the_layout_table_holds_the_known_components_once_per_layout_name():
+    assert {layout.component for layout in LAYOUTS} == set(LABELS) == {"dit", "t5", "vae", "lora"}
+    assert set(EXPECTED) == {"dit", "t5", "vae"}
+    assert len({(layout.component, layout.name) for layout in LAYOUTS}) == len(LAYOUTS)
+
+
+def test_a_file_of_several_components_is_surveyed_in_table_order():
+    names = ["first_stage_model.decoder.middle.0.residual.0.gamma", "model.diffusion_model.head.modulation"]
+    found = [(layout.component, layout.name, prefix) for layout, prefix in survey(names)]
+    assert found == [("dit", "wan", "model.diffusion_model."), ("vae", "wan", "first_stage_model.")]

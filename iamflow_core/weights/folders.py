@@ -1,23 +1,27 @@
-"""Finding the model files a user has, and loading them onto devices.
+"""Finding model files in folders: the one place that knows where users keep them.
 
-Users keep Wan2.1 files in a ComfyUI `models/` folder (`diffusion_models/`, `text_encoders/`, `vae/`) or as the
-original Wan2.1-T2V-1.3B folder. `find_model_files` looks in both layouts under one directory; anything missing is
-reported in one message listing every file needed, where it was looked for, and what it is.
+Two levels of search, each a table:
+
+- `COMPONENTS`: which checkpoint of each component to use under a models folder. Users keep Wan2.1 files in a
+  ComfyUI `models/` folder (`diffusion_models/`, `text_encoders/`, `vae/`) or as the original Wan2.1-T2V-1.3B
+  folder; `find_model_files` looks in both layouts under one directory, and reports anything missing in one
+  message listing every file needed, where it was looked for, and what it is.
+- `_FOLDER_PATTERNS`: which weight files make up a checkpoint given as a folder (a Wan folder with `config.json`
+  and one or sharded safetensors, a diffusers pipeline with one subfolder per component); `resolve` turns a
+  checkpoint path into its weight files.
+
+Loading the models found is `bundle.load_models`.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
-import torch
+from .reading import CheckpointError, PathLike, read_json
 
-from .models.dit import CausalWanDiT
-from .models.vae import WanVAE
-from .text_encoder import TextEncoder, load_umt5_tokenizer, umt5_tokenizer_from_spiece
-
-logger = logging.getLogger(__name__)
+# --- a models folder: one checkpoint per component -----------------------------------------------------------------
 
 # name -> (what it is, sub-folders to search, candidate file names in order of preference)
 COMPONENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
@@ -67,7 +71,8 @@ def _search(root: Path, component: str) -> Path | None:
 
 
 def find_model_files(
-    models_dir: str | Path | None, *, dit=None, text_encoder=None, vae=None, tokenizer=None, lora=None,
+    models_dir: PathLike | None, *, dit: PathLike | None = None, text_encoder: PathLike | None = None,
+    vae: PathLike | None = None, tokenizer: PathLike | None = None, lora: PathLike | None = None,
     need_vae: bool = True,
 ) -> ModelFiles:  # fmt: skip
     """Resolve each file: an explicit path wins, else the first known name found under `models_dir`."""
@@ -100,33 +105,49 @@ def find_model_files(
     return ModelFiles(found["dit"], found["text_encoder"], found["vae"], tok, Path(lora) if lora else None)
 
 
-def load_text_encoder(files: ModelFiles, device: str | torch.device, dtype: torch.dtype) -> TextEncoder:
-    from . import weights
+# --- a checkpoint folder: the weight files of one component --------------------------------------------------------
 
-    encoder = weights.load_t5(files.text_encoder, dtype=dtype, device=device)
-    if files.tokenizer is not None:
-        tokenizer = load_umt5_tokenizer(files.tokenizer)
-    else:
-        embedded = weights.read_embedded_tokenizer(files.text_encoder)
-        if embedded is None:
-            raise MissingModelFiles(
-                f"no tokenizer: {files.text_encoder} has none embedded; pass --tokenizer with the google/umt5-xxl "
-                "folder of the Wan2.1-T2V-1.3B download (spiece.model or tokenizer.json)"
-            )
-        tokenizer = umt5_tokenizer_from_spiece(embedded, source=str(files.text_encoder))
-    return TextEncoder(encoder, tokenizer, device=device)
+# Where each component lives inside a folder: file name patterns in the folder itself, then a subfolder
+# (diffusers pipelines keep each component in its own subfolder).
+_FOLDER_PATTERNS = {
+    "dit": (("diffusion_pytorch_model*.safetensors", "*.safetensors"), "transformer"),
+    "t5": (("*t5*.pth", "*t5*.safetensors", "*.safetensors"), "text_encoder"),
+    "vae": (("*vae*.pth", "*vae*.safetensors", "*.safetensors"), "vae"),
+}
+_EXPECTED_FILES = {
+    "dit": "config.json + diffusion_pytorch_model.safetensors (or sharded *.safetensors with an index json)",
+    "t5": "models_t5_umt5-xxl-enc-bf16.pth or a umT5 .safetensors file",
+    "vae": "Wan2.1_VAE.pth or wan_2.1_vae.safetensors",
+}
 
 
-def load_models(
-    files: ModelFiles, *, device: str = "cuda:0", vae_device: str | None = None, text_device: str | None = None,
-    dtype: torch.dtype = torch.bfloat16, quantization: str = "auto", attention: str = "auto",
-) -> tuple[CausalWanDiT, TextEncoder, WanVAE | None]:  # fmt: skip
-    """Load the DiT (with LoRA), the text encoder and the VAE onto their devices."""
-    from . import weights
-    from .models.attention import resolve_backend
+def resolve(path: PathLike, component: str) -> tuple[Path, list[Path], dict]:
+    """(path, the weight files, the folder's config.json or {}) of a checkpoint file or folder.
+    component: "dit", "t5" or "vae"."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"no such file or folder: {path}")
+    if path.is_file():
+        return path, [path], {}
+    patterns, subfolder = _FOLDER_PATTERNS[component]
+    for folder in (path, path / subfolder):
+        files = _folder_files(folder, patterns)
+        if files:
+            config_file = folder / "config.json"
+            return path, files, read_json(config_file) if config_file.is_file() else {}
+    raise CheckpointError(
+        f"no {component.upper()} weights found in the folder {path}: expected {_EXPECTED_FILES[component]}"
+    )
 
-    dit = weights.load_dit(files.dit, lora=files.lora, dtype=dtype, device=device, quantization=quantization)
-    dit.attention_backend = resolve_backend(attention)
-    text_encoder = load_text_encoder(files, text_device or device, dtype)
-    vae = weights.load_vae(files.vae, dtype=dtype, device=vae_device or device) if files.vae else None
-    return dit, text_encoder, vae
+
+def _folder_files(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        weight_map = read_json(index).get("weight_map", {})
+        return sorted({folder / name for name in weight_map.values()})
+    for pattern in patterns:  # case-insensitive: Wan2.1_VAE.pth
+        files = sorted(p for p in folder.iterdir() if p.is_file() and fnmatch(p.name.lower(), pattern))
+        if files:
+            return files
+    return []

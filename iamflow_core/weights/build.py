@@ -1,0 +1,66 @@
+"""Building models without memory: parameters on the meta device, then the loaded tensors taken as they are.
+
+A model is constructed inside `parameters_on_meta()` (no allocation, no init), its state dict shapes are what a
+checkpoint is checked against (`meta_shapes`), and `assign` gives it the loaded tensors (`assign=True`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .plan import CheckpointInfo
+from .reading import CheckpointError
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init); buffers stay real, because non-persistent
+    buffers (latent statistics, position tables) are not in checkpoints and must be computed at construction."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def meta_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def assign(model: nn.Module, state: dict[str, torch.Tensor], path: Path, device: torch.device) -> None:
+    """load_state_dict(strict, assign) with failures as CheckpointError, then real buffers on `device`."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # check_keys ran already, so this is unexpected; still never a raw traceback
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {exc}") from exc
+    model.to(device)  # moves the buffers built at construction; the parameters are there already
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers()
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__} kept tensors without data after loading {path}: {left[:5]}")
+    model.eval()
+
+
+def build(
+    cls: type[nn.Module], cfg: object, state: dict[str, torch.Tensor], info: CheckpointInfo, device: torch.device | str
+) -> nn.Module:
+    """Build `cls(cfg)` without memory, take the loaded tensors as they are, eval mode without gradients."""
+    with parameters_on_meta():
+        model = cls(cfg)
+    model.requires_grad_(False)
+    assign(model, state, Path(info.path), torch.device(device))
+    model.load_info = info
+    return model

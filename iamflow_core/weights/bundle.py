@@ -1,0 +1,50 @@
+"""Loading the models of a run together, from the `ModelFiles` that `folders.find_model_files` found: the DiT
+(with its LoRA), the text encoder with its tokenizer, and the VAE, each on its device."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..models.attention import resolve_backend
+from ..models.dit import CausalWanDiT
+from ..models.vae import WanVAE
+from .dit import load_dit
+from .folders import MissingModelFiles, ModelFiles
+from .t5 import load_t5, read_embedded_tokenizer
+from .vae import load_vae
+
+if TYPE_CHECKING:
+    from ..text_encoder import TextEncoder
+
+
+def load_text_encoder(files: ModelFiles, device: str | torch.device, dtype: torch.dtype) -> TextEncoder:
+    """The umT5 encoder with the tokenizer given in `files`, else the one embedded in the text-encoder file."""
+    # imported here: text_encoder imports transformers, which `iamflow_core.weights` does not need
+    from ..text_encoder import TextEncoder, load_umt5_tokenizer, umt5_tokenizer_from_spiece
+
+    encoder = load_t5(files.text_encoder, dtype=dtype, device=device)
+    if files.tokenizer is not None:
+        tokenizer = load_umt5_tokenizer(files.tokenizer)
+    else:
+        embedded = read_embedded_tokenizer(files.text_encoder)
+        if embedded is None:
+            raise MissingModelFiles(
+                f"no tokenizer: {files.text_encoder} has none embedded; pass --tokenizer with the google/umt5-xxl "
+                "folder of the Wan2.1-T2V-1.3B download (spiece.model or tokenizer.json)"
+            )
+        tokenizer = umt5_tokenizer_from_spiece(embedded, source=str(files.text_encoder))
+    return TextEncoder(encoder, tokenizer, device=device)
+
+
+def load_models(
+    files: ModelFiles, *, device: str = "cuda:0", vae_device: str | None = None, text_device: str | None = None,
+    dtype: torch.dtype = torch.bfloat16, quantization: str = "auto", attention: str = "auto",
+) -> tuple[CausalWanDiT, TextEncoder, WanVAE | None]:  # fmt: skip
+    """Load the DiT (with LoRA), the text encoder and the VAE onto their devices."""
+    dit = load_dit(files.dit, lora=files.lora, dtype=dtype, device=device, quantization=quantization)
+    dit.attention_backend = resolve_backend(attention)
+    text_encoder = load_text_encoder(files, text_device or device, dtype)
+    vae = load_vae(files.vae, dtype=dtype, device=vae_device or device) if files.vae else None
+    return dit, text_encoder, vae
