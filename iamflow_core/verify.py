@@ -126,7 +126,34 @@ def _make_job(key: Hashable, frames: np.ndarray, prompt: str, entities: Sequence
     return _Job(key, np.array(frames, copy=True), prompt, tuple(entities), check)
 
 
-class AsyncVerifier:
+class _Runner:
+    """What both runners share: `submit` checks and copies the frames into a job, `_take` runs or queues it; a
+    context manager that closes the runner."""
+
+    def submit(
+        self,
+        key: Hashable,
+        frames: np.ndarray,
+        prompt: str,
+        entities: Sequence[Entity],
+        check_attributes: bool = False,
+    ) -> None:
+        self._take(_make_job(key, frames, prompt, entities, check_attributes))
+
+    def _take(self, job: _Job) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncVerifier(_Runner):
     """A `Verifier` that scores frames on one worker thread. `submit` never blocks; `result` waits at most `timeout`
     seconds.
 
@@ -147,23 +174,15 @@ class AsyncVerifier:
         self._thread = threading.Thread(target=self._work, name="iamflow-verifier", daemon=True)
         self._thread.start()
 
-    def submit(
-        self,
-        key: Hashable,
-        frames: np.ndarray,
-        prompt: str,
-        entities: Sequence[Entity],
-        check_attributes: bool = False,
-    ) -> None:
-        job = _make_job(key, frames, prompt, entities, check_attributes)
+    def _take(self, job: _Job) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the verifier was closed; create a new AsyncVerifier to submit more frames")
-            self._results.pop(key, None)
-            self._queue.pop(key, None)
+            self._results.pop(job.key, None)
+            self._queue.pop(job.key, None)
             if len(self._queue) >= self.max_queue:
                 self._drop_oldest()
-            self._queue[key] = job
+            self._queue[job.key] = job
             self._cond.notify_all()
 
     def _drop_oldest(self) -> None:
@@ -223,12 +242,6 @@ class AsyncVerifier:
             self._cond.notify_all()
         self._thread.join(timeout=wait)
 
-    def __enter__(self) -> AsyncVerifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -248,22 +261,15 @@ class AsyncVerifier:
                 self._cond.notify_all()
 
 
-class ImmediateVerifier:
+class ImmediateVerifier(_Runner):
     """A `Verifier` that scores on the caller's thread at `submit` (the "no async" ablation)."""
 
     def __init__(self, verifier: Scorer) -> None:
         self.verifier = verifier
         self._results: dict[Hashable, Verdict] = {}
 
-    def submit(
-        self,
-        key: Hashable,
-        frames: np.ndarray,
-        prompt: str,
-        entities: Sequence[Entity],
-        check_attributes: bool = False,
-    ) -> None:
-        self._results[key] = _run_job(self.verifier, _make_job(key, frames, prompt, entities, check_attributes))
+    def _take(self, job: _Job) -> None:
+        self._results[job.key] = _run_job(self.verifier, job)
 
     def result(self, key: Hashable, wait: bool = True, timeout: float | None = None) -> Verdict:
         if key not in self._results:
@@ -280,9 +286,3 @@ class ImmediateVerifier:
 
     def close(self) -> None:
         """Nothing runs in the background; part of the `Verifier` protocol."""
-
-    def __enter__(self) -> ImmediateVerifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
