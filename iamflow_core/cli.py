@@ -20,13 +20,20 @@ import torch
 
 from .config import DTYPES, SamplerConfig, option_spec
 from .models.attention import BACKENDS
+from .outputs import check_output, free_output_path
 from .pipeline import StreamingPipeline
 from .render import RenderResult, render_story, story_map
 from .settings import MODES, PRESETS, MemorySettings, build_memory, build_verifier, sampler_config
+from .stops import exit_code, stop_name, stop_on_signals
 from .story import DEFAULT_SEED, Story, StoryError, load_stories, plan_chunks
 from .story.entities import EntityRegistry, RegistryError
 
 logger = logging.getLogger("iamflow_core.cli")
+SMOKE_TEST = (
+    "preset tiny: random-weight models on the CPU, so the frames are noise (a smoke test of the pipeline). "
+    "With real files: python -m iamflow_core generate STORY --models DIR (the README's 'Model files' says which "
+    "files and where to get them)"
+)
 # MemorySettings options with a flag of their own (`mode` is --memory, which also picks the preset).
 MEMORY_FLAGS = (
     "transition", "max_frames", "min_frames_multi_entity", "bank_size", "record_interval", "sparse_topk",
@@ -81,6 +88,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="render a story (JSON, NarraStream JSONL or text) to mp4")
     p.add_argument("story", nargs="?", help="story file (.json, .jsonl, .txt); optional with --preset tiny")
     p.add_argument("--out", default="video.mp4", help="output mp4 (several stories: _000, _001, ... are added)")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing video and its story map (default: write NAME_00001.mp4, ... beside it)",
+    )  # fmt: skip
     p.add_argument("--preset", choices=["tiny"], help="tiny: random-weight models on CPU, a smoke test (noise)")
     _add_model_flags(p)
     gen = p.add_argument_group("generation")
@@ -117,11 +128,9 @@ def memory_settings(args: argparse.Namespace) -> MemorySettings:
 def _build(args: argparse.Namespace):
     """The models and the sampler's base config (video size)."""
     if args.preset == "tiny":
-        from .presets import TINY_SAMPLER, tiny_models
+        from .presets import tiny_models
 
-        logger.warning("preset tiny: random-weight models, the video is noise (a smoke test of the pipeline)")
         dit, text_encoder, vae = tiny_models(device=args.device, vae_device=args.vae_device)
-        base = TINY_SAMPLER
     else:
         from .weights import find_model_files, load_models
 
@@ -134,14 +143,37 @@ def _build(args: argparse.Namespace):
             files, device=args.device, vae_device=args.vae_device, text_device=text_device,
             dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention,
         )  # fmt: skip
-        base = SamplerConfig()
     if args.offload_text_encoder:
         from .text_encoder import OffloadedTextEncoder
 
         text_encoder = OffloadedTextEncoder(text_encoder, args.text_device or args.device)
-    height, width = (base.height if v is None else v for v in (args.height, args.width))
-    size = SamplerConfig(height=height, width=width)
-    return dit, text_encoder, vae, size
+    return dit, text_encoder, vae
+
+
+def _size(args: argparse.Namespace) -> SamplerConfig:
+    """The video size: the flags, else the preset's (the tiny preset is 96x64); validated before anything loads."""
+    if args.preset == "tiny":
+        from .presets import TINY_SAMPLER as base
+    else:
+        base = SamplerConfig()
+    height, width = (
+        default if v is None else v for v, default in ((args.height, base.height), (args.width, base.width))
+    )
+    return SamplerConfig(height=height, width=width)
+
+
+def _targets(args: argparse.Namespace, stories: list[Story], size: SamplerConfig) -> list[Path]:
+    """One video path per story, never over an existing file (unless --overwrite), each checked writable."""
+    out = Path(args.out).expanduser()
+    targets = []
+    for i, story in enumerate(stories):
+        wanted = out if len(stories) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
+        target = free_output_path(wanted, overwrite=args.overwrite)
+        if target != wanted:
+            print(f"{wanted} exists; writing {target} instead (--overwrite replaces it)", file=sys.stderr)
+        check_output(target, plan_chunks(story).num_video_frames, size.width, size.height)
+        targets.append(target)
+    return targets
 
 
 def _stories(args: argparse.Namespace) -> list[Story]:
@@ -158,8 +190,10 @@ def _stories(args: argparse.Namespace) -> list[Story]:
     return [dataclasses.replace(story, seed=args.seed) for story in stories]  # the story's seed is the one seed
 
 
-def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path) -> RenderResult:
-    """Render one story to `out` with a progress bar."""
+def _render(
+    pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None
+) -> RenderResult:
+    """Render one story to `out` with a progress bar (redrawn once per chunk)."""
     from tqdm import tqdm
 
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
@@ -169,12 +203,13 @@ def _render(pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory
     with tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
 
         def progress(event, record) -> None:
-            bar.set_postfix(prompt=f"{record.segment + 1}/{record.num_segments}")
+            bar.set_postfix(prompt=f"{record.segment + 1}/{record.num_segments}", refresh=False)
             bar.update(1)
 
         return render_story(
-            pipe, story, config, memory, out_path=out, on_chunk=progress, keep_frames=False, keep_latents=False
-        )
+            pipe, story, config, memory, out_path=out, on_chunk=progress, on_stop=on_stop, keep_frames=False,
+            keep_latents=False,
+        )  # fmt: skip
 
 
 def _registry(args: argparse.Namespace, story: Story) -> EntityRegistry | None:
@@ -184,7 +219,7 @@ def _registry(args: argparse.Namespace, story: Story) -> EntityRegistry | None:
         registry.check_story(len(story.segments))
         return registry
     if not args.llm:
-        if args.memory == "identity":
+        if args.memory == "identity" and args.preset != "tiny":
             logger.warning("no --llm or --registry: identity memory keeps the frames most relevant to each prompt")
         return None
     from .story.llm import EntityExtractor
@@ -214,24 +249,50 @@ def _write_story_map(target: Path, story: Story, registry: EntityRegistry | None
     print(f"{target.with_suffix('.story.json')}: story map; picture: {target.with_suffix('.story.png')}")
 
 
+def _on_stop(target: Path, story: Story, registry: EntityRegistry | None, stops: list):
+    """What the CLI does when a render stops early (a signal, Ctrl-C, a failed write): the story map of what was
+    made; the render is remembered in `stops` for the line that says where the frames are."""
+
+    def stopped(result: RenderResult, stop: BaseException) -> None:
+        stops.append((target, result))
+        try:
+            _write_story_map(target, story, registry, result)
+        except OSError as e:  # a full disk may refuse the map too; the frames are still where the message says
+            print(f"could not write the story map beside {target}: {e}", file=sys.stderr)
+
+    return stopped
+
+
 def generate(args: argparse.Namespace) -> int:
+    if args.preset == "tiny":
+        print(SMOKE_TEST, file=sys.stderr)
     settings = memory_settings(args)  # a bad flag fails before anything loads
+    size = _size(args)
     stories = _stories(args)
+    targets = _targets(args, stories, size)
     # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
     registries = [_registry(args, story) if settings.mode == "identity" else None for story in stories]
-    dit, text_encoder, vae, size = _build(args)
+    dit, text_encoder, vae = _build(args)
     config = sampler_config(settings, size.height, size.width)
     pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
     verifier = _verifier(args, settings)
-    out = Path(args.out)
+    stops: list[tuple[Path, RenderResult]] = []
     try:
-        for i, (story, registry) in enumerate(zip(stories, registries)):
-            target = out if len(stories) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
-            result = _render(pipe, story, config, build_memory(settings, registry, verifier), target)
+        for story, registry, target in zip(stories, registries, targets):
+            memory = build_memory(settings, registry, verifier)
+            result = _render(pipe, story, config, memory, target, on_stop=_on_stop(target, story, registry, stops))
             wall = result.timings["wall"]
             fps = result.frames_written / wall if wall else 0.0
             print(f"{target}: {result.frames_written} frames in {wall:.1f} s ({fps:.1f} video FPS)")
             _write_story_map(target, story, registry, result)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP during a render: say where its frames are
+        if not stops:
+            raise
+        target, result = stops[-1]
+        where = f"{result.frames_written} frames kept in {target} (playable)" if result.frames_written else "no frames"
+        done = f"{len(result.chunks)} of {result.plan.num_chunks} chunks"
+        print(f"stopped by {stop_name(stop)} after {done}: {where}", file=sys.stderr)
+        return exit_code(stop)
     finally:
         if verifier is not None:
             verifier.close()
@@ -248,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # third-party progress bars (transformers' "Loading weights") only with -v
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     if args.command == "bench":
         import importlib
 
@@ -260,13 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     from .weights import CheckpointError, MissingModelFiles
 
     try:
-        return generate(args)
+        with stop_on_signals():
+            return generate(args)
     except (StoryError, RegistryError, CheckpointError, MissingModelFiles, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: every finished chunk was kept in the video", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP before any render began
+        print(f"stopped by {stop_name(stop)} before rendering; every finished chunk was kept", file=sys.stderr)
+        return exit_code(stop)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,40 @@ class ChunkEvent:
     memory: dict[str, Any]
 
 
+# Prompts the text encoder takes at once: memory stays bounded however many prompts a story has.
+ENCODE_BATCH = 32
+
+
+class Prompts:
+    """A story's prompts as umT5 states, kept on the CPU (one row per distinct prompt), and the prompt in force on
+    the DiT's device: its states and its cross-attention K/V, made when its segment starts. Memory grows with the
+    number of prompts only by their states; the K/V (about 94 MB a prompt at full size) exist for one or two."""
+
+    def __init__(self, dit: CausalWanDiT, states: torch.Tensor, rows: list[int]) -> None:
+        self.dit, self.states, self.rows = dit, states, rows  # states: [N_distinct, L, D]; rows[segment] -> row
+        self._cache: dict[int, tuple[torch.Tensor, CrossKV]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _get(self, segment: int) -> tuple[torch.Tensor, CrossKV]:
+        row = self.rows[segment]
+        if row not in self._cache:
+            text = self.states[row].to(self.dit.device, non_blocking=True)
+            with torch.no_grad():
+                cross = self.dit.encode_text(text[None])
+            self._cache = {r: v for r, v in self._cache.items() if r == self.rows[max(segment - 1, 0)]}
+            self._cache[row] = (text, cross)
+        return self._cache[row]
+
+    def text(self, segment: int) -> torch.Tensor:
+        """[text_len, text_dim] umT5 states of the segment's prompt, on the DiT's device."""
+        return self._get(segment)[0]
+
+    def cross(self, segment: int) -> CrossKV:
+        return self._get(segment)[1]
+
+
 @dataclass
 class _Run:
     """What one `run` holds: the plan, the prompts' conditioning, the cache, the noise and the policies."""
@@ -55,8 +89,7 @@ class _Run:
     story: Story
     plan: ChunkPlan
     memory: MemoryPolicy
-    texts: torch.Tensor  # [N_segments, text_len, text_dim]
-    crosses: list[CrossKV]
+    prompts: Prompts
     cache: KVCache
     transition: Transition
     generator: torch.Generator
@@ -109,14 +142,21 @@ class StreamingPipeline:
         self.overlap_decode = overlap_decode
         self.profile = profile
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """umT5 states of each prompt, [N, text_len, text_dim] on the DiT device."""
+    def _prompts(self, prompts: list[str], texts: torch.Tensor | None) -> Prompts:
+        """The prompts' states on the CPU: given (`texts`, one row per prompt), or encoded `ENCODE_BATCH` distinct
+        prompts at a time."""
+        if texts is not None:
+            return Prompts(self.dit, texts.to("cpu"), list(range(texts.shape[0])))
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder; pass `texts` to run() or give it a TextEncoder")
-        unique = list(dict.fromkeys(prompts))
+        rows = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        distinct = list(rows)
         with torch.no_grad():
-            states = self.text_encoder.encode(unique).to(self.dit.device)
-        return states[[unique.index(p) for p in prompts]]
+            states = [
+                self.text_encoder.encode(distinct[i : i + ENCODE_BATCH]).to("cpu")
+                for i in range(0, len(distinct), ENCODE_BATCH)
+            ]
+        return Prompts(self.dit, torch.cat(states), [rows[p] for p in prompts])
 
     # the loop --------------------------------------------------------------------------------------------------------
     def run(
@@ -167,11 +207,10 @@ class StreamingPipeline:
         logger.info(plan.summary())
         device, (h, w) = self.dit.device, (config.height // 8, config.width // 8)
         t0 = time.perf_counter()
-        texts = texts.to(device) if texts is not None else self.encode_prompts(list(story.prompts))
-        if texts.shape[0] != plan.num_segments:
-            raise ValueError(f"texts has {texts.shape[0]} prompts, the story {plan.num_segments} segments")
-        with torch.no_grad():
-            crosses = [self.dit.encode_text(texts[i : i + 1]) for i in range(plan.num_segments)]
+        prompts = self._prompts(list(story.prompts), texts)
+        if len(prompts) != plan.num_segments:
+            raise ValueError(f"texts has {len(prompts)} prompts, the story {plan.num_segments} segments")
+        first = prompts.cross(0)
         text_seconds = time.perf_counter() - t0
         tokens_per_frame = (h // self.dit.cfg.patch_size[1]) * (w // self.dit.cfg.patch_size[2])
         cache = self.dit.new_cache(config.cache, tokens_per_frame=tokens_per_frame)
@@ -179,7 +218,7 @@ class StreamingPipeline:
         if self.vae is not None:
             decoder = Decoder(self.vae, self._overlaps(), memory.on_frames, sync=self.profile)
         run = _Run(
-            story, plan, memory, texts, crosses, cache, make_transition(config.transition, crosses[0], cache),
+            story, plan, memory, prompts, cache, make_transition(config.transition, first, cache),
             torch.Generator(device).manual_seed(story.noise_seed), warp_timesteps(config.steps, config.shift),
             (1, self.dit.cfg.in_channels, config.cache.chunk_frames, h, w), decoder, text_seconds,
         )  # fmt: skip
@@ -195,9 +234,10 @@ class StreamingPipeline:
 
     def _context(self, run: _Run, chunk: int, segment: int) -> StepContext:
         """What the memory policy sees of chunk `chunk` (one context per chunk: every hook reports into its info)."""
+        tokenizer = getattr(self.text_encoder, "tokenizer", None)
         return StepContext(
             chunk, chunk * run.chunk_frames, run.chunk_frames, segment, run.story.prompts[segment], run.cache,
-            run.transition.cross, run.texts[segment], self.dit.rope, getattr(self.text_encoder, "tokenizer", None),
+            run.transition.cross, run.prompts.text(segment), self.dit.rope, tokenizer,
             decoding=run.decoder is not None, temporal_factor=self.vae.cfg.temporal_factor if self.vae else None,
             flush_frames=run.flush_frames,
         )  # fmt: skip
@@ -243,7 +283,8 @@ class StreamingPipeline:
         start = i * run.chunk_frames
         switching = i in run.plan.switch_chunks
         if switching:
-            change = Switch(start, run.texts[segment - 1], run.texts[segment], run.crosses[segment],
+            old, new = run.prompts.text(segment - 1), run.prompts.text(segment)
+            change = Switch(start, old, new, run.prompts.cross(segment),
                             lambda z, first, cross: self._context_pass(run, z, first, cross))  # fmt: skip
             run.transition.switch(change)
         ctx = self._context(run, i, segment)

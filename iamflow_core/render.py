@@ -130,8 +130,16 @@ class _Outputs:
         self.stack.close()
 
     def add(self, frames: np.ndarray) -> None:
+        self.check()
         self.frames_made += frames.shape[0]
         self.pending.append(self.writes.submit(self._write, frames))
+
+    def check(self) -> None:
+        """Raise the error of a failed write (disk full, I/O error) now, so the render stops at once."""
+        for future in self.pending:
+            if future.done() and future.exception() is not None:
+                future.result()
+        self.pending = [f for f in self.pending if not f.done()]
 
     def _write(self, frames: np.ndarray) -> None:
         if self.writer is not None:
@@ -142,13 +150,46 @@ class _Outputs:
     def finish(self) -> np.ndarray | None:
         """Wait for every write; a failed one (disk full, ...) raises here, not silently. The spooled frames."""
         self.writes.shutdown(wait=True)
-        for future in self.pending:
-            future.result()
+        self.check()
         return self.spool.read() if self.spool is not None else None
 
     @property
     def frames_written(self) -> int:
         return self.writer.frames_written if self.writer is not None else self.frames_made
+
+
+@dataclass
+class _Tally:
+    """What a render has made so far."""
+
+    plan: ChunkPlan
+    start: float = field(default_factory=time.perf_counter)
+    records: list[ChunkRecord] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def add(self, event: ChunkEvent, frames_done: int, keep_latents: bool) -> ChunkRecord:
+        if keep_latents:
+            self.latents.append(event.latents.detach().to("cpu", torch.float32))
+        for key, value in event.timings.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        self.records.append(_record(event, self.plan, frames_done))
+        return self.records[-1]
+
+    def result(self, frames, out_path, frames_written: int, memory: MemoryPolicy) -> RenderResult:
+        cancelled = len(self.records) < self.plan.num_chunks
+        if cancelled:
+            done, planned = len(self.records), self.plan.num_chunks
+            logger.info("stopped after %d of %d chunks; %d frames kept", done, planned, frames_written)
+        report = getattr(memory, "story_map", None)
+        return RenderResult(
+            frames=frames, latents=torch.cat(self.latents, dim=2) if self.latents else None,
+            chunks=tuple(self.records), plan=self.plan,
+            timings={**self.totals, "wall": time.perf_counter() - self.start},
+            out_path=Path(out_path) if out_path is not None else None, frames_written=frames_written,
+            cancelled=cancelled, memory_map=copy.deepcopy(report()) if callable(report) else None,
+            memory_name=memory.name,
+        )  # fmt: skip
 
 
 def render_story(
@@ -159,6 +200,7 @@ def render_story(
     *,
     out_path: str | Path | None = None,
     on_chunk: Callable[[ChunkEvent, ChunkRecord], None] | None = None,
+    on_stop: Callable[[RenderResult, BaseException], None] | None = None,
     cancel: threading.Event | None = None,
     keep_frames: bool = True,
     keep_latents: bool = True,
@@ -169,42 +211,31 @@ def render_story(
 
     on_chunk(event, record) runs on the calling thread after each chunk (previews, progress, cancel checks).
     Setting `cancel` stops after the chunk in progress; every finished chunk is kept (in the file and the result).
-    An exception (Ctrl-C included) still closes the file with every chunk handed out so far, then propagates.
+    An exception (Ctrl-C, a stop signal, a failed write) still closes the file with every chunk handed out so far;
+    then on_stop(partial result, exception) runs (e.g. to write the story map of what was made) and the exception
+    propagates. A failed write stops the render at the next chunk with a `video.VideoWriteError`.
     fps: the frame rate written into the mp4 (Wan makes 16). keep_frames: return the decoded frames, read back from
     a temp spool at the end. keep_latents: return all latents on the CPU (one device sync per chunk; the CLI skips
     it). spool_dir: where that spool lives (default: the system temp folder, which may be in
     RAM); it is deleted when the call returns.
     """
-    plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
-    records: list[ChunkRecord] = []
-    latents: list[torch.Tensor] = []
-    totals: dict[str, float] = {}
-    start = time.perf_counter()
-    with _Outputs(out_path, fps, keep_frames, spool_dir) as outputs:
-        for event in pipe.run(story, config, memory, cancel=cancel):
-            if keep_latents:
-                latents.append(event.latents.detach().to("cpu", torch.float32))
-            if event.frames is not None:
-                outputs.add(event.frames)
-            for key, value in event.timings.items():
-                totals[key] = totals.get(key, 0.0) + value
-            records.append(_record(event, plan, outputs.frames_made))
-            if on_chunk is not None:
-                on_chunk(event, records[-1])
-        frames = outputs.finish()
-    cancelled = len(records) < plan.num_chunks
-    if cancelled:
-        logger.info(
-            "stopped after %d of %d chunks; %d frames kept", len(records), plan.num_chunks, outputs.frames_made
-        )
-    totals["wall"] = time.perf_counter() - start
-    report = getattr(memory, "story_map", None)
-    return RenderResult(
-        frames=frames, latents=torch.cat(latents, dim=2) if latents else None, chunks=tuple(records), plan=plan,
-        timings=totals, out_path=Path(out_path) if out_path is not None else None,
-        frames_written=outputs.frames_written, cancelled=cancelled,
-        memory_map=copy.deepcopy(report()) if callable(report) else None, memory_name=memory.name,
-    )  # fmt: skip
+    tally = _Tally(plan_chunks(story, chunk_frames=config.cache.chunk_frames))
+    outputs = None
+    try:
+        with _Outputs(out_path, fps, keep_frames, spool_dir) as outputs:
+            for event in pipe.run(story, config, memory, cancel=cancel):
+                if event.frames is not None:
+                    outputs.add(event.frames)
+                record = tally.add(event, outputs.frames_made, keep_latents)
+                if on_chunk is not None:
+                    on_chunk(event, record)
+            frames = outputs.finish()
+    except BaseException as stop:
+        if on_stop is not None:
+            written = outputs.frames_written if outputs is not None else 0
+            on_stop(tally.result(None, out_path, written, memory), stop)
+        raise
+    return tally.result(frames, out_path, outputs.frames_written, memory)
 
 
 def story_map(story: Story, registry: EntityRegistry | None, result: RenderResult) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Writing video to disk chunk by chunk (H.264 via PyAV), and reading it back.
 
-`VideoWriter` encodes and muxes every chunk as it arrives, so memory stays flat however long the video gets (the
-encoder holds a bounded look-ahead of a few dozen frames). Closing flushes that look-ahead and writes the index;
-leaving its `with` block by an exception (Ctrl-C included) closes too, so every frame handed to `write` is in a
-playable file.
+`VideoWriter` encodes and muxes every chunk as it arrives, so memory stays flat however long the video gets. By
+default it writes a fragmented mp4 with no encoder look-ahead, each frame in its own fragment flushed to the file:
+the file is playable at every moment, so a process killed outright (SIGKILL, power loss) keeps every frame handed
+to `write` but the newest one (an mp4 fragment is closed by the frame after it). Leaving its `with` block by an
+exception (Ctrl-C included) closes the file, with every frame. A write that fails (disk full, I/O error) raises
+`VideoWriteError` naming the file and the frames kept.
 
 Frame layout everywhere here: uint8 RGB ``[T, H, W, 3]``. The VAE's output convention (``[B, 3, T, H, W]`` in
 [-1, 1]) converts with `to_uint8_frames`.
@@ -11,7 +13,9 @@ Frame layout everywhere here: uint8 RGB ``[T, H, W, 3]``. The VAE's output conve
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from fractions import Fraction
 from os import PathLike
 from pathlib import Path
@@ -89,13 +93,17 @@ def _check_unit_range(low: float, high: float) -> None:
         )
 
 
+class VideoWriteError(OSError):
+    """Writing the video failed (disk full, I/O error): the message names the file and the frames kept there."""
+
+
 class VideoWriter:
     """Writes uint8 RGB frames ``[T, H, W, 3]`` to an H.264 file, one chunk per `write` call.
 
-    Use it as a context manager. The first `write` fixes the frame size; every later one must match. Not
-    thread-safe: call it from one thread. `fragmented=True` writes a fragmented mp4, which stays playable up to
-    the last keyframe even if the process is killed outright (SIGKILL, power loss); the default plain mp4 needs
-    `close()` (which the `with` block always calls) and plays everywhere.
+    Use it as a context manager. The file is created at the first `write` (no frames, no file); that call fixes
+    the frame size and every later one must match. Not thread-safe: call it from one thread. `fragmented=True`
+    (the default) writes the kill-proof fragmented mp4 of the module docstring; `False` writes a plain mp4 whose
+    index is written by `close()` (which the `with` block always calls): nothing of it plays if the process dies.
 
     The x264 preset is `veryfast`: crf fixes the quality, and a faster preset spends bits instead of CPU. With
     `medium`, encoding 480x832 took the cores the sampling loop needs and slowed a whole render on one H100 from
@@ -111,7 +119,7 @@ class VideoWriter:
         preset: str = "veryfast",
         codec: str = "libx264",
         pix_fmt: str = "yuv420p",
-        fragmented: bool = False,
+        fragmented: bool = True,
     ) -> None:
         self.path = Path(path)
         if self.path.suffix.lower() not in _CONTAINER_SUFFIXES:
@@ -122,9 +130,8 @@ class VideoWriter:
             raise ValueError(f"crf must be in 0..51 (lower is better quality; 18 is visually lossless), got {crf}")
         self.fps = Fraction(fps).limit_denominator(1001)
         self.crf, self.preset, self.codec, self.pix_fmt = crf, preset, codec, pix_fmt
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        options = {"movflags": "frag_keyframe+empty_moov"} if fragmented else {}
-        self._container = _pyav().open(str(self.path), mode="w", options=options)
+        self.fragmented = fragmented
+        self._container = None
         self._stream: av.VideoStream | None = None
         self._frames_written = 0
         self._closed = False
@@ -149,7 +156,8 @@ class VideoWriter:
             raise RuntimeError(f"VideoWriter for {self.path} is closed; open a new one to write more")
         frames = _as_uint8_frames(frames)
         if self._stream is None:
-            self._stream = self._open_stream(width=frames.shape[2], height=frames.shape[1])
+            self._check_size(width=frames.shape[2], height=frames.shape[1])
+            self._stream = self._io(self._open, width=frames.shape[2], height=frames.shape[1])
         elif self.size != (frames.shape[2], frames.shape[1]):
             w, h = self.size
             raise ValueError(
@@ -157,7 +165,8 @@ class VideoWriter:
                 "every chunk of one video must have the same size"
             )
         for frame in frames:
-            self._mux(self._stream.encode(_pyav().VideoFrame.from_ndarray(frame, format="rgb24")))
+            packets = self._stream.encode(_pyav().VideoFrame.from_ndarray(frame, format="rgb24"))
+            self._io(self._mux, packets)
             self._frames_written += 1
 
     def close(self) -> None:
@@ -165,15 +174,42 @@ class VideoWriter:
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._stream is not None:
-                self._mux(self._stream.encode(None))  # None drains the encoder's look-ahead
-        finally:
-            self._container.close()
-        if self._stream is None:
-            logger.warning("no frames were written; %s was not created", self.path)
+        if self._container is None:
+            logger.info("no frames were written; %s was not created", self.path)
             return
+        try:
+            self._io(self._mux, self._stream.encode(None))  # None drains the encoder
+        finally:
+            self._io(self._container.close)
         logger.info("wrote %d frames (%.2f s) to %s", self._frames_written, self._frames_written / self.fps, self.path)
+
+    def _io(self, fn, *args, **kwargs):
+        """Run a file operation; an OSError or FFmpeg error ends the file (cut back to its last whole frame, so it
+        stays playable) and becomes one `VideoWriteError` naming the file and the frames kept."""
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, _pyav().FFmpegError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            kept = self._end_after_failure()
+            where = f"the {kept} frames written before are kept there (playable)" if kept else "no frame was kept"
+            raise VideoWriteError(f"could not write {self.path}: {reason}; {where}") from e
+
+    def _end_after_failure(self) -> int:
+        """Close what can be closed after a failed write and cut the file back to its whole fragments. Returns the
+        frames in it."""
+        self._closed = True
+        if self._container is not None:
+            with contextlib.suppress(OSError, _pyav().FFmpegError):
+                self._container.close()
+        if not self.fragmented or not self.path.exists():
+            return 0
+        end = complete_fragments_end(self.path)
+        if end < self.path.stat().st_size:
+            os.truncate(self.path, end)
+        try:
+            return read_video_frame_count(self.path)
+        except (OSError, _pyav().FFmpegError, IndexError):
+            return 0
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -187,25 +223,59 @@ class VideoWriter:
         # Keep the finished frames; a failure while closing must not hide the error that got us here.
         try:
             self.close()
-        except Exception:
-            logger.exception("could not finish %s after %s", self.path, exc_type.__name__)
+        except Exception as e:
+            logger.warning("could not finish %s after %s: %s", self.path, exc_type.__name__, e)
         else:
-            logger.warning("stopped by %s; kept %d frames in %s", exc_type.__name__, self._frames_written, self.path)
+            if self._frames_written:
+                logger.warning(
+                    "stopped by %s; kept %d frames in %s", exc_type.__name__, self._frames_written, self.path
+                )
 
-    def _open_stream(self, width: int, height: int) -> av.VideoStream:
+    def _check_size(self, width: int, height: int) -> None:
         if self.pix_fmt in _EVEN_SIZE_PIX_FMTS and (width % 2 or height % 2):
             raise ValueError(
                 f"frame size {width}x{height} has an odd side, but {self.pix_fmt} needs even width and height; "
                 f"crop or pad the frames to {width - width % 2}x{height - height % 2}, or use pix_fmt='yuv444p'"
             )
+
+    def _open(self, width: int, height: int) -> av.VideoStream:
+        """Create the file and its H.264 stream."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        options = {}
+        if self.fragmented:  # each frame its own fragment, each write flushed to the file at once
+            options = {"movflags": "frag_every_frame+empty_moov+default_base_moof", "flush_packets": "1"}
+        self._container = _pyav().open(str(self.path), mode="w", options=options)
         stream = self._container.add_stream(self.codec, rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = width, height, self.pix_fmt
         stream.options = {"crf": str(self.crf), "preset": self.preset}
+        if self.fragmented:  # no look-ahead: a frame is in the file as soon as the next one is encoded
+            stream.options["tune"] = "zerolatency"
         return stream
 
     def _mux(self, packets: list[av.Packet]) -> None:
         for packet in packets:
             self._container.mux(packet)
+
+
+def complete_fragments_end(path: str | PathLike[str]) -> int:
+    """Byte offset just past the last whole media-data box (`mdat`) of an mp4: where a fragmented mp4 whose end was
+    cut off (a full disk) can be truncated to play. 0 when it holds none."""
+    with open(path, "rb") as f:
+        size, pos, end = os.fstat(f.fileno()).st_size, 0, 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            header = f.read(16)
+            box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if box_size == 1:  # a 64-bit size follows the type
+                box_size = int.from_bytes(header[8:16], "big")
+            elif box_size == 0:  # to the end of the file
+                box_size = size - pos
+            if box_size < 8 or pos + box_size > size:
+                break
+            pos += box_size
+            if kind == b"mdat":
+                end = pos
+    return end
 
 
 def read_video_frame_count(path: str | PathLike[str]) -> int:
