@@ -14,19 +14,21 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from .config import DTYPES, SamplerConfig, option_spec
+from .devices import resolve_device
 from .models.attention import BACKENDS
 from .outputs import check_output, free_output_path
 from .pipeline import StreamingPipeline
 from .render import RenderResult, render_story, story_map
 from .settings import MODES, PRESETS, MemorySettings, build_memory, build_verifier, sampler_config
 from .stops import exit_code, stop_name, stop_on_signals
-from .story import DEFAULT_SEED, Story, StoryError, load_stories, plan_chunks
-from .story.entities import EntityRegistry, RegistryError
+from .story import DEFAULT_SEED, MAX_SEGMENT_SECONDS, Story, StoryError, load_stories, plan_chunks
+from .story.entities import EntityRegistry, RegistryError, load_registries
 
 logger = logging.getLogger("iamflow_core.cli")
 SMOKE_TEST = (
@@ -98,7 +100,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, help=f"noise seed (default: the story's seed, else {DEFAULT_SEED})")
     _add_option(gen, SamplerConfig, "height", "480; 64 with --preset tiny")
     _add_option(gen, SamplerConfig, "width", "832; 96 with --preset tiny")
-    gen.add_argument("--seconds", type=float, default=10.0, help="seconds per prompt when the story gives none")
+    gen.add_argument(
+        "--seconds", type=float, default=10.0,
+        help=f"seconds per prompt when the story gives none (at most {MAX_SEGMENT_SECONDS:g})",
+    )  # fmt: skip
     gen.add_argument(
         "--no-overlap", action="store_true", help="decode after each chunk even when the VAE has its own device"
     )
@@ -110,12 +115,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     for name in MEMORY_FLAGS:
         preset_text = "soft for identity, recache otherwise" if name == "transition" else None
         _add_option(mem, MemorySettings, name, preset_text)
-    mem.add_argument("--registry", help="entity registry JSON to use as given (skips the LLM)")
+    mem.add_argument(
+        "--registry",
+        help="entity registry to use as given (skips the LLM): a .json for one story, or a .jsonl with one registry "
+        "per line in story order ({} for a story without entities)",
+    )
     mem.add_argument("--llm", help="LLM folder for entity extraction (Qwen3-4B-Instruct-2507)")
     mem.add_argument("--llm-device", help="device of the LLM (default: --device; it is unloaded before sampling)")
     mem.add_argument("--vlm", help="VLM folder for frame verification (Qwen3-VL-2B-Instruct)")
     mem.add_argument("--vlm-device", help="device of the VLM (default: --vae-device)")
     p.add_argument("-v", "--verbose", action="store_true")
+    # `bench start`: when the models were loaded and the first and last frames written, as JSON lines
+    p.add_argument("--timeline", help=argparse.SUPPRESS)
 
 
 def memory_settings(args: argparse.Namespace) -> MemorySettings:
@@ -191,9 +202,10 @@ def _stories(args: argparse.Namespace) -> list[Story]:
 
 
 def _render(
-    pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None
+    pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None, on_first=None
 ) -> RenderResult:
-    """Render one story to `out` with a progress bar (redrawn once per chunk)."""
+    """Render one story to `out` with a progress bar (redrawn once per chunk); on_first() once the first chunk's
+    frames are out."""
     from tqdm import tqdm
 
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
@@ -203,6 +215,8 @@ def _render(
     with tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
 
         def progress(event, record) -> None:
+            if record.index == 0 and on_first is not None:
+                on_first()
             bar.set_postfix(prompt=f"{record.segment + 1}/{record.num_segments}", refresh=False)
             bar.update(1)
 
@@ -212,21 +226,22 @@ def _render(
         )  # fmt: skip
 
 
-def _registry(args: argparse.Namespace, story: Story) -> EntityRegistry | None:
-    """The entities of the story: a registry file as given, else extracted by the LLM, else None."""
+def _registries(args: argparse.Namespace, stories: list[Story], settings: MemorySettings) -> list:
+    """The entities of each story: from --registry (one registry per story: a .json for one story, a .jsonl line per
+    story), else extracted by the LLM (loaded once, unloaded before the DiT needs the memory), else None."""
+    if settings.mode != "identity":
+        return [None] * len(stories)
     if args.registry:
-        registry = EntityRegistry.from_json(Path(args.registry).read_text(encoding="utf-8"))
-        registry.check_story(len(story.segments))
-        return registry
+        return load_registries(args.registry, len(stories), [len(s.segments) for s in stories])
     if not args.llm:
-        if args.memory == "identity" and args.preset != "tiny":
+        if args.preset != "tiny":
             logger.warning("no --llm or --registry: identity memory keeps the frames most relevant to each prompt")
-        return None
+        return [None] * len(stories)
     from .story.llm import EntityExtractor
 
     extractor = EntityExtractor(args.llm, device=args.llm_device or args.device)
     try:
-        return extractor.extract(list(story.prompts))
+        return [extractor.extract(list(story.prompts)) for story in stories]
     finally:
         extractor.unload()  # free its memory before the DiT needs it
 
@@ -263,16 +278,44 @@ def _on_stop(target: Path, story: Story, registry: EntityRegistry | None, stops:
     return stopped
 
 
+def _check_devices(args: argparse.Namespace) -> None:
+    """Every device flag names a device this machine has (one message listing those it has)."""
+    for flag in ("device", "vae_device", "text_device", "llm_device", "vlm_device"):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, str(resolve_device(getattr(args, flag))))
+
+
+class _Timeline:
+    """Wall-clock moments of a run (`time.time()`), appended to a JSON-lines file when one is given."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+
+    def mark(self, event: str) -> None:
+        if self.path is None:
+            return
+        entry = {"event": event, "time": time.time()}
+        if torch.cuda.is_available():  # the peak so far, per GPU
+            entry["peak_gib"] = [
+                round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())
+            ]
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
 def generate(args: argparse.Namespace) -> int:
     if args.preset == "tiny":
         print(SMOKE_TEST, file=sys.stderr)
+    _check_devices(args)
     settings = memory_settings(args)  # a bad flag fails before anything loads
     size = _size(args)
     stories = _stories(args)
     targets = _targets(args, stories, size)
     # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
-    registries = [_registry(args, story) if settings.mode == "identity" else None for story in stories]
+    registries = _registries(args, stories, settings)
     dit, text_encoder, vae = _build(args)
+    timeline = _Timeline(args.timeline)
+    timeline.mark("models_loaded")
     config = sampler_config(settings, size.height, size.width)
     pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
     verifier = _verifier(args, settings)
@@ -280,7 +323,11 @@ def generate(args: argparse.Namespace) -> int:
     try:
         for story, registry, target in zip(stories, registries, targets):
             memory = build_memory(settings, registry, verifier)
-            result = _render(pipe, story, config, memory, target, on_stop=_on_stop(target, story, registry, stops))
+            on_stop = _on_stop(target, story, registry, stops)
+            result = _render(
+                pipe, story, config, memory, target, on_stop, on_first=lambda: timeline.mark("first_frame")
+            )
+            timeline.mark("last_frame")
             wall = result.timings["wall"]
             fps = result.frames_written / wall if wall else 0.0
             print(f"{target}: {result.frames_written} frames in {wall:.1f} s ({fps:.1f} video FPS)")
@@ -305,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     bench = sub.add_parser("bench", help="benchmarks (full-size models, random weights)")
     bench.add_argument(
-        "which", choices=["speed", "dit", "agents"], help="speed: the whole pipeline; dit: one chunk; agents: LLM/VLM"
+        "which",
+        choices=["speed", "start", "dit", "agents"],
+        help="speed: the whole pipeline; start: what a user waits for; dit: one chunk; agents: LLM/VLM",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -318,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         import importlib
 
-        module = {"speed": "speed", "dit": "dit_chunk", "agents": "agents"}[args.which]
+        module = {"speed": "speed", "start": "start", "dit": "dit_chunk", "agents": "agents"}[args.which]
         bench = importlib.import_module(f"iamflow_core.bench.{module}")
         for line in bench.main(args.rest):
             print(line, flush=True)

@@ -51,8 +51,7 @@ def check_output(path: Path, num_frames: int, width: int, height: int) -> None:
             pass
     except OSError as e:
         raise OutputError(
-            f"cannot write the video to {folder}: {e.strerror or e}; choose another --out (a folder you can write "
-            "to)"
+            f"cannot write the video to {folder}: {e.strerror or e}; choose another --out (a folder you can write to)"
         ) from e
     need, free = estimated_bytes(num_frames, width, height), shutil.disk_usage(folder).free
     if free < need:

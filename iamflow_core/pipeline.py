@@ -150,13 +150,14 @@ class StreamingPipeline:
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder; pass `texts` to run() or give it a TextEncoder")
         rows = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        distinct = list(rows)
+        distinct, states = list(rows), None
         with torch.no_grad():
-            states = [
-                self.text_encoder.encode(distinct[i : i + ENCODE_BATCH]).to("cpu")
-                for i in range(0, len(distinct), ENCODE_BATCH)
-            ]
-        return Prompts(self.dit, torch.cat(states), [rows[p] for p in prompts])
+            for i in range(0, len(distinct), ENCODE_BATCH):
+                batch = self.text_encoder.encode(distinct[i : i + ENCODE_BATCH])
+                if states is None:  # one buffer for all, filled batch by batch (no second copy)
+                    states = torch.empty((len(distinct), *batch.shape[1:]), dtype=batch.dtype)
+                states[i : i + len(batch)] = batch.to("cpu")
+        return Prompts(self.dit, states, [rows[p] for p in prompts])
 
     # the loop --------------------------------------------------------------------------------------------------------
     def run(

@@ -104,5 +104,5 @@ class InspectMemory(io.ComfyNode):
         story_map = state.story_map()
         lines = story_map_summary(story_map)
         image = picture(story_map_picture(story_map))
-        show_status(cls.hidden.unique_id, *lines)
+        show_status(cls.hidden.unique_id, lines[0] if lines else None)  # the rest is in the picture and the text
         return io.NodeOutput("\n".join(lines), image, ui=ui.PreviewImage(image, cls=cls))

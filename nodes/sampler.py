@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +24,7 @@ from .values import DIT, MEMORY, STATE, STORY, TEXT_ENCODER, VAE, StateValue
 logger = logging.getLogger(__name__)
 
 PREVIEW_SIZE = 512
+PREVIEW_EVERY_S = 1.0  # the shortest time between two chunk clips on the node
 
 
 def to_comfy_latent(latents: torch.Tensor) -> dict:
@@ -60,8 +63,46 @@ def _entities_in(memory_info: dict) -> list[int] | None:
     return sorted({e for frame in retrieved.get("frames", []) for e in frame.get("entities", [])})
 
 
+def _send_output(unique_id: str | None, output: dict) -> None:
+    """Show `output` (a node's ui dict) on the node now, in the middle of its run, as ComfyUI's "executed" message
+    does at its end. The live preview goes this way, not as a progress-bar preview: the frontend keeps showing the
+    last progress preview in place of a node's output, which would hide the finished video."""
+    try:
+        from server import PromptServer
+    except ImportError:  # no ComfyUI server (scripts)
+        return
+    server = getattr(PromptServer, "instance", None)
+    if unique_id is None or server is None:
+        return
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    message = {"node": unique_id, "display_node": unique_id, "output": output,
+               "prompt_id": context.prompt_id if context is not None else None}  # fmt: skip
+    server.send_sync("executed", message, server.client_id)
+
+
+def _save_preview(frames: np.ndarray, unique_id: str | None, index: int) -> dict:
+    """The newest chunk as a short mp4 (long side at most PREVIEW_SIZE) in ComfyUI's temp folder: its ui entry. A
+    clip rather than a still keeps the node a video node, so the finished video takes its place at the end."""
+    from PIL import Image
+
+    from iamflow_core.config import VIDEO_FPS
+    from iamflow_core.video import VideoWriter
+
+    height, width = frames.shape[1:3]
+    scale = min(1.0, PREVIEW_SIZE / max(height, width))
+    size = (max(2, round(width * scale) // 2 * 2), max(2, round(height * scale) // 2 * 2))
+    small = np.stack([np.asarray(Image.fromarray(f).resize(size)) for f in frames]) if scale < 1 else frames
+    name = f"iamflow_preview_{unique_id}_{index:05d}.mp4"
+    with VideoWriter(Path(folder_paths.get_temp_directory()) / name, fps=VIDEO_FPS, preset="ultrafast",
+                     fragmented=False) as writer:  # fmt: skip
+        writer.write(small)
+    return {"images": [{"filename": name, "subfolder": "", "type": "temp"}], "animated": (True,)}
+
+
 class _ChunkMonitor:
-    """Per chunk: progress bar with the newest frame as preview, a two-line status, and ComfyUI's Cancel -> stop
+    """Per chunk: the progress bar, the newest frame on the node, a two-line status, and ComfyUI's Cancel -> stop
     after the chunk in progress (`cancel`), remembering that the user asked (`interrupted`)."""
 
     def __init__(self, unique_id: str | None, num_chunks: int, out_path: Path | None) -> None:
@@ -72,16 +113,32 @@ class _ChunkMonitor:
         self.interrupted = False
         self.entities: list[int] | None = None
         self.pbar = comfy.utils.ProgressBar(num_chunks)
+        # The chunk clips are encoded off the sampling thread, newest last.
+        self.previews = ThreadPoolExecutor(1, thread_name_prefix="iamflow-preview")
+        self.shown = -PREVIEW_EVERY_S  # when the last chunk clip was sent
+
+    def close(self) -> None:
+        self.previews.shutdown(wait=True)
+
+    def _preview(self, frames: np.ndarray, index: int) -> None:
+        try:
+            _send_output(self.unique_id, _save_preview(frames, self.unique_id, index))
+        except OSError as e:  # a preview is a convenience: never stop the render for it
+            logger.warning("could not show chunk %d on the node: %s", index + 1, e)
 
     def __call__(self, event, record) -> None:
         import comfy.model_management as mm
-        from PIL import Image
 
         if mm.processing_interrupted():
             self._stop()
-        preview = None if event.frames is None else ("JPEG", Image.fromarray(event.frames[-1]), PREVIEW_SIZE)
+        now = time.monotonic()
+        # Not the last chunk (the finished video takes its place at once), and at most one a second: a clip still
+        # loading in the browser when the finished video arrives could otherwise be shown over it.
+        if event.frames is not None and record.index + 1 < record.num_chunks and now - self.shown >= PREVIEW_EVERY_S:
+            self.shown = now
+            self.previews.submit(self._preview, event.frames, record.index)
         try:
-            self.pbar.update_absolute(record.index + 1, record.num_chunks, preview)
+            self.pbar.update_absolute(record.index + 1, record.num_chunks)
         except mm.InterruptProcessingException:  # the progress hook raises on Cancel; we stop after this chunk
             self._stop()
         self.entities = _entities_in(record.memory) or self.entities
@@ -200,17 +257,23 @@ class StreamingSampler(io.ComfyNode):
 def _render(unique_id, models, run_story, settings, story, memory, size, out_path):
     """The library's render with ComfyUI's progress, previews and Cancel; raises ComfyUI's interrupt on Cancel."""
     from iamflow_core.pipeline import StreamingPipeline
+    from iamflow_core.weights import check_compatible
+
+    check_compatible(*models)  # the three loaders are separate nodes: files that do not fit fail here, named
     from iamflow_core.render import render_story
     from iamflow_core.settings import build_memory, sampler_config
     from iamflow_core.story import plan_chunks
 
     monitor = _ChunkMonitor(unique_id, plan_chunks(run_story).num_chunks, out_path)
-    with _verifier_for_run(settings, memory) as verifier:
-        result = render_story(
-            StreamingPipeline(*models), run_story, sampler_config(settings, *size),
-            build_memory(settings, story.registry, verifier), out_path=out_path, on_chunk=monitor,
-            cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(),
-        )  # fmt: skip
+    try:
+        with _verifier_for_run(settings, memory) as verifier:
+            result = render_story(
+                StreamingPipeline(*models), run_story, sampler_config(settings, *size),
+                build_memory(settings, story.registry, verifier), out_path=out_path, on_chunk=monitor,
+                cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(),
+            )  # fmt: skip
+    finally:
+        monitor.close()  # every chunk's preview is out before the final video replaces it
     monitor.raise_if_cancelled(result)
     return result
 

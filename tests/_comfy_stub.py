@@ -29,6 +29,7 @@ class Recorder:
     def __init__(self) -> None:
         self.progress: list[tuple[int, int, object]] = []
         self.texts: list[tuple[str, str]] = []
+        self.messages: list[tuple[str, dict]] = []  # what nodes sent through the server (e.g. mid-run "executed")
         self.interrupt_after: int | None = None  # set the interrupt flag after this many progress updates
 
 
@@ -129,9 +130,13 @@ def _server() -> types.ModuleType:
 
     class PromptServer:
         instance = None
+        client_id = "test-client"
 
         def send_progress_text(self, text, node_id, sid=None):
             recorder.texts.append((node_id, text))
+
+        def send_sync(self, event, data, sid=None):
+            recorder.messages.append((event, data))
 
     PromptServer.instance = PromptServer()
     server.PromptServer = PromptServer

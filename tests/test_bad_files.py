@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import os
 import pickle
+import traceback
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from iamflow_core.weights import CheckpointError, load_dit, load_t5, load_vae, read_dit_state_dict
+from iamflow_core.config import DiTConfig, T5Config
+from iamflow_core.models.dit import CausalWanDiT
+from iamflow_core.presets import tiny_models, tiny_tokenizer
+from iamflow_core.text_encoder import OffloadedTextEncoder, TextEncoder
+from iamflow_core.weights import (
+    CheckpointError,
+    check_compatible,
+    load_dit,
+    load_t5,
+    load_vae,
+    read_dit_state_dict,
+)
 
 from . import _checkpoints as ck
+from ._tiny_t5 import tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +85,16 @@ def test_pickle_that_runs_code_is_refused(tmp_path, writer):
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload, protocol=2))
-    raises(load_dit, path, "refused for safety", "not plain tensors")
+    message = raises(load_dit, path, "refused for safety", "not plain tensors")
     assert not sentinel.exists()  # the code never ran
+    for word in ("holds code that would run when it is loaded", "(it imports ", ".safetensors version"):
+        assert word in message, f"{word!r} not in: {message}"
+    assert writer == "pickle" or "system" in message, message  # pickle.dumps'd tensors are refused first
+    with pytest.raises(CheckpointError) as info:
+        load_dit(path)
+    traceback_text = "".join(traceback.format_exception(info.value))
+    for advice in ("weights_only", "WeightsUnpickler", "Weights only load failed"):  # torch's "weights_only=False"
+        assert advice not in traceback_text, traceback_text
 
 
 def test_missing_path_and_empty_folder(tmp_path):
@@ -235,3 +256,122 @@ def test_lora_with_wrong_shapes_or_half_a_pair(tmp_path, dit):
 def test_bad_quantization_argument(tmp_path, dit):
     with pytest.raises(ValueError, match="quantization must be"):
         read_dit_state_dict(tmp_path / "x.safetensors", quantization="int4")
+
+
+# --- weights that hold NaN or inf ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "training"])
+def test_dit_with_a_nan_weight_is_damaged(tmp_path, dit, layout):
+    state = {k: v.clone() for k, v in dit.items()}
+    state["blocks.1.ffn.0.weight"][3, 7] = float("nan")
+    if layout == "comfyui":
+        path = ck.write_comfyui_dit(tmp_path / "dit.safetensors", state, prefix="model.diffusion_model.")
+    else:
+        path = ck.write_training_checkpoint(tmp_path / "model.pt", state)
+    message = raises(load_dit, path, "is damaged", "download the file again")
+    assert "tensor blocks.1.ffn.0.weight holds 1 NaN values (of 131072)" in message  # the Wan key name
+
+
+def test_vae_with_an_inf_weight_is_damaged(tmp_path):
+    state = ck.vae_state()
+    state["decoder.middle.0.residual.2.weight"].view(-1)[5] = float("inf")
+    path = ck.write_diffusers_vae(tmp_path / "vae", state)  # stored as decoder.mid_block.resnets.0.conv1.weight
+    raises(load_vae, path, "is damaged", "tensor decoder.middle.0.residual.2.weight holds 1 inf values")
+
+
+def test_umt5_with_a_nan_weight_is_damaged(tmp_path):
+    state = ck.t5_state()
+    state["blocks.0.attn.q.weight"][0, 0] = float("nan")
+    path = ck.write_comfyui_t5(tmp_path / "umt5_xxl_fp16.safetensors", state)
+    raises(load_t5, path, "is damaged", "tensor blocks.0.attn.q.weight holds 1 NaN values")
+
+
+def test_weights_that_overflow_the_dtype_are_not_called_damaged(tmp_path, dit):
+    state = dit | {"head.head.weight": torch.full_like(dit["head.head.weight"], 1e6)}
+    path = ck.write_comfyui_dit(tmp_path / "dit.safetensors", state, dtype=torch.float32)
+    message = raises(lambda p: load_dit(p, dtype=torch.float16), path, "finite in the file", "torch.bfloat16")
+    assert "damaged" not in message, message
+    assert "once loaded as torch.float16: its values overflow that dtype" in message
+
+
+def test_lora_with_a_nan_matrix_is_damaged(tmp_path, dit):
+    base = ck.write_comfyui_dit(tmp_path / "dit.safetensors", dit)
+    down = torch.zeros(4, 256)
+    down[1, 2] = float("nan")
+    lora = ck.write_kohya_lora(tmp_path / "lora.safetensors", {"blocks.0.ffn.0": (down, torch.zeros(512, 4))}, 4)
+    with pytest.raises(CheckpointError) as info:
+        load_dit(base, lora=lora)
+    assert f"the LoRA {lora} is damaged: its blocks.0.ffn.0.down matrix holds 1 NaN values" in str(info.value)
+
+
+# --- components that do not fit each other -------------------------------------------------------------------------
+
+
+def _small_t5(dim: int) -> dict[str, torch.Tensor]:
+    cfg = T5Config(vocab_size=300, dim=dim, dim_attn=dim, dim_ffn=2 * dim, num_heads=4, num_layers=2)
+    return tiny_encoder(cfg).state_dict()
+
+
+@pytest.fixture()
+def loaded(tmp_path, dit):
+    """A tiny DiT (text_dim 64, 16 latent channels), a 32-wide umT5 and a VAE, loaded from their files."""
+    dit_path = ck.write_comfyui_dit(tmp_path / "wan2.1_t2v_1.3B_bf16.safetensors", dit)
+    torch.save(_small_t5(32), tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    torch.save(ck.vae_state(), tmp_path / "Wan2.1_VAE.pth")
+    return (
+        load_dit(dit_path),
+        load_t5(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"),
+        load_vae(tmp_path / "Wan2.1_VAE.pth"),
+    )
+
+
+def test_loaded_models_know_their_files(tmp_path, loaded):
+    dit_model, t5, vae = loaded
+    assert dit_model.load_info.path == str(tmp_path / "wan2.1_t2v_1.3B_bf16.safetensors")
+    assert t5.load_info.path == str(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    assert vae.load_info.path == str(tmp_path / "Wan2.1_VAE.pth")
+
+
+def test_umt5_of_another_width_than_the_dit(tmp_path, loaded):
+    dit_model, t5, vae = loaded
+    check_compatible(dit_model, vae=vae)  # these two fit
+    for text_encoder in (
+        t5,
+        TextEncoder(t5, tiny_tokenizer()),
+        OffloadedTextEncoder(TextEncoder(t5, tiny_tokenizer()), "cpu"),
+    ):
+        with pytest.raises(CheckpointError) as info:
+            check_compatible(dit_model, text_encoder, vae)
+        message = str(info.value)
+        for word in (
+            f"the umT5 text encoder {tmp_path / 'models_t5_umt5-xxl-enc-bf16.pth'} gives 32-wide text embeddings",
+            f"but the DiT {tmp_path / 'wan2.1_t2v_1.3B_bf16.safetensors'} takes text_dim 64",
+            "use the umT5 encoder of width 64 that belongs to this DiT",
+            "umt5_xxl_fp16.safetensors",
+        ):
+            assert word in message, f"{word!r} not in: {message}"
+
+
+def test_vae_with_other_latent_channels_than_the_dit(tmp_path, loaded):
+    _, _, vae = loaded
+    cfg = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=1, in_channels=8, out_channels=8, text_dim=64)
+    path = ck.write_comfyui_dit(tmp_path / "dit8.safetensors", CausalWanDiT(cfg).state_dict())
+    with pytest.raises(CheckpointError) as info:
+        check_compatible(load_dit(path), vae=vae)
+    message = str(info.value)
+    assert f"the VAE {tmp_path / 'Wan2.1_VAE.pth'} has 16 latent channels (z_dim)" in message, message
+    assert f"but the DiT {path} denoises latents of 8 channels" in message, message
+    assert "wan_2.1_vae.safetensors" in message, message
+
+
+def test_models_built_in_code_are_named_so_and_both_problems_told_at_once():
+    dit_model, text_encoder, vae = tiny_models()
+    check_compatible(dit_model, text_encoder, vae)  # the tiny preset fits together
+    cfg = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=1, in_channels=8, out_channels=8, text_dim=48)
+    with pytest.raises(CheckpointError) as info:
+        check_compatible(CausalWanDiT(cfg), text_encoder, vae)
+    message = str(info.value)
+    assert "the umT5 text encoder built in code gives" in message, message
+    assert "the VAE built in code has 16 latent channels" in message, message
+    assert message.count("the DiT built in code") == 2, message

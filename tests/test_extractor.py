@@ -3,16 +3,19 @@ Qwen3 with the real Qwen tokenizer run through the real loader and `EntityExtrac
 
 import json
 import logging
+import re
 
 import pytest
 
-from iamflow_core.story.entities import Entity, EntityRegistry, RegistryError
+from iamflow_core.story import llm
+from iamflow_core.story.entities import Entity, EntityRegistry, Mention, RegistryError
 from iamflow_core.story.hf import ModelFolderError
 from iamflow_core.story.jsonish import parse_json_answer
 from iamflow_core.story.llm import (
     NUDGE,
     EntityExtractor,
     PromptEntity,
+    _match_question,
     assign_ids,
     entities_from_answer,
     infer_gender,
@@ -142,8 +145,9 @@ class RecordedMatcher:
     def __init__(self, answers=None):
         self.answers, self.calls = answers or {}, []
 
-    def __call__(self, entity, candidates, prompt_index):
+    def __call__(self, entity, candidates, prompt_index, seen):
         assert all(isinstance(c, Entity) and c.kind == entity.kind for c in candidates)
+        assert len(seen) == prompt_index and all(isinstance(m, Mention) for p in seen for m in p)
         self.calls.append((prompt_index, entity.name, tuple(c.id for c in candidates)))
         return self.answers.get((prompt_index, entity.name))
 
@@ -276,6 +280,161 @@ def test_an_artist_registry_is_used_as_given():
     with pytest.raises(RegistryError, match="3"):
         registry_for_story(["a", "b", "c"], user_registry=given)
     assert registry_for_story(["a", "b"]) == EntityRegistry.empty(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The matcher's question: what each known entity did in earlier prompts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_question_quotes_each_candidate_in_its_latest_earlier_prompts():
+    nora = Entity(1, "Nora", "person", ("beige sweater",))
+    prompts = [
+        "Nora reads by the shelf. She smiles.",
+        "Nora drinks tea.",
+        "The cup is on the shelf. Then she sits.",
+        "Nora, a young woman with short black curls and a beige sweater, walks slowly past the long rows of old "
+        "wooden shelves in the quiet library while the rain keeps falling on the tall arched windows, and she "
+        "stops.",
+        "The woman waves.",
+    ]
+    seen = ((Mention(1, "She"),), (Mention(1, "Nora"),), (Mention(1, "She"),), (Mention(1, "she"),))
+    woman = person("woman", "The woman", "female")
+    question = _match_question(prompts, 4, woman, (nora,), seen)
+    assert question.splitlines()[:4] == [
+        'Current shot (prompt 5): "The woman waves."',
+        "",
+        'Entity in this shot: woman (person), written as "The woman"; looks: not described',
+        'Around the mention: "The woman waves."',
+    ]
+    known = question.split("(most recent first):\n")[1].splitlines()
+    assert known[:4] == [
+        "ID 1: Nora (person); looks: beige sweater",
+        '  prompt 4, as "she": "…sweater, walks slowly past the long rows of old wooden shelves in the quiet library '
+        'while the rain keeps falling on the tall arched windows, and she stops."',  # the sentence cut around "she"
+        '  prompt 3, as "She": "Then she sits."',  # the sentence with the word "she", not the one with "shelf"
+        '  prompt 2, as "Nora": "Nora drinks tea."',
+    ]  # at most three earlier prompts, most recent first; prompt 1 is left out
+    assert known[4:] == ["", "Which known entity is it, if any?"]
+    assert len(known[1]) < 200
+
+
+TWINS = [
+    "Two identical twin sisters, Mia in a yellow raincoat and Lea in a green raincoat, feed pigeons in a square.",
+    "The twin in the yellow raincoat walks to the fountain.",
+    "At the fountain, the twin throws a coin.",
+    "Her sister waves from the bakery.",
+]
+
+
+def twin(name, mention, attributes=(), proper=None):
+    return {"name": name, "proper_name": proper, "kind": "person", "gender": "female",
+            "attributes": list(attributes), "mention": mention}  # fmt: skip
+
+
+TWINS_EXTRACTED = [  # the extraction answers, recorded per prompt
+    {"entities": [twin("Mia", "Mia in a yellow raincoat", ["yellow raincoat"], "Mia"),
+                  twin("Lea", "Lea in a green raincoat", ["green raincoat"], "Lea")]},
+    {"entities": [twin("twin in yellow raincoat", "The twin in the yellow raincoat", ["yellow raincoat"])]},
+    {"entities": [twin("twin", "the twin")]},
+    {"entities": [twin("sister", "Her sister")]},
+]  # fmt: skip
+
+# The questions for prompts 3 and 4 as `_match_question` built them before it quoted earlier prompts (recorded from
+# that version on the same extraction answers and the right IDs for prompts 1 to 3).
+OLD_TWIN_QUESTIONS = [
+    'Current shot: "At the fountain, the twin throws a coin."\n\n'
+    'Entity in this shot: twin (person), written as "the twin"; looks: not described\n\n'
+    "Known entities:\n"
+    "ID 1: Mia (person); also called Mia in a yellow raincoat, twin in yellow raincoat, The twin in the yellow "
+    "raincoat; looks: yellow raincoat\n"
+    "ID 2: Lea (person); also called Lea in a green raincoat; looks: green raincoat\n\n"
+    "Which known entity is it, if any?",
+    'Current shot: "Her sister waves from the bakery."\n\n'
+    'Entity in this shot: sister (person), written as "Her sister"; looks: not described\n\n'
+    "Known entities:\n"
+    "ID 1: Mia (person); also called Mia in a yellow raincoat, twin in yellow raincoat, The twin in the yellow "
+    "raincoat, twin, the twin; looks: yellow raincoat\n"
+    "ID 2: Lea (person); also called Lea in a green raincoat; looks: green raincoat\n\n"
+    "Which known entity is it, if any?",
+]
+_FILLER = frozenset(("a", "an", "the", "at", "in", "on", "of", "to", "from", "and", "as", "with", "her", "prompt"))
+
+
+def _content_words(text):
+    return set(re.findall(r"[a-z]+", text.casefold())) - _FILLER
+
+
+def careful_reader(question):
+    """A same_as answer as a careful reader gives it, from the question's text only: the looks when they single out
+    one candidate; for "her sister" / "his brother", the candidate other than the one in the previous shot; else
+    the words around the mention that appear in the earlier shots of exactly one candidate. Undecided: null."""
+    written, looks = re.search(r'written as "(.*)"; looks: (.*)', question).groups()
+    around = (re.search(r'Around the mention: "(.*)"', question) or re.search(r'Current shot.*?: "(.*)"', question))[1]
+    shot = re.search(r"Current shot \(prompt (\d+)\)", question)
+    candidates = {}  # id -> (looks, the lines quoting its earlier shots)
+    for line in question.splitlines():
+        head = re.match(r"ID (\d+): .*; looks: (.*)$", line)
+        if head:
+            candidates[int(head[1])] = (head[2], [])
+            last = int(head[1])
+        elif line.startswith("  prompt "):
+            candidates[last][1].append(line)
+
+    def answer(hits):
+        return json.dumps({"same_as": hits[0] if len(hits) == 1 else None})
+
+    by_looks = [i for i, (their_looks, _) in candidates.items() if looks != "not described" and their_looks == looks]
+    if by_looks:
+        return answer(by_looks)
+    if re.fullmatch(r"(?:her|his) (?:sister|brother)", written, re.IGNORECASE):
+        previous = f"  prompt {int(shot[1]) - 1}" if shot else None
+        there = [i for i, (_, quoted) in candidates.items() if any(q.startswith(f"{previous},") for q in quoted)]
+        return answer([i for i in candidates if i not in there] if len(there) == 1 else [])
+    clues = _content_words(around) - _content_words(written)
+    return answer([i for i, (_, quoted) in candidates.items() if clues & _content_words(" ".join(quoted))])
+
+
+def test_twins_are_told_apart_by_what_they_did_earlier(extractor, monkeypatch):
+    """Measured on recorded answers: the extraction answers are fixed, the same_as answers come from a careful reader
+    of the question text. With the earlier prompts quoted, both twins keep their IDs; the old question lacks the
+    clue (who went to the fountain, who was in the previous shot), so the same reader cannot decide."""
+    questions = {}
+
+    def generate_answers(conversations, max_new_tokens):
+        out = []
+        for system, user in ((c[0]["content"], c[1]["content"]) for c in conversations):
+            if "same_as" in system:
+                questions[int(re.search(r"Current shot \(prompt (\d+)\)", user)[1])] = user
+                out.append(careful_reader(user))
+            else:
+                out.append(json.dumps(TWINS_EXTRACTED[next(i for i, p in enumerate(TWINS) if user.startswith(p))]))
+        return out
+
+    monkeypatch.setattr(extractor, "generate_answers", generate_answers)
+    registry = extractor.extract(TWINS)
+    assert ids(registry) == [[1, 2], [1], [1], [2]]
+    assert sorted(questions) == [2, 3, 4]
+    fountain = (
+        '  prompt 2, as "The twin in the yellow raincoat": "The twin in the yellow raincoat walks to the fountain."'
+    )
+    mia_at_fountain = '  prompt 3, as "the twin": "At the fountain, the twin throws a coin."'
+    lea = '  prompt 1, as "Lea in a green raincoat": "' + TWINS[0] + '"'
+    assert f"looks: yellow raincoat\n{fountain}\n" in questions[3] and f"green raincoat\n{lea}\n" in questions[3]
+    assert f"looks: yellow raincoat\n{mia_at_fountain}\n{fountain}\n" in questions[4]
+    assert 'Around the mention: "Her sister waves from the bakery."' in questions[4]
+
+    # The old question names and looks only: the fountain is in the current shot but in no candidate's line, and no
+    # line says who was in the previous shot. The same reader cannot decide.
+    for old in OLD_TWIN_QUESTIONS:
+        known = old.split("Known entities:")[1]
+        assert "fountain" not in known and "prompt" not in known
+        assert careful_reader(old) == '{"same_as": null}'
+
+    # The whole story without the quoted prompts: the twin at the fountain and her sister become strangers.
+    with_context = llm._match_question
+    monkeypatch.setattr(llm, "_match_question", lambda ps, i, e, cs, seen: with_context(ps, i, e, cs, ()))
+    assert ids(extractor.extract(TWINS)) == [[1, 2], [1], [3], [4]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

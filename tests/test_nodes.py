@@ -355,9 +355,13 @@ def test_streaming_sampler_end_to_end(comfy):
     saved = saved_image(comfy, ui)
     assert ui["images"][0]["type"] == "output" and ui["animated"] == (True,) and saved.suffix == ".mp4"
     assert read_video_frame_count(saved) == FRAMES and video.get_dimensions() == (48, 32)
-    # per chunk: progress with the newest frame as a JPEG preview, and a two-line status on the node
-    assert [(v, t) for v, t, _ in comfy.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert all(p[0] == "JPEG" and p[1].size == (48, 32) and p[2] == 512 for _, _, p in comfy.progress)
+    # per chunk: progress, the newest frame shown on the node (a mid-run "executed" with a JPEG from the temp folder,
+    # never a progress-bar preview, which the frontend would keep over the video), and a two-line status
+    assert [(v, t, p) for v, t, p in comfy.progress] == [(1, 4, None), (2, 4, None), (3, 4, None), (4, 4, None)]
+    shown = [data for event, data in comfy.messages if event == "executed" and data["node"] == "9"]
+    assert 1 <= len(shown) <= 3 and all(data["display_node"] == "9" for data in shown)  # never the last chunk's
+    assert all(data["output"]["animated"] == (True,) for data in shown)  # a clip: the node stays a video node
+    assert read_video_frame_count(saved_image(comfy, shown[0]["output"])) == 9  # the first chunk
     texts = [text for node, text in comfy.texts if node == "9"]
     assert texts[0].startswith("chunk 1/4 · prompt 1/2 · memory:") and "chunk 4/4 · prompt 2/2" in texts[-2]
     assert texts[-1] == f"{FRAMES} frames · 2.8 s → {saved.name}"

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from iamflow_core.story import (
+    DEFAULT_SECONDS,
     ChunkPlan,
     Segment,
     Story,
@@ -14,6 +15,7 @@ from iamflow_core.story import (
     parse_story_text,
     plan_chunks,
 )
+from iamflow_core.story.script import MAX_SEGMENT_SECONDS
 
 # The benchmark scripts live in the project's shared folder, beside the checkout or inside it.
 _REPO = Path(__file__).resolve().parents[1]
@@ -282,6 +284,11 @@ def test_text_form_keeps_pipes_and_brackets_inside_prompts():
         ("10s | a | 5s", "story text line 1: has two durations"),
         ("a\n[5s]", "story text line 2: prompt is empty"),
         ("# only a comment\n\n", "has no segments"),
+        ("10s |", "story text line 1: prompt is empty after the duration ('10s |'); write what happens"),
+        ("10s", "story text line 1: is a duration without a prompt ('10s')"),
+        ("a\n5 min", "story text line 2: is a duration without a prompt"),
+        ("100000s | a bird", "story text line 1: seconds is 100000.0, more than the maximum of 86400 s (24 h)"),
+        ("0s | a bird", "story text line 1: seconds must be a positive finite number, got 0.0"),
     ],
 )
 def test_text_form_errors(text, message):
@@ -308,3 +315,108 @@ def test_text_form_json_errors_name_lines():
         parse_story_text("a", default_seconds=0)
     with pytest.raises(ValueError, match="default_seconds must be a positive number"):
         load_stories("unused.jsonl", default_seconds=-1)
+
+
+# --- every number in range -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "message"),
+    [
+        (1e308, "seconds is 1e+308, more than the maximum of 86400 s (24 h) per segment; give at most 86400"),
+        (86400.5, "seconds is 86400.5, more than the maximum of 86400 s (24 h)"),
+        (10**400, "seconds is 100000000000... (an integer of 401 digits), more than the maximum"),
+        (math.inf, "seconds must be a positive finite number, got inf; give a duration in seconds above 0 and at "
+                   "most 86400 (24 h)"),
+        (math.nan, "got nan"),
+        (-5, "got -5"),
+        (0.0, "got 0.0"),
+    ],
+)  # fmt: skip
+def test_segment_seconds_have_a_stated_range(seconds, message):
+    with pytest.raises(ValueError, match="Segment seconds") as info:
+        Segment("a bird", seconds)
+    assert message in str(info.value)
+    with pytest.raises(ValueError, match="Segment seconds"):
+        Story.from_prompts(["a", "b"], [5, seconds])
+
+
+def test_a_segment_of_24_hours_is_the_longest():
+    assert Segment("a", MAX_SEGMENT_SECONDS).seconds == 86400.0
+    assert plan_chunks(Story.from_prompts(["a", "b"], MAX_SEGMENT_SECONDS)).num_chunks == 2 * 115200
+
+
+@pytest.mark.parametrize("value", ["1e308", "Infinity", "NaN", "-3", "0"])
+def test_json_seconds_out_of_range_name_file_line_field_and_value(tmp_path, value):
+    err = bad_json_story(tmp_path, '{"title": "t",\n "segments": [{"prompt": "a", "seconds": ' + value + "}]}")
+    shown = {"1e308": "1e+308", "Infinity": "inf", "NaN": "nan"}.get(value, value)
+    assert str(err).startswith(f"{tmp_path / 'bad.json'} line 2: segments[0] seconds ")
+    assert f"{shown}," in str(err) or f"got {shown};" in str(err)
+    assert "86400" in str(err) and (err.line, err.field) == (2, "segments[0]")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "message"),
+    [
+        ("1e308", '"prompts"[0] seconds is 1e+308, more than the maximum of 86400 s'),
+        ("[5, 1e308]", '"prompts"[1] seconds is 1e+308, more than the maximum'),
+        ("[5, NaN]", '"prompts"[1] seconds must be a positive finite number, got nan'),
+        ("-Infinity", '"prompts"[0] seconds must be a positive finite number, got -inf'),
+        ("[-1, 5]", '"prompts"[0] seconds must be a positive finite number, got -1'),
+        ("9" * 5000, "holds a number of more than 4300 digits"),
+    ],
+)
+def test_narrastream_seconds_out_of_range(tmp_path, seconds, message):
+    text = '{"prompts": ["ok"]}\n{"prompts": ["a", "b"], "seconds": ' + seconds + "}\n"
+    with pytest.raises(StoryError) as info:
+        load_stories(write(tmp_path, "s.jsonl", text))
+    assert str(info.value).startswith(f"{tmp_path / 's.jsonl'} line 2: {message}")
+
+
+def test_default_seconds_has_the_same_range():
+    with pytest.raises(ValueError, match="default_seconds is 1e[+]308, more than the maximum of 86400 s"):
+        parse_story_text("a", default_seconds=1e308)
+    with pytest.raises(ValueError, match="default_seconds must be a positive number of seconds, got nan"):
+        load_stories("unused.jsonl", default_seconds=math.nan)
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ("-5s | a bird", "'-5s'"),
+        ("abc s | a dog", "'abc s'"),
+        ("5 ss | x", "'5 ss'"),
+        ("[\u22123s] x", "'\u22123s'"),
+        ("1e308s | x", "'1e308s'"),
+        ("a bird | 5 min", "'5 min'"),
+        ("a bird [5 sek]", "'5 sek'"),
+        ("a bird | -2", "'-2'"),
+        ("[ten seconds] a cat", "'ten seconds'"),
+        ("10s | a bird | 5 ss", "'5 ss'"),  # after a valid duration, the rest is checked too
+    ],
+)
+def test_text_form_malformed_durations_are_errors_with_the_line(line, shown):
+    with pytest.raises(StoryError) as info:
+        parse_story_text(f"a first line\n{line}")
+    assert str(info.value).startswith(f"story text line 2: has {shown} where a duration goes, which is not a valid ")
+    assert "write a positive number of seconds in digits with an `s` (at most 86400)" in str(info.value)
+    assert info.value.line == 2
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a clock showing 10 | 12 people",
+        "a man climbs | 12 steps",
+        "a city at night | 4K",
+        "a dancer | 35mm film",
+        "a race | 1st",
+        "it's | a cat",
+        "gone in seconds",
+        "3 hours later, the room is empty",
+        "a sign reads [OPEN] | neon, night",
+    ],
+)
+def test_text_form_numbers_and_pipes_inside_prompts_stay_prompts(line):
+    assert parse_story_text(line).segments == (Segment(line, DEFAULT_SECONDS),)
+    assert parse_story_text(f"4s | {line}").segments == (Segment(line, 4.0),)

@@ -1,6 +1,9 @@
-"""Every workflows/*.json checked statically against the node definitions, the way ComfyUI's frontend loads it
-and ComfyUI's /prompt validates it: known node types, widget values that fit their options and bounds, sockets and
-links of matching types, every required input linked or set, an output node, and a note naming the model files.
+"""Every example_workflows/*.json checked statically against the node definitions, the way ComfyUI's frontend loads
+it and ComfyUI's /prompt validates it: known node types, widget values that fit their options and bounds, sockets
+and links of matching types, every required input linked or set, an output node, and a note naming the model files.
+And what the artist sees: the note at the top left, every other node in one titled group of its device, no two
+nodes on top of each other, a saved view that shows the whole graph at a readable zoom, and a thumbnail for the
+template browser. (tests/test_frontend.py checks the same in the real frontend, before and after a run.)
 """
 
 import inspect
@@ -9,25 +12,28 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests import _comfy_stub
 
 _comfy_stub.install()
 
-import nodes  # noqa: E402
 from tests._comfy_models import write_tiny_models  # noqa: E402
 from tests._comfy_workflows import (  # noqa: E402
     CORE_NODES,
     FRONTEND_ONLY,
     OUTPUT_NODES,
+    combo_options,
     has_control,
     inputs_of,
     is_widget,
     to_api,
     widget_values,
 )
+from tests._frontend import CANVAS, READABLE_ZOOM, Rect, node_label, node_rect, overlapping_pairs  # noqa: E402
 
-WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+CLASSES = _comfy_stub.node_classes()
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
 REQUIRED = {"iamflow_two_gpu.json", "iamflow_one_gpu.json", "streaming_story_plain.json", "memflow_baseline.json"}
 USER_FILES = (
     "wan2.1_t2v_1.3B_bf16.safetensors", "iamflow_fp8.safetensors", "umt5_xxl_fp16.safetensors",
@@ -41,22 +47,24 @@ def definitions(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy")
     _comfy_stub.configure(root)
     write_tiny_models(root / "models", fp8_dit=True, hf_folders=True)
-    return {name: cls.INPUT_TYPES() for name, cls in nodes.NODE_CLASS_MAPPINGS.items()} | CORE_NODES
+    return {name: cls.INPUT_TYPES() for name, cls in CLASSES.items()} | CORE_NODES
 
 
 def _outputs(type_: str) -> tuple[str, ...]:
-    return nodes.NODE_CLASS_MAPPINGS[type_].RETURN_TYPES if type_ in nodes.NODE_CLASS_MAPPINGS else ()
+    return CLASSES[type_].RETURN_TYPES if type_ in CLASSES else ()
 
 
 def _check_value(where: str, name: str, spec: tuple, value, node_type: str) -> None:
     options = spec[1] if len(spec) > 1 else {}
-    cls = nodes.NODE_CLASS_MAPPINGS.get(node_type)
-    validated = inspect.signature(cls.VALIDATE_INPUTS).parameters if hasattr(cls, "VALIDATE_INPUTS") else {}
-    if isinstance(spec[0], (list, tuple)):
-        if name in validated:  # ComfyUI skips the list check for these and asks VALIDATE_INPUTS instead
-            assert cls.VALIDATE_INPUTS(**{p: value if p == name else None for p in validated}) is True, where
+    validate = vars(CLASSES[node_type]).get("validate_inputs") if node_type in CLASSES else None  # its own only
+    validated = inspect.signature(validate.__get__(None, CLASSES[node_type])).parameters if validate else {}
+    choices = combo_options(spec)
+    if choices is not None:
+        if name in validated:  # ComfyUI skips the list check for these and asks validate_inputs instead
+            check = CLASSES[node_type].validate_inputs(**{p: value if p == name else None for p in validated})
+            assert check is True, f"{where}: {check}"
         else:
-            assert value in spec[0], f"{where}: {value!r} not in {spec[0]}"
+            assert value in choices, f"{where}: {value!r} not in {choices}"
         return
     kind = spec[0]
     python_type = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
@@ -85,6 +93,8 @@ def test_workflow_matches_the_node_definitions(path, definitions):
         assert node["type"] in definitions, f"{where}: unknown node type"
         definition = definitions[node["type"]]
         for name, value in widget_values(node, definition).items():
+            if name == "device":  # test_saved_devices_pass_validation_on_any_machine
+                continue
             spec = dict((n, s) for n, s, _ in inputs_of(definition))[name]
             _check_value(f"{where} {name}", name, spec, value, node["type"])
         sockets = [(n, s[0], req) for n, s, req in inputs_of(definition) if not is_widget(s)]
@@ -92,6 +102,24 @@ def test_workflow_matches_the_node_definitions(path, definitions):
         for slot, (name, _, required) in zip(node["inputs"], sockets):
             assert not required or slot["link"] is not None, f"{where}: required input {name} is not linked"
         assert [o["type"] for o in node.get("outputs", [])] == list(_outputs(node["type"])), where
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_saved_devices_run_on_any_machine(path, definitions):
+    """A workflow saved on two GPUs must run on one GPU or none: a saved device is a device name the nodes resolve
+    at run time (falling back to the last GPU or the CPU), and nothing rejects it before: ComfyUI does not check a
+    V3 combo's value against its options (test_frontend runs the two-GPU workflow on a CPU-only machine)."""
+    from nodes.devices import resolve_device
+
+    wf = json.loads(path.read_text())
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        definition = definitions[node["type"]]
+        device = widget_values(node, definition).get("device")
+        if device is not None:
+            assert dict((n, s) for n, s, _ in inputs_of(definition))["device"][0] == "COMBO", node_label(node)
+            resolve_device(device)  # raises on a malformed name
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -134,3 +162,68 @@ def test_two_gpu_placement():
     assert devices["IAMFlowLoadDiT"][-1] == "cuda:0" and devices["IAMFlowLoadTextEncoder"][3] == "cuda:0"
     assert devices["IAMFlowEntityExtractor"][1] == "cuda:0"
     assert devices["IAMFlowLoadVAE"][-1] == "cuda:1" and devices["IAMFlowVLMVerifier"][-1] == "cuda:1"
+
+
+# what the artist sees
+
+
+def _groups_holding(wf: dict, node: dict) -> list[str]:
+    rect = node_rect(node["pos"], node["size"])
+    return [g["title"] for g in wf["groups"] if rect.inside(Rect(*g["bounding"]))]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_nodes_sit_in_titled_groups_of_their_device(path, definitions):
+    """The note at the top left and in no group; every other node in exactly one titled, coloured group; a node
+    with a device widget in the group of that GPU ("GPU 0 — …" for cuda:0)."""
+    wf = json.loads(path.read_text())
+    assert len(wf["groups"]) >= 2 and all(g["title"].strip() and g.get("color") for g in wf["groups"]), wf["groups"]
+    (note,) = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert note["pos"] == [min(n["pos"][0] for n in wf["nodes"]), min(n["pos"][1] for n in wf["nodes"])]
+    assert not _groups_holding(wf, note), "the note should stand outside the groups"
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        holding = _groups_holding(wf, node)
+        assert len(holding) == 1, f"{path.name}: {node_label(node)} is in {len(holding)} groups: {holding}"
+        device = widget_values(node, definitions[node["type"]]).get("device")
+        if device is not None:
+            gpu = f"GPU {device.removeprefix('cuda:')} — "
+            assert holding[0].startswith(gpu), f"{path.name}: {node_label(node)} on {device} is in {holding[0]!r}"
+
+
+def test_two_gpu_groups_name_what_runs_on_each_gpu():
+    wf = json.loads((WORKFLOWS[0].parent / "iamflow_two_gpu.json").read_text())
+    titles = {g["title"] for g in wf["groups"]}
+    assert {"GPU 0 — DiT · text encoder · LLM", "GPU 1 — VAE · VLM"} <= titles, titles
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_no_two_nodes_overlap(path):
+    """Node rectangles as the frontend draws them, title bar included (the frontend test checks again after a run,
+    when status texts and previews have made nodes grow)."""
+    wf = json.loads(path.read_text())
+    assert not overlapping_pairs({node_label(n): node_rect(n["pos"], n["size"]) for n in wf["nodes"]})
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_saved_view_shows_the_whole_graph_at_a_readable_zoom(path):
+    """`extra.ds` (LiteGraph: screen = (graph + offset) * scale) puts every node and group inside the canvas of a
+    1600x1000 window at a zoom where the frontend's text is readable."""
+    wf = json.loads(path.read_text())
+    scale, (ox, oy) = wf["extra"]["ds"]["scale"], wf["extra"]["ds"]["offset"]
+    assert scale >= READABLE_ZOOM, f"saved zoom {scale}"
+    view = Rect(-ox, -oy, CANVAS[0] / scale, CANVAS[1] / scale)  # the visible canvas in graph units
+    things = {node_label(n): node_rect(n["pos"], n["size"]) for n in wf["nodes"]}
+    things |= {g["title"]: Rect(*g["bounding"]) for g in wf["groups"]}
+    assert not [name for name, rect in things.items() if not rect.inside(view)]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_each_workflow_has_a_thumbnail(path):
+    """NAME.jpg beside NAME.json is the template browser's card picture (`python -m tests._frontend thumbnails`)."""
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"no {thumbnail.name}: run python -m tests._frontend thumbnails"
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and image.width >= 256, (image.format, image.size)
+        image.verify()

@@ -3,6 +3,7 @@
 from .script import (
     DEFAULT_SECONDS,
     DEFAULT_SEED,
+    MAX_SEGMENT_SECONDS,
     ChunkPlan,
     Segment,
     Story,
@@ -16,6 +17,7 @@ from .script import (
 __all__ = [
     "DEFAULT_SECONDS",
     "DEFAULT_SEED",
+    "MAX_SEGMENT_SECONDS",
     "ChunkPlan",
     "Segment",
     "Story",

@@ -12,12 +12,24 @@ given. JSON form (`to_json` / `from_json`):
      "prompts": [[{"id": 1, "text": "a woman with short black curls"}], [1], []]}
 
 A prompt's list may hold mention objects or bare IDs.
+
+A registry file (`load_registries`) is either ``.json``, one registry as above, valid only for a story file with
+a single story, or ``.jsonl``, one registry per line in the order of the stories (the n-th non-blank line belongs
+to story n; blank lines are skipped, as in a stories ``.jsonl``; ``{}`` is a story without entities):
+
+    {"entities": [{"id": 1, "name": "Rosa", ...}], "prompts": [[1], [1], [], [1], [], [1]]}
+    {}
+    {"entities": [{"id": 1, "name": "Mia", ...}, {"id": 2, "name": "Lea", ...}], "prompts": [[1, 2], [1], ...]}
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 KINDS = ("person", "object")
@@ -174,3 +186,99 @@ def _mentions(items: Any, index: int) -> tuple[Mention, ...]:
         else:
             raise RegistryError(f'{where} holds {item!r}; use an entity id or {{"id": 1, "text": "..."}}')
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registry files: one registry per story
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_registries(
+    path: str | PathLike[str], num_stories: int, segments_per_story: Sequence[int]
+) -> list[EntityRegistry]:
+    """One user registry per story, in story order, each checked against its story's number of segments.
+
+    A ``.json`` file holds one registry and fits only a single story; a ``.jsonl`` file holds one registry per
+    line, the n-th non-blank line for story n (blank lines skipped, ``{}`` for a story without entities). Every
+    problem is one `RegistryError` that names the file, and for ``.jsonl`` the line and the story."""
+    if len(segments_per_story) != num_stories or num_stories < 1:
+        raise ValueError(
+            f"got {len(segments_per_story)} segment counts for {num_stories} stories; give one count per story, "
+            "for at least one story"
+        )
+    path = Path(path)
+    text = _read_registry_file(path)
+    if path.suffix.lower() == ".json":
+        return [_single_registry(text, path, segments_per_story)]
+    if path.suffix.lower() == ".jsonl":
+        return _registry_per_line(text, path, segments_per_story)
+    raise RegistryError(
+        f"registry file {path} has suffix {path.suffix!r}; use .json (one registry, for a single story) or "
+        ".jsonl (one registry per line, one line per story)"
+    )
+
+
+def _single_registry(text: str, path: Path, segments_per_story: Sequence[int]) -> EntityRegistry:
+    if len(segments_per_story) != 1:
+        raise RegistryError(
+            f"registry file {path} holds one registry for {len(segments_per_story)} stories; give a .jsonl file "
+            "with one registry per line, in story order ({} for a story without entities)"
+        )
+    return _registry_from_text(text, f"registry file {path}", segments_per_story[0])
+
+
+def _registry_per_line(text: str, path: Path, segments_per_story: Sequence[int]) -> list[EntityRegistry]:
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if len(lines) != len(segments_per_story):
+        raise RegistryError(
+            f"registry file {path} holds {_count(len(lines), 'registry', 'registries')} for "
+            f"{_count(len(segments_per_story), 'story', 'stories')}; give one registry per line, in story order "
+            "({} for a story without entities)"
+        )
+    return [
+        _registry_from_text(line, f"registry file {path} line {number} (story {story})", segments)
+        for story, ((number, line), segments) in enumerate(zip(lines, segments_per_story), start=1)
+    ]
+
+
+def _read_registry_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
+    except FileNotFoundError as e:
+        raise RegistryError(f"registry file {path} does not exist; check the path") from e
+    except IsADirectoryError as e:
+        raise RegistryError(
+            f"registry file {path} is a folder; give a .json file (one story) or a .jsonl file (one registry per line)"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise RegistryError(
+            f"registry file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from e
+    except OSError as e:
+        raise RegistryError(
+            f"registry file {path} cannot be read ({e.strerror or e}); check that it is a readable file"
+        ) from e
+
+
+def _registry_from_text(text: str, where: str, num_segments: int) -> EntityRegistry:
+    """Parse one registry; every error is prefixed with `where` (the file, and the line of a .jsonl)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if "\n" not in text else f"line {e.lineno} column {e.colno}"
+        raise RegistryError(f"{where}: invalid JSON at {at}: {e.msg}") from e
+    except ValueError as e:  # int() refuses integers of more than sys.get_int_max_str_digits() digits
+        raise RegistryError(
+            f"{where}: holds a number of more than {sys.get_int_max_str_digits()} digits; entity ids are small "
+            "integers"
+        ) from e
+    if not isinstance(data, dict):  # from_json would read a JSON string as JSON once more
+        raise RegistryError(f"{where}: must be one JSON object per registry, got {type(data).__name__}")
+    try:
+        return EntityRegistry.from_json(data, num_segments=num_segments, source="user")
+    except RegistryError as e:
+        raise RegistryError(f"{where}: {e}") from e
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"

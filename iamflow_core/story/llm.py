@@ -8,7 +8,8 @@ Two steps, split so the rules can be tested without a model:
    caller can `unload()` the LLM before the DiT needs the memory.
 2. `assign_ids` gives global IDs. Reliable cases are decided by rules (same proper name; a mention that opens with
    "another" / "a second" / "a new" / "a different" as words; pronouns and "the protagonist"; "the <known name>"),
-   the rest by a `Matcher` (here the LLM, asked `{"same_as": id | null}` with the registry so far).
+   the rest by a `Matcher` (here the LLM, asked `{"same_as": id | null}` with the registry so far and, per known
+   entity, the words of its latest earlier prompts, so look-alikes such as twins are told apart by what they did).
 
 A bad answer never crashes extraction: `parse_json_answer` repairs common damage (code fences, prose around the
 object, trailing commas, single quotes, Python literals), an unreadable answer is retried once with a "JSON only"
@@ -69,6 +70,8 @@ NUDGE = "Reply with the JSON object only, no other text."
 MAX_ENTITIES_PER_PROMPT = 12
 MAX_ATTRIBUTES = 12
 MAX_ALIASES = 8
+CONTEXT_PROMPTS = 3  # earlier prompts quoted per known entity in the matcher's question, most recent first
+CONTEXT_CHARS = 160  # a quoted sentence longer than this is cut around the mention
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One prompt's entities, as the LLM read them
@@ -232,11 +235,13 @@ def _dedup(items: Any) -> tuple[str, ...]:
 # Global IDs
 # ---------------------------------------------------------------------------------------------------------------------
 
-# matcher(entity, candidates, prompt_index) -> the ID of the candidate it is, or None for a new entity.
-Matcher = Callable[[PromptEntity, tuple[Entity, ...], int], int | None]
+# The mentions of the prompts before the current one: seen[i] holds prompt i's, with their global IDs.
+Seen = tuple[tuple[Mention, ...], ...]
+# matcher(entity, candidates, prompt_index, seen) -> the ID of the candidate it is, or None for a new entity.
+Matcher = Callable[[PromptEntity, tuple[Entity, ...], int, Seen], int | None]
 
 
-def no_matcher(entity: PromptEntity, candidates: tuple[Entity, ...], prompt_index: int) -> None:
+def no_matcher(entity: PromptEntity, candidates: tuple[Entity, ...], prompt_index: int, seen: Seen) -> None:
     """For runs without an LLM for the ambiguous cases: they become new entities."""
     return None
 
@@ -326,7 +331,8 @@ class _IdAssigner:
         return hits[0] if len(hits) == 1 else None
 
     def ask(self, e: PromptEntity, candidates: list[_Known], index: int) -> int | None:
-        answer = self.matcher(e, tuple(k.entity() for k in candidates), index)
+        seen = tuple(tuple(p) for p in self.prompts[:index])
+        answer = self.matcher(e, tuple(k.entity() for k in candidates), index, seen)
         if answer is None:
             return None
         if isinstance(answer, int) and not isinstance(answer, bool) and answer in {k.id for k in candidates}:
@@ -380,8 +386,9 @@ def assign_ids(
     unknown gender); "the protagonist"/"the main character" is the person seen in the most prompts; "the X" where
     exactly one known entity is called X is that entity; otherwise `matcher` decides among the known entities of the
     same kind that are not already used in this prompt (two entities of one prompt never share an ID, so look-alikes
-    stay apart), have no different proper name and no different gender. No candidate left: a new entity. An invalid
-    matcher answer gives a new entity and a note."""
+    stay apart), have no different proper name and no different gender; it is also given the mentions of the earlier
+    prompts, so it can look up what each candidate did. No candidate left: a new entity. An invalid matcher answer
+    gives a new entity and a note."""
     assigner = _IdAssigner(matcher)
     for entities in per_prompt_entities:
         assigner.add_prompt(entities)
@@ -480,8 +487,8 @@ class EntityExtractor:
         return [r or [] for r in results]
 
     def _llm_matcher(self, prompts: list[str], notes: list[str]) -> Matcher:
-        def match(entity: PromptEntity, candidates: tuple[Entity, ...], index: int) -> int | None:
-            question = _match_question(prompts[index], entity, candidates)
+        def match(entity: PromptEntity, candidates: tuple[Entity, ...], index: int, seen: Seen) -> int | None:
+            question = _match_question(prompts, index, entity, candidates, seen)
             for attempt in range(self.retries + 1):
                 message = question + (f"\n\n{NUDGE}" if attempt else "")
                 answer = self.generate_answers([_match_messages(message)], 32)[0]
@@ -518,16 +525,63 @@ def _match_messages(question: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": MATCH_SYSTEM}, {"role": "user", "content": question}]
 
 
-def _match_question(prompt: str, e: PromptEntity, candidates: tuple[Entity, ...]) -> str:
+def _match_question(
+    prompts: Sequence[str], index: int, e: PromptEntity, candidates: tuple[Entity, ...], seen: Seen
+) -> str:
+    """The same_as question: the current prompt and what it says around the mention, then each candidate with its
+    names and looks and, under it, the earlier prompts that mention it (`_seen_lines`)."""
     looks = ", ".join(e.attributes) or "not described"
-    lines = [f'Current shot: "{prompt}"', "",
-             f'Entity in this shot: {e.name} ({e.kind}), written as "{e.mention or e.name}"; looks: {looks}', "",
-             "Known entities:"]  # fmt: skip
+    written = e.mention or e.name
+    lines = [f'Current shot (prompt {index + 1}): "{prompts[index]}"', "",
+             f'Entity in this shot: {e.name} ({e.kind}), written as "{written}"; looks: {looks}',
+             f'Around the mention: "{_context(prompts[index], written)}"', "",
+             "Known entities, each with the earlier shots that mention it (most recent first):"]  # fmt: skip
     for c in candidates:
         also = f"; also called {', '.join(c.aliases)}" if c.aliases else ""
         lines.append(f"ID {c.id}: {c.name} ({c.kind}){also}; looks: {', '.join(c.attributes) or 'not described'}")
+        lines += _seen_lines(c.id, prompts, seen)
     lines += ["", "Which known entity is it, if any?"]
     return "\n".join(lines)
+
+
+def _seen_lines(entity_id: int, prompts: Sequence[str], seen: Seen) -> list[str]:
+    """Up to `CONTEXT_PROMPTS` lines `  prompt 2, as "the twin": "<its sentence>"`, most recent prompt first."""
+    lines: list[str] = []
+    for i in reversed(range(len(seen))):
+        mention = next((m for m in seen[i] if m.entity == entity_id), None)
+        if mention is not None:
+            written = f', as "{mention.text}"' if mention.text else ""
+            lines.append(f'  prompt {i + 1}{written}: "{_context(prompts[i], mention.text)}"')
+        if len(lines) == CONTEXT_PROMPTS:
+            break
+    return lines
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _context(prompt: str, mention: str, width: int = CONTEXT_CHARS) -> str:
+    """The sentence of `prompt` that holds `mention` (as whole words; the first sentence when it is not found), cut
+    to about `width` characters around the mention, with "…" where cut."""
+    found = re.search(rf"(?<!\w){re.escape(mention)}(?!\w)", prompt, re.IGNORECASE) if mention else None
+    start, end = found.span() if found else (0, 0)
+    bounds = [0, *(m.end() for m in _SENTENCE_END.finditer(prompt)), len(prompt)]
+    lo = max(b for b in bounds if b <= start)
+    hi = min((b for b in bounds if b > lo and b >= end), default=len(prompt))
+    return _around(prompt[lo:hi], start - lo, end - lo, width)
+
+
+def _around(text: str, start: int, end: int, width: int) -> str:
+    """`text` cut to about `width` characters that keep text[start:end], at spaces, with "…" where cut."""
+    if len(text.strip()) <= width:
+        return text.strip()
+    lo = max(0, min(start - max(0, width - (end - start)) // 2, len(text) - width))
+    hi = max(end, min(len(text), lo + width))
+    if lo > 0:
+        lo = min(start, text.find(" ", lo) + 1 or start)
+    if hi < len(text):
+        hi = max(end, text.rfind(" ", end, hi))
+    return ("…" if lo > 0 else "") + text[lo:hi].strip() + ("…" if hi < len(text) else "")
 
 
 def registry_for_story(

@@ -12,7 +12,9 @@ Three ways in, one `Story` out:
   ``prompt [10s]`` (lines without a duration get the default), ``#`` comments; or one pasted JSON object.
 
 Every JSON object that holds a story may use either shape (``"segments"`` or ``"prompts"``). Errors are
-`StoryError` and name the source, the 1-based line and the field.
+`StoryError` and name the source, the 1-based line and the field. A segment lasts more than 0 and at most
+`MAX_SEGMENT_SECONDS` (24 h); in the text form, something in a duration's place that is not a valid duration
+(``-5s | ...``, ``abc s | ...``, ``5 min | ...``) is an error, never part of the prompt.
 
 The generator makes video in chunks of `chunk_frames` latent frames, so `plan_chunks` rounds every segment to a
 whole number of chunks (nearest, ties up, at least one) and `ChunkPlan.rounding_notes` says what changed.
@@ -27,6 +29,7 @@ import json.decoder
 import json.scanner
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -36,6 +39,7 @@ from typing import Any
 from ..config import VIDEO_FPS, WAN21_TEMPORAL_FACTOR, CacheConfig
 
 DEFAULT_SECONDS = 10.0  # NarraStream-Bench gives each prompt 10 s.
+MAX_SEGMENT_SECONDS = 86400.0  # 24 h: beyond any real segment; keeps chunk and frame counts ordinary integers
 DEFAULT_SEED = 0  # the noise seed of a story that gives none
 _SEGMENT_KEYS = ("prompt", "seconds")
 _SEGMENTS_STORY_KEYS = ("segments", "title", "seed")
@@ -76,7 +80,8 @@ class StoryError(ValueError):
 
 @dataclass(frozen=True)
 class Segment:
-    """One prompt held for `seconds` of video (rounded to whole chunks by `plan_chunks`)."""
+    """One prompt held for `seconds` of video: more than 0 and at most `MAX_SEGMENT_SECONDS` (rounded to whole
+    chunks by `plan_chunks`)."""
 
     prompt: str
     seconds: float
@@ -88,11 +93,7 @@ class Segment:
             raise ValueError(f"Segment prompt is empty ({self.prompt!r}); write what happens in this segment")
         if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)):
             raise TypeError(f"Segment seconds must be a number, got {type(self.seconds).__name__}")
-        if not math.isfinite(self.seconds) or self.seconds <= 0:
-            raise ValueError(
-                f"Segment seconds must be a positive finite number, got {self.seconds!r}; "
-                f"give the segment's duration in seconds, e.g. {DEFAULT_SECONDS:g}"
-            )
+        _check_seconds("Segment seconds", self.seconds)
         object.__setattr__(self, "seconds", float(self.seconds))
 
 
@@ -150,6 +151,26 @@ class Story:
     def seconds_total(self) -> float:
         """Requested length; the generated length is `plan_chunks(story).seconds_actual`."""
         return sum(s.seconds for s in self.segments)
+
+
+def _check_seconds(name: str, seconds: float, expected: str = "a positive finite number") -> None:
+    """Raise ValueError unless 0 < seconds <= MAX_SEGMENT_SECONDS (ints are compared as they are: a huge JSON
+    integer does not fit a float)."""
+    if (isinstance(seconds, float) and not math.isfinite(seconds)) or seconds <= 0:
+        raise ValueError(
+            f"{name} must be {expected}, got {_number_text(seconds)}; give a duration in seconds "
+            f"above 0 and at most {MAX_SEGMENT_SECONDS:g} (24 h), e.g. {DEFAULT_SECONDS:g}"
+        )
+    if seconds > MAX_SEGMENT_SECONDS:
+        raise ValueError(
+            f"{name} is {_number_text(seconds)}, more than the maximum of {MAX_SEGMENT_SECONDS:g} s (24 h) per "
+            f"segment; give at most {MAX_SEGMENT_SECONDS:g} (a longer scene can be several segments)"
+        )
+
+
+def _number_text(value: float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}... (an integer of {len(text)} digits)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,8 +364,7 @@ def parse_story_text(text: str, default_seconds: float = DEFAULT_SECONDS, source
 def _check_default_seconds(default_seconds: float) -> None:
     if isinstance(default_seconds, bool) or not isinstance(default_seconds, (int, float)):
         raise TypeError(f"default_seconds must be a number, got {type(default_seconds).__name__}")
-    if not math.isfinite(default_seconds) or default_seconds <= 0:
-        raise ValueError(f"default_seconds must be a positive number of seconds, got {default_seconds!r}; e.g. 10")
+    _check_seconds("default_seconds", default_seconds, expected="a positive number of seconds")
 
 
 def _read_text(path: Path) -> str:
@@ -370,26 +390,103 @@ _DURATION_FORMS = (  # (pattern, group of the number, group of the prompt)
     (re.compile(rf"^(.*?)\s*\[\s*{_NUM}\s*{_UNIT}\s*\]$", re.IGNORECASE), 2, 1),
     (re.compile(rf"^(.*?)\s*\|\s*{_NUM}\s*{_UNIT}$", re.IGNORECASE), 2, 1),
 )
-# A number without a unit where a duration goes: "[1] a woman ..." may be a scene number, so refuse to guess.
-_BARE_NUMBER = re.compile(rf"^(\[\s*{_NUM}\s*\]|{_NUM}\s*\|)|(\[\s*{_NUM}\s*\]|\|\s*{_NUM})$")
+# Where a duration goes, as the text that stands there: "[x] ...", "x | ...", "... [x]", "... | x". What stands there
+# may still be prompt text ("a clock showing 10 | 12 people"); `_duration_like` says when it is not.
+_DURATION_PLACES = (
+    re.compile(r"^\[([^\[\]]*)\]"),
+    re.compile(r"^([^|\[\]]*)\|"),
+    re.compile(r"\[([^\[\]]*)\]$"),
+    re.compile(r"\|([^|\[\]]*)$"),
+)
+_BARE_NUMBER = re.compile(rf"{_NUM}")  # "[1] a woman ..." may be a scene number, so refuse to guess
+# A number with a unit-like word: "-5s", "[−3s]" (a Unicode minus), "5,5s", "1e308s", "5 ss", "10 min".
+_NUMBER_AND_WORD = re.compile(r"[-+\u2212\u2013]?\s*[\d.,]*\d[\d.,]*(?:e[-+]?\d+)?\s*([a-z]+)\.?", re.IGNORECASE)
+# One or two words, then a seconds unit: "abc s", "ten seconds", "a few secs".
+_WORDS_AND_UNIT = re.compile(rf"(?:\S+\s+){{1,2}}{_UNIT}\.?", re.IGNORECASE)
+_SIGNED_NUMBER = re.compile(r"[-+\u2212\u2013]\s*[\d.,]*\d[\d.,]*")
+# Time words that are not seconds, and "ss" (a doubled s): a duration meant, but not one we read.
+_OTHER_TIME_UNITS = frozenset(("ss", "ms", "min", "mins", "minute", "minutes", "h", "hr", "hrs", "hour", "hours"))
+_SECONDS_WORDS = ("sec", "secs", "second", "seconds")  # one typo away ("sek", "secnds") is still a duration
 
 
 def _split_duration(line: str, source: str, number: int) -> tuple[str, float | None]:
+    """The prompt and the seconds (None: none given) of one text line; a duration-like text that is not a valid
+    duration, two durations, or a duration without a prompt is an error naming the line."""
     for pattern, num_group, prompt_group in _DURATION_FORMS:
         match = pattern.match(line)
         if match:
             prompt = match.group(prompt_group).strip()
             if any(p.match(prompt) for p, _, _ in _DURATION_FORMS):
                 raise StoryError("has two durations; give one, e.g. `10s | a woman walks`", source=source, line=number)
+            if not prompt:
+                raise StoryError(
+                    f"prompt is empty after the duration ({line!r}); write what happens in this segment, "
+                    "e.g. `10s | a woman walks`",
+                    source=source,
+                    line=number,
+                )
+            _check_no_duration(prompt, source, number)
             return prompt, float(match.group(num_group))
-    if _BARE_NUMBER.search(line):
+    if _number_with_unit(line):  # a whole line of words may end in "seconds" ("gone in seconds"): only numbers
         raise StoryError(
-            f"has a number without a unit where a duration goes ({line!r}); write seconds with an `s`, "
-            "e.g. `10s | a woman walks` or `[5s] a woman walks`",
-            source=source,
-            line=number,
+            f"is a duration without a prompt ({line!r}); write e.g. `10s | a woman walks`", source=source, line=number
         )
+    _check_no_duration(line, source, number)
     return line, None
+
+
+def _check_no_duration(prompt: str, source: str, number: int) -> None:
+    """Refuse a prompt that still has something duration-like where a duration goes."""
+    for place in _DURATION_PLACES:
+        match = place.search(prompt)
+        text = match.group(1).strip() if match else ""
+        if _BARE_NUMBER.fullmatch(text):
+            raise StoryError(
+                f"has a number without a unit where a duration goes ({prompt!r}); write seconds with an `s`, "
+                "e.g. `10s | a woman walks` or `[5s] a woman walks`",
+                source=source,
+                line=number,
+            )
+        if _duration_like(text):
+            raise StoryError(
+                f"has {text!r} where a duration goes, which is not a valid duration; write a positive number of "
+                f"seconds in digits with an `s` (at most {MAX_SEGMENT_SECONDS:g}), e.g. `10s | a woman walks` or "
+                "`[5s] a woman walks`",
+                source=source,
+                line=number,
+            )
+
+
+def _duration_like(text: str) -> bool:
+    """Whether `text` (what stands where a duration goes) was meant as a duration: a number of `_number_with_unit`,
+    or one or two words followed by a seconds unit."""
+    return _number_with_unit(text) or _WORDS_AND_UNIT.fullmatch(text) is not None
+
+
+def _number_with_unit(text: str) -> bool:
+    """A signed number, or a number with a time unit or a near-miss of one ("-5s", "5 ss", "10 min")."""
+    with_word = _NUMBER_AND_WORD.fullmatch(text)
+    if with_word:
+        return _is_time_word(with_word.group(1).casefold())
+    return _SIGNED_NUMBER.fullmatch(text) is not None
+
+
+def _is_time_word(word: str) -> bool:
+    return (
+        re.fullmatch(_UNIT, word) is not None
+        or word in _OTHER_TIME_UNITS
+        or any(_one_edit_apart(word, unit) for unit in _SECONDS_WORDS)
+    )
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether `a` becomes `b` by changing, adding or removing one letter (a typo of a unit word)."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) <= 1
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 # --- JSON ----------------------------------------------------------------------------------------------------------
@@ -456,6 +553,15 @@ def _decode_json(text: str, source: str, line_offset: int = 0) -> Any:
         )
         raise StoryError(
             f"invalid JSON: {e.msg}{hint}", source=source, line=line_offset + e.lineno, column=e.colno
+        ) from e
+    except StoryError:
+        raise
+    except ValueError as e:  # int() refuses integers of more than sys.get_int_max_str_digits() digits
+        raise StoryError(
+            f"holds a number of more than {sys.get_int_max_str_digits()} digits; write numbers such as seconds "
+            "plainly, e.g. 10",
+            source=source,
+            line=line_offset + 1 if "\n" not in text.strip() else None,  # one line: a JSONL line or a one-liner
         ) from e
 
 

@@ -16,7 +16,8 @@ Model dimensions come from the shapes (configs in `config.py`), so tiny test che
 full-size ones. Files are read lazily: shapes are checked before any tensor data is read, each tensor is converted
 and cast on its own, and models are built without memory (parameters on the meta device) and then take the loaded
 tensors as they are (`assign=True`). `.pt`/`.pth` files are only read with `torch.load(weights_only=True)`.
-Every problem with a file raises `CheckpointError`, naming the file, what was found and what was expected.
+Every problem with a file raises `CheckpointError`, naming the file, what was found and what was expected: weights
+holding NaN or inf, and components that do not fit each other (`check_compatible`), included.
 
 The modules, in the order a file passes through them:
 
@@ -25,12 +26,15 @@ The modules, in the order a file passes through them:
 - `layouts`: the table of checkpoint layouts: detecting keys, prefixes, rename rules, refusals;
 - `plan`: recognising a file's layout and mapping its keys to ours, checked before reading; `CheckpointInfo`;
 - `lora`: LoRA files, merged into the DiT;
+- `finite`: refusing loaded weights that hold NaN or inf (a damaged file);
 - `build`: building models without memory and assigning the loaded tensors;
 - `dit`, `t5`, `vae`: the component loaders;
+- `compat`: checking that the loaded DiT, text encoder and VAE fit each other;
 - `bundle`: loading the models of a run together.
 """
 
 from .bundle import load_models, load_text_encoder
+from .compat import check_compatible
 from .dit import WAN_HEAD_DIM, Quantization, load_dit, read_dit_state_dict
 from .folders import COMPONENTS, TOKENIZER_FOLDERS, MissingModelFiles, ModelFiles, find_model_files
 from .layouts import WAN_1_3B
@@ -51,6 +55,7 @@ __all__ = [
     "ModelFiles",
     "PathLike",
     "Quantization",
+    "check_compatible",
     "find_model_files",
     "load_dit",
     "load_models",

@@ -10,6 +10,7 @@ import torch
 from ..models.attention import resolve_backend
 from ..models.dit import CausalWanDiT
 from ..models.vae import WanVAE
+from .compat import check_compatible
 from .dit import load_dit
 from .folders import MissingModelFiles, ModelFiles
 from .t5 import load_t5, read_embedded_tokenizer
@@ -42,9 +43,11 @@ def load_models(
     files: ModelFiles, *, device: str = "cuda:0", vae_device: str | None = None, text_device: str | None = None,
     dtype: torch.dtype = torch.bfloat16, quantization: str = "auto", attention: str = "auto",
 ) -> tuple[CausalWanDiT, TextEncoder, WanVAE | None]:  # fmt: skip
-    """Load the DiT (with LoRA), the text encoder and the VAE onto their devices."""
+    """Load the DiT (with LoRA), the text encoder and the VAE onto their devices; files that load but do not fit each
+    other (another text width, other latent channels) are one `CheckpointError` naming both."""
     dit = load_dit(files.dit, lora=files.lora, dtype=dtype, device=device, quantization=quantization)
     dit.attention_backend = resolve_backend(attention)
     text_encoder = load_text_encoder(files, text_device or device, dtype)
     vae = load_vae(files.vae, dtype=dtype, device=vae_device or device) if files.vae else None
+    check_compatible(dit, text_encoder, vae)
     return dit, text_encoder, vae

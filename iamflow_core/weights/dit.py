@@ -21,6 +21,7 @@ from ..config import DiTConfig
 from ..models.dit import CausalWanDiT
 from ..models.fp8 import FP8Linear, scaled_mm_supported
 from .build import assign, meta_shapes, parameters_on_meta
+from .finite import check_finite, check_lora_finite
 from .layouts import EXPECTED, WAN_1_3B, dit_dims
 from .lora import read_lora
 from .plan import CheckpointInfo, Plan, block_indices, check_keys, checkpoint_info, make_plan, materialize
@@ -149,7 +150,8 @@ def read_dit_state_dict(
     (None keeps the stored dtypes). quantization: "auto" keeps FP8 weights of the file as FP8 (`<m>.weight` float8
     + `<m>.weight_scale` [out, 1] float32) and dequantizes everything else; "fp8" also quantizes the attention and
     FFN linears that are stored in higher precision; "off" dequantizes all FP8 weights.
-    Returns (config detected from the shapes, state dict, info). Raises CheckpointError for unusable files.
+    Returns (config detected from the shapes, state dict, info). Raises CheckpointError for unusable files,
+    weights with NaN or inf included.
     """
     if quantization not in ("auto", "off", "fp8"):
         raise ValueError(f"quantization must be 'auto', 'off' or 'fp8', got {quantization!r}")
@@ -163,7 +165,9 @@ def read_dit_state_dict(
     expected |= scale_keys
     check_keys(plan, expected, scale_keys, f"a Wan2.1 DiT with {_describe(cfg)}")
     lora_pairs = read_lora(lora, lora_scale, expected) if lora is not None else {}
+    check_lora_finite(lora, lora_pairs)
     state = materialize(plan, fp8_modules, lora_pairs, dtype, torch.device(device))
+    check_finite(plan, state)
     info = checkpoint_info(
         plan, fp8_modules=len(fp8_modules), lora=None if lora is None else str(lora), lora_modules=len(lora_pairs)
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,14 +123,23 @@ def _torch_load(file: Path) -> object:
             # Files written by torch < 1.6 (legacy format) cannot be memory-mapped.
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message ends with the advice to load the file with weights_only=False, i.e. to run its code:
+        # never passed on (`from None` keeps it out of tracebacks too); what the file imports is kept.
         raise CheckpointError(
-            f"{file} contains Python objects that are not plain tensors and is refused for safety "
-            f"(torch.load(weights_only=True) would have to run code from the file): {exc}"
-        ) from exc
+            f"{file} is refused for safety: it is a pickle that is not plain tensors and holds code that would run "
+            f"when it is loaded{_unsafe_global(exc)}. IAMFlow never runs code from a model file; get the "
+            ".safetensors version of this model instead"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(
             f"the file looks truncated or is not a PyTorch checkpoint: {file} ({_size(file)}): {exc}"
         ) from exc
+
+
+def _unsafe_global(exc: pickle.UnpicklingError) -> str:
+    """The Python object that torch's unpickler refused, as ` (it imports posix.system)`; empty if it names none."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    return f" (it imports {found[1]})" if found else ""
 
 
 def _tensor_dict(obj: object, file: Path, prefer: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str | None]:

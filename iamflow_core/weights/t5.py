@@ -10,6 +10,7 @@ import torch
 from ..config import T5Config
 from ..models.t5 import UMT5Encoder
 from .build import build, meta_shapes, parameters_on_meta
+from .finite import check_finite
 from .folders import resolve
 from .layouts import EXPECTED, normalize
 from .plan import CheckpointInfo, Plan, block_indices, check_keys, checkpoint_info, make_plan, materialize
@@ -46,11 +47,13 @@ def read_t5_state_dict(
         expected = meta_shapes(UMT5Encoder(cfg))
     check_keys(plan, expected, {}, f"a umT5 encoder with {cfg.num_layers} layers, dim {cfg.dim}")
     state = materialize(plan, set(), {}, dtype, torch.device(device))
+    check_finite(plan, state)
     return cfg, state, checkpoint_info(plan)
 
 
 def load_t5(path: PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> UMT5Encoder:
-    """Load the umT5-XXL encoder (`UMT5Encoder`) from any supported layout, in eval mode without gradients."""
+    """Load the umT5-XXL encoder (`UMT5Encoder`) from any supported layout, in eval mode without gradients;
+    `model.load_info` says what was read (`check_compatible` names the file from it)."""
     return build(UMT5Encoder, *read_t5_state_dict(path, dtype=dtype, device=device), device)
 
 

@@ -8,6 +8,7 @@ import torch
 from ..config import VAEConfig
 from ..models.vae import WanVAE
 from .build import build, meta_shapes, parameters_on_meta
+from .finite import check_finite
 from .layouts import EXPECTED
 from .plan import CheckpointInfo, Plan, check_keys, checkpoint_info, make_plan, materialize
 from .reading import CheckpointError, PathLike
@@ -35,9 +36,11 @@ def read_vae_state_dict(
     )
     check_keys(plan, expected, {}, what)
     state = materialize(plan, set(), {}, dtype, torch.device(device))
+    check_finite(plan, state)
     return cfg, state, checkpoint_info(plan)
 
 
 def load_vae(path: PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> WanVAE:
-    """Load the Wan2.1 VAE (`WanVAE`) from any supported layout, in eval mode without gradients."""
+    """Load the Wan2.1 VAE (`WanVAE`) from any supported layout, in eval mode without gradients; `model.load_info`
+    says what was read (`check_compatible` names the file from it)."""
     return build(WanVAE, *read_vae_state_dict(path, dtype=dtype, device=device), device)
