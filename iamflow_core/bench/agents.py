@@ -29,7 +29,9 @@ def _peak(device: str) -> float:
 
 def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (comments start with #, results are JSON rows)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m iamflow_core bench agents", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--device", default="cuda:0", help="device of the LLM")
     parser.add_argument("--vlm-device", default=None, help="device of the VLM (default: --device)")
     parser.add_argument("--workdir", default="/tmp/iamflow-agents-bench")

@@ -70,7 +70,9 @@ def time_chunks(
 
 def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (a header, then one JSON row per backend and memory size)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m iamflow_core bench dit", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--backends", default="all", help="comma-separated, or 'all' available")
     parser.add_argument("--memory-frames", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--height", type=int, default=480)

@@ -133,7 +133,9 @@ def run_case(
 
 def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (comments start with #, results are JSON rows)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m iamflow_core bench speed", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--story", help="story file (first story is used); default: a built-in 6 x 10 s story")
     parser.add_argument("--memory", nargs="+", default=["none", "memflow"], choices=list(CASES))
     parser.add_argument("--workdir", default="/tmp/iamflow-agents-bench", help="where random VLM folders are built")

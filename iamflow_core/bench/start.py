@@ -66,9 +66,17 @@ def _run(workdir: Path, models: Path, story: Path, n: int, kind: str, flags: lis
 
 def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (comments start with #, results are JSON rows)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m iamflow_core bench start", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--workdir", default="/tmp/iamflow-start-bench", help="model files, caches and videos")
-    parser.add_argument("--runs", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=["cold", "warm"],
+        default=["cold", "warm"],
+        help="cold: empty compile caches, as on a fresh machine; warm: the caches of the runs before",
+    )
     parser.add_argument("--memory", default="identity", help="the generate --memory of every run")
     parser.add_argument("flags", nargs="*", help="more generate flags (after --)")
     args = parser.parse_args(argv)
