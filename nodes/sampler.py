@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 PREVIEW_SIZE = 512
 PREVIEW_EVERY_S = 1.0  # the shortest time between two chunk clips on the node
+# The frontend shows whichever of a node's videos finishes loading last, so a chunk clip sent just before the
+# finished video can end up shown in its place. No clip goes out when the video is due sooner than this, and the
+# video waits until this long after the last clip went out.
+PREVIEW_LEAD_S = 2.0
 
 
 def to_comfy_latent(latents: torch.Tensor) -> dict:
@@ -115,14 +119,20 @@ class _ChunkMonitor:
         self.pbar = comfy.utils.ProgressBar(num_chunks)
         # The chunk clips are encoded off the sampling thread, newest last.
         self.previews = ThreadPoolExecutor(1, thread_name_prefix="iamflow-preview")
-        self.shown = -PREVIEW_EVERY_S  # when the last chunk clip was sent
+        self.shown = -PREVIEW_EVERY_S  # when the last chunk clip was queued
+        self.sent: float | None = None  # when the last chunk clip reached the frontend
+        self.chunk_at = time.monotonic()  # when the last chunk ended
 
     def close(self) -> None:
+        """Every chunk clip is out, and the browser had time to load the last one before the video replaces it."""
         self.previews.shutdown(wait=True)
+        if self.sent is not None:
+            time.sleep(max(0.0, self.sent + PREVIEW_LEAD_S - time.monotonic()))
 
     def _preview(self, frames: np.ndarray, index: int) -> None:
         try:
             _send_output(self.unique_id, _save_preview(frames, self.unique_id, index))
+            self.sent = time.monotonic()
         except OSError as e:  # a preview is a convenience: never stop the render for it
             logger.warning("could not show chunk %d on the node: %s", index + 1, e)
 
@@ -132,9 +142,10 @@ class _ChunkMonitor:
         if mm.processing_interrupted():
             self._stop()
         now = time.monotonic()
-        # Not the last chunk (the finished video takes its place at once), and at most one a second: a clip still
-        # loading in the browser when the finished video arrives could otherwise be shown over it.
-        if event.frames is not None and record.index + 1 < record.num_chunks and now - self.shown >= PREVIEW_EVERY_S:
+        chunk_s, self.chunk_at = now - self.chunk_at, now
+        # At most one clip a second, and none when the finished video is due within PREVIEW_LEAD_S at this pace.
+        video_in_s = (record.num_chunks - record.index - 1) * chunk_s
+        if event.frames is not None and now - self.shown >= PREVIEW_EVERY_S and video_in_s > PREVIEW_LEAD_S:
             self.shown = now
             self.previews.submit(self._preview, event.frames, record.index)
         try:

@@ -453,12 +453,13 @@ class Frontend:
                 arg=list(types), timeout=timeout_s * 1000,
             )  # fmt: skip
 
-    def wait_for_video(self, node_id, timeout_s: float = 10) -> dict:
-        """Until the node plays a loaded <video> (or the time is up); returns what the node shows."""
+    def wait_for_video(self, node_id, name: str = "", timeout_s: float = 10) -> dict:
+        """Until the node plays a loaded <video> whose address holds `name` (or the time is up); returns what the
+        node shows."""
         with contextlib.suppress(_timeout_error()):  # the caller checks what the node shows
-            self.page.wait_for_function(
-                f"(id) => ({_PREVIEW})(id).video?.readyState >= 2", arg=node_id, timeout=timeout_s * 1000
-            )
+            video = f"({_PREVIEW})(id).video"
+            playing = f"([id, name]) => {{ const v = {video}; return v?.readyState >= 2 && v.src.includes(name); }}"
+            self.page.wait_for_function(playing, arg=[node_id, name], timeout=timeout_s * 1000)
         return self.preview(node_id)
 
     def screenshot(self, path: Path) -> None:

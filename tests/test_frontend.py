@@ -110,12 +110,14 @@ def _open_and_run(front: Frontend, name: str) -> Visit:
     front.wait_for_progress(run, sampler, 1, RUN_S)
     front.screenshot(SHOTS / f"{name}_running.jpg")
     front.wait_for_end(run, RUN_S)
-    preview = front.wait_for_video(sampler)
+    entry = front.server.get(f"/api/history/{run.prompt_id}").get(run.prompt_id, {})
+    assert run.outcome == "execution_success", (run.outcome, entry.get("status"), front.server.log_tail())
+    # The finished video replaces the last chunk clip a moment after the run ends: wait for that one.
+    final = [i["filename"] for i in entry["outputs"].get(str(sampler), {}).get("images", [])]
+    preview = front.wait_for_video(sampler, final[0] if final else "")
     front.wait_for_previews(("IAMFlowStory", "IAMFlowInspectMemory", SAVE_WEBP))
     done = front.layout()
     front.screenshot(SHOTS / f"{name}_done.jpg")
-    entry = front.server.get(f"/api/history/{run.prompt_id}").get(run.prompt_id, {})
-    assert run.outcome == "execution_success", (run.outcome, entry.get("status"), front.server.log_tail())
     return Visit(card, opened, run, done, preview, entry["outputs"])
 
 

@@ -341,7 +341,8 @@ def test_memory_node_makes_settings_not_a_policy(comfy):
 # --- sampler ----------------------------------------------------------------------------------------------------
 
 
-def test_streaming_sampler_end_to_end(comfy):
+def test_streaming_sampler_end_to_end(comfy, monkeypatch):
+    monkeypatch.setattr(nodes.sampler, "PREVIEW_LEAD_S", 0.0)  # tiny chunks: the video is due at once
     dit, te, vae = load_models()
     story = story_value()
     (images, latent, state, video), ui = run(
@@ -373,6 +374,19 @@ def test_streaming_sampler_end_to_end(comfy):
     assert "Nora" in text and not set("{}[]'=") & set(text)
     assert picture.ndim == 4 and picture.shape[0] == 1 and picture.shape[-1] == 3
     assert Image.open(saved_image(comfy, ui)).size == (picture.shape[2], picture.shape[1])
+
+
+def test_no_chunk_clip_when_the_video_is_due_first(comfy, monkeypatch):
+    """The frontend shows whichever video loads last: a clip sent just before the finished video could stay on the
+    node in its place, so no clip goes out when the video is due within PREVIEW_LEAD_S at the pace so far."""
+    monkeypatch.setattr(nodes.sampler, "PREVIEW_LEAD_S", 3600.0)
+    dit, te, vae = load_models()
+    _, ui = run(
+        "IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 7, "IAMFlow/lead", memory=memory_value(), vae=vae,
+        unique_id="9",
+    )  # fmt: skip
+    assert not [data for event, data in comfy.messages if event == "executed" and data["node"] == "9"]
+    assert saved_image(comfy, ui).suffix == ".mp4"
 
 
 def test_same_seed_same_video_and_decode_node_matches(comfy):
