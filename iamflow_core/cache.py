@@ -146,6 +146,7 @@ class KVCache:
         self._sink_origin: torch.Tensor | None = None  # sink keys at their own positions, once they need moving
         self._global_frames: list[int] = []
         self._query_frames: tuple[int, ...] = ()
+        self._rotate: Rotate | None = None  # the last forward's, for blending into the sink (`cfg.sink_ema`)
 
     # slot arithmetic -------------------------------------------------------------------------------------------
     @property
@@ -182,6 +183,7 @@ class KVCache:
         if len(frames) > self.query_capacity:
             raise ValueError(f"{len(frames)} frames exceed the {self.query_capacity} frames one forward can query")
         query_end = frames[-1] + 1
+        anchor = min([f for f in self.state.local if f is not None] + frames[:1])  # oldest non-sink frame
         ranges, context = [], []
         for i, frame in enumerate((*self.state.sink, *self.state.local)):
             if frame is None or frame in frames:
@@ -191,7 +193,7 @@ class KVCache:
                     f"the forward starts at frame {frames[0]} but the cache already holds frame {frame}; "
                     "frames must be generated in order (reset the cache to start over)"
                 )
-            self._place_window_slot(i, frame, query_end, rotate)
+            self._place_window_slot(i, frame, self._wanted(i, frame, query_end, anchor), rotate)
             ranges.append(self._tokens(self._window_slot(i)))
             context.append(frame)
         query = self._tokens(self._query_slot, len(frames))
@@ -205,6 +207,7 @@ class KVCache:
         # Queried frames are never sink frames once a shift exists (the first chunk has none): absolute positions.
         self.layout = ChunkLayout(_merge(ranges), query, tuple(context), tuple(frames))
         self._global_frames = self._global_frame_offsets(frames)
+        self._rotate = rotate
         self._query_frames = tuple(frames)
         return self.layout
 
@@ -214,9 +217,17 @@ class KVCache:
         shift = max(0, query_end - self.rope_limit)
         return [p + shift for p in rope_positions(frames, query_end, self.cfg.sink_frames, self.rope_limit)]
 
-    def _place_window_slot(self, i: int, frame: int, query_end: int, rotate: Rotate | None) -> None:
-        """Make sure sink/local slot i holds keys rotated at the frame's position for this query."""
+    def _wanted(self, i: int, frame: int, query_end: int, anchor: int) -> int:
+        """The position sink/local slot i's keys take for this query: the frame's own (`_placed`), or with
+        `sink_positions="adjacent"` a sink slot's is just before `anchor`, the oldest other frame of the context."""
+        if i < self.cfg.sink_frames and self.cfg.sink_positions == "adjacent":
+            filled = sum(f is not None for f in self.state.sink)  # while the sink fills, this is the frame itself
+            return anchor - filled + i
         (want,) = self._placed([frame], query_end)
+        return want
+
+    def _place_window_slot(self, i: int, frame: int, want: int, rotate: Rotate | None) -> None:
+        """Make sure sink/local slot i holds keys rotated at position `want` for this query."""
         have = self.slot_positions[i]
         if have == want:
             return
@@ -297,6 +308,9 @@ class KVCache:
         placements += [(f, stored[f]) for f in self._query_frames if f in stored]
         first = self._query_frames[0]
         for frame, i in placements:
+            if self.cfg.sink_ema and i >= self.cfg.sink_frames > 0 and slots[i] not in (None, frame):
+                self._blend_into_sink(i, slots[i])  # slots[i] leaves the window now
+                slots = slots[:i] + (None,) + slots[i + 1 :]  # once per frame, however many pass through the slot
             src = self._tokens(self._query_slot + frame - first)
             dst = self._tokens(self._window_slot(i))
             self.k[:, :, dst[0] : dst[1]] = self.k[:, :, src[0] : src[1]]
@@ -305,6 +319,25 @@ class KVCache:
             if i < self.cfg.sink_frames:
                 self._sink_origin = None
         self.layout = None
+        self._rotate = None
+
+    def _blend_into_sink(self, slot: int, frame: int) -> None:
+        """Reward Forcing's EMA sink: `frame`, leaving local slot `slot`, is blended into sink slot
+        (frame - S) % S with weight `cfg.sink_ema`, its keys taken to the sink frame's own position first."""
+        w, target = self.cfg.sink_ema, (frame - self.cfg.sink_frames) % self.cfg.sink_frames
+        k0, k1 = self._tokens(self._window_slot(slot))
+        t0, t1 = self._tokens(self._window_slot(target))
+        delta = self.state.sink[target] - self.slot_positions[slot]
+        if delta and self._rotate is None:
+            raise ValueError("blending into the sink moves keys in time; pass the model's rotate function to begin")
+        k = self._rotate(self.k[:, :, k0:k1], [delta]) if delta else self.k[:, :, k0:k1]
+        if self._sink_origin is None:  # the sink's keys are at their own positions: blend them where they are
+            self.k[:, :, t0:t1] = (1 - w) * self.k[:, :, t0:t1] + w * k
+        else:  # moved: blend the pristine copy; the slot is placed again from it at the next forward
+            o0, o1 = self._tokens(target)
+            self._sink_origin[:, :, o0:o1] = (1 - w) * self._sink_origin[:, :, o0:o1] + w * k
+            self.slot_positions[target] = None
+        self.v[:, :, t0:t1] = (1 - w) * self.v[:, :, t0:t1] + w * self.v[:, :, k0:k1]
 
     # memory segment ----------------------------------------------------------------------------------------------
     def set_memory(

@@ -19,34 +19,19 @@ from pathlib import Path
 
 import torch
 
+from . import runs
 from .config import DTYPES, SamplerConfig, option_spec
-from .devices import resolve_device
+from .model_presets import DEFAULT_MODEL_PRESET, MODEL_PRESETS, model_preset
 from .models.attention import BACKENDS
 from .outputs import check_output, free_output_path
 from .pipeline import StreamingPipeline
-from .render import RenderResult, render_story, story_map
-from .settings import MODES, PRESETS, MemorySettings, build_memory, build_verifier, sampler_config
+from .render import RenderResult, render_story
+from .settings import MODES, MemorySettings, build_memory, sampler_config
 from .stops import exit_code, stop_name, stop_on_signals
 from .story import DEFAULT_SEED, MAX_SEGMENT_SECONDS, Story, StoryError, load_stories, plan_chunks
-from .story.entities import EntityRegistry, RegistryError, load_registries
+from .story.entities import RegistryError
 
 logger = logging.getLogger("iamflow_core.cli")
-SMOKE_TEST = (
-    "preset tiny: random-weight models on the CPU, so the frames are noise (a smoke test of the pipeline). "
-    "With real files: python -m iamflow_core generate STORY --models DIR (the README's 'Model files' says which "
-    "files and where to get them)"
-)
-# MemorySettings options with a flag of their own (`mode` is --memory, which also picks the preset).
-MEMORY_FLAGS = (
-    "transition", "max_frames", "min_frames_multi_entity", "bank_size", "record_interval", "sparse_topk",
-    "visual_weight", "archive_limit_mb", "verifier_wait", "async_verifier",
-)  # fmt: skip
-
-
-def _default_devices() -> tuple[str, str]:
-    if not torch.cuda.is_available():
-        return "cpu", "cpu"
-    return "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
 
 
 def _add_option(group: argparse._ArgumentGroup, cls: type, name: str, default_text: str | None = None) -> None:
@@ -72,7 +57,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     files.add_argument("--text-encoder", help="umT5-XXL encoder file")
     files.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder (else the one in the encoder file)")
     files.add_argument("--vae", help="Wan2.1 VAE file")
-    dev_default, vae_default = _default_devices()
+    files.add_argument(
+        "--preset-model", choices=list(MODEL_PRESETS), default=DEFAULT_MODEL_PRESET, metavar="NAME",
+        help="which streaming checkpoint the DiT is, for its frames per chunk, attention window, sink and steps: "
+        f"{', '.join(MODEL_PRESETS)} (default {DEFAULT_MODEL_PRESET}; the README's 'Model files' lists them)",
+    )  # fmt: skip
+    dev_default, vae_default = runs.default_devices()
     run = p.add_argument_group("devices and precision")
     run.add_argument("--device", default=dev_default, help=f"DiT and text encoder (default {dev_default})")
     run.add_argument("--vae-device", default=vae_default, help=f"VAE decode (default {vae_default})")
@@ -94,8 +84,40 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true",
         help="replace an existing video and its story map (default: write NAME_00001.mp4, ... beside it)",
     )  # fmt: skip
+    _add_render_flags(p)
+    # `bench start`: when the models were loaded and the first and last frames written, as JSON lines
+    p.add_argument("--timeline", help=argparse.SUPPRESS)
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch", help="render many stories, models loaded once; several GPUs and hosts with torchrun",
+        description="Render every story of STORIES to OUT/<id>.mp4 with its story map; OUT/manifest.jsonl lists "
+        "them as they end. A rerun skips finished stories. Several GPUs or hosts: torchrun --nproc-per-node N "
+        "-m iamflow_core batch ... (the README's 'Batch and benchmark').",
+    )  # fmt: skip
+    p.add_argument(
+        "stories", help='NarraStream .jsonl (one {"prompts": [...]} per line, optional "id"), a .json or .txt '
+        "story, or a folder of story files",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder: <id>.mp4, <id>.story.json/.png, manifest.jsonl")
+    p.add_argument(
+        "--gpus-per-rank", type=int, choices=[1, 2], default=1,
+        help="GPUs of each process (rank): 1, or 2 for the two-GPU layout (DiT on the first, VAE on the second)",
+    )  # fmt: skip
+    _add_render_flags(p)
+
+
+def _add_render_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `generate` and `batch` share: the preset, the model files and devices, generation and memory."""
     p.add_argument("--preset", choices=["tiny"], help="tiny: random-weight models on CPU, a smoke test (noise)")
     _add_model_flags(p)
+    _add_generation_flags(p)
+    _add_memory_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     gen = p.add_argument_group("generation")
     gen.add_argument("--seed", type=int, help=f"noise seed (default: the story's seed, else {DEFAULT_SEED})")
     _add_option(gen, SamplerConfig, "height", "480; 64 with --preset tiny")
@@ -107,12 +129,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--no-overlap", action="store_true", help="decode after each chunk even when the VAE has its own device"
     )
+    gen.add_argument(
+        "--image", metavar="PATH",
+        help="start image: the video's first frame, which the story continues (image-to-video); scaled to cover "
+        "the video size and cropped to its centre",
+    )  # fmt: skip
+
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     mem = p.add_argument_group("memory and identity (IAMFlow = identity memory + soft transition + verifier)")
     _, mode = option_spec(MemorySettings, "mode")
     mem.add_argument(
         "--memory", choices=MODES, default="identity", help=f"{mode.help} Picks the preset of that method."
     )
-    for name in MEMORY_FLAGS:
+    for name in runs.MEMORY_FLAGS:
         preset_text = "soft for identity, recache otherwise" if name == "transition" else None
         _add_option(mem, MemorySettings, name, preset_text)
     mem.add_argument(
@@ -120,57 +150,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="entity registry to use as given (skips the LLM): a .json for one story, or a .jsonl with one registry "
         "per line in story order ({} for a story without entities)",
     )
+    mem.add_argument(
+        "--reference", action="append", metavar="ENTITY=IMAGE",
+        help="a reference picture of an entity (its id, name or alias in the registry), e.g. Rosa=rosa.png; "
+        "repeatable; kept as a pinned memory frame (needs --registry or --llm; or put \"images\" in the registry)",
+    )  # fmt: skip
     mem.add_argument("--llm", help="LLM folder for entity extraction (Qwen3-4B-Instruct-2507)")
     mem.add_argument("--llm-device", help="device of the LLM (default: --device; it is unloaded before sampling)")
     mem.add_argument("--vlm", help="VLM folder for frame verification (Qwen3-VL-2B-Instruct)")
     mem.add_argument("--vlm-device", help="device of the VLM (default: --vae-device)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    # `bench start`: when the models were loaded and the first and last frames written, as JSON lines
-    p.add_argument("--timeline", help=argparse.SUPPRESS)
-
-
-def memory_settings(args: argparse.Namespace) -> MemorySettings:
-    """The preset of `--memory`, with every memory flag the user gave."""
-    given = {name: getattr(args, name) for name in MEMORY_FLAGS if getattr(args, name) is not None}
-    given = {name: option_spec(MemorySettings, name)[1].value_of(value) for name, value in given.items()}
-    return dataclasses.replace(PRESETS[args.memory], **given)
-
-
-def _build(args: argparse.Namespace):
-    """The models and the sampler's base config (video size)."""
-    if args.preset == "tiny":
-        from .presets import tiny_models
-
-        dit, text_encoder, vae = tiny_models(device=args.device, vae_device=args.vae_device)
-    else:
-        from .weights import find_model_files, load_models
-
-        files = find_model_files(
-            args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
-            lora=args.lora,
-        )  # fmt: skip
-        text_device = "cpu" if args.offload_text_encoder else args.text_device
-        dit, text_encoder, vae = load_models(
-            files, device=args.device, vae_device=args.vae_device, text_device=text_device,
-            dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention,
-        )  # fmt: skip
-    if args.offload_text_encoder:
-        from .text_encoder import OffloadedTextEncoder
-
-        text_encoder = OffloadedTextEncoder(text_encoder, args.text_device or args.device)
-    return dit, text_encoder, vae
-
-
-def _size(args: argparse.Namespace) -> SamplerConfig:
-    """The video size: the flags, else the preset's (the tiny preset is 96x64); validated before anything loads."""
-    if args.preset == "tiny":
-        from .presets import TINY_SAMPLER as base
-    else:
-        base = SamplerConfig()
-    height, width = (
-        default if v is None else v for v, default in ((args.height, base.height), (args.width, base.width))
-    )
-    return SamplerConfig(height=height, width=width)
 
 
 def _targets(args: argparse.Namespace, stories: list[Story], size: SamplerConfig) -> list[Path]:
@@ -182,7 +170,8 @@ def _targets(args: argparse.Namespace, stories: list[Story], size: SamplerConfig
         target = free_output_path(wanted, overwrite=args.overwrite)
         if target != wanted:
             print(f"{wanted} exists; writing {target} instead (--overwrite replaces it)", file=sys.stderr)
-        check_output(target, plan_chunks(story).num_video_frames, size.width, size.height)
+        frames = plan_chunks(story, chunk_frames=model_preset(args.preset_model).chunk_frames).num_video_frames
+        check_output(target, frames, size.width, size.height)
         targets.append(target)
     return targets
 
@@ -202,8 +191,9 @@ def _stories(args: argparse.Namespace) -> list[Story]:
 
 
 def _render(
-    pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None, on_first=None
-) -> RenderResult:
+    pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None, on_first=None,
+    start_image=None,
+) -> RenderResult:  # fmt: skip
     """Render one story to `out` with a progress bar (redrawn once per chunk); on_first() once the first chunk's
     frames are out."""
     from tqdm import tqdm
@@ -212,6 +202,10 @@ def _render(
     for note in plan.rounding_notes():
         print(f"note: {note}", file=sys.stderr)
     print(f"{out}: {plan.summary()}", file=sys.stderr)
+    if start_image is not None:
+        print(
+            f"{out}: the start image is frame 1; the story's {plan.num_video_frames} frames follow it", file=sys.stderr
+        )
     with tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
 
         def progress(event, record) -> None:
@@ -222,67 +216,41 @@ def _render(
 
         return render_story(
             pipe, story, config, memory, out_path=out, on_chunk=progress, on_stop=on_stop, keep_frames=False,
-            keep_latents=False,
+            keep_latents=False, start_image=start_image,
         )  # fmt: skip
 
 
-def _registries(args: argparse.Namespace, stories: list[Story], settings: MemorySettings) -> list:
-    """The entities of each story: from --registry (one registry per story: a .json for one story, a .jsonl line per
-    story), else extracted by the LLM (loaded once, unloaded before the DiT needs the memory), else None."""
+def _with_references(args: argparse.Namespace, registries: list, settings: MemorySettings) -> list:
+    """The registries with the pictures of `--reference ENTITY=IMAGE` added (one story only)."""
+    if not args.reference:
+        return registries
     if settings.mode != "identity":
-        return [None] * len(stories)
-    if args.registry:
-        return load_registries(args.registry, len(stories), [len(s.segments) for s in stories])
-    if not args.llm:
-        if args.preset != "tiny":
-            logger.warning("no --llm or --registry: identity memory keeps the frames most relevant to each prompt")
-        return [None] * len(stories)
-    from .story.llm import EntityExtractor
+        raise ValueError(f"--reference needs identity memory, not --memory {settings.mode}; use --memory identity")
+    if len(registries) != 1:
+        raise ValueError(
+            f'--reference adds pictures to one story, the story file holds {len(registries)}; put "images" in '
+            "each story's line of the --registry .jsonl instead"
+        )
+    if registries[0] is None:
+        raise ValueError("--reference needs the story's entities; give --registry FILE or --llm DIR")
+    from .images import load_image
 
-    extractor = EntityExtractor(args.llm, device=args.llm_device or args.device)
-    try:
-        return [extractor.extract(list(story.prompts)) for story in stories]
-    finally:
-        extractor.unload()  # free its memory before the DiT needs it
+    registry = registries[0]
+    for item in args.reference:
+        key, sep, path = (part.strip() for part in item.partition("="))
+        if not sep or not key or not path:
+            raise ValueError(f"--reference {item!r} is not ENTITY=IMAGE; write e.g. --reference Rosa=rosa.png")
+        registry.find(key)  # an unknown entity fails before its picture is read
+        registry = registry.with_reference(key, load_image(path, f"--reference picture of {key}"), Path(path).name)
+    return [registry]
 
 
-def _verifier(args: argparse.Namespace, settings: MemorySettings):
-    if not args.vlm or settings.mode != "identity":
+def _start_image(args: argparse.Namespace):
+    if not args.image:
         return None
-    from .story.vlm import FrameVerifier
+    from .images import load_image
 
-    return build_verifier(settings, FrameVerifier(args.vlm, device=args.vlm_device or args.vae_device))
-
-
-def _write_story_map(target: Path, story: Story, registry: EntityRegistry | None, result: RenderResult) -> None:
-    """The story map next to the video: `video.story.json` and its picture `video.story.png`."""
-    from .pictures import story_map_picture
-
-    data = story_map(story, registry, result)
-    target.with_suffix(".story.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    story_map_picture(data).save(target.with_suffix(".story.png"))
-    print(f"{target.with_suffix('.story.json')}: story map; picture: {target.with_suffix('.story.png')}")
-
-
-def _on_stop(target: Path, story: Story, registry: EntityRegistry | None, stops: list):
-    """What the CLI does when a render stops early (a signal, Ctrl-C, a failed write): the story map of what was
-    made; the render is remembered in `stops` for the line that says where the frames are."""
-
-    def stopped(result: RenderResult, stop: BaseException) -> None:
-        stops.append((target, result))
-        try:
-            _write_story_map(target, story, registry, result)
-        except OSError as e:  # a full disk may refuse the map too; the frames are still where the message says
-            print(f"could not write the story map beside {target}: {e}", file=sys.stderr)
-
-    return stopped
-
-
-def _check_devices(args: argparse.Namespace) -> None:
-    """Every device flag names a device this machine has (one message listing those it has)."""
-    for flag in ("device", "vae_device", "text_device", "llm_device", "vlm_device"):
-        if getattr(args, flag) is not None:
-            setattr(args, flag, str(resolve_device(getattr(args, flag))))
+    return load_image(args.image, "--image start image")
 
 
 class _Timeline:
@@ -305,33 +273,37 @@ class _Timeline:
 
 def generate(args: argparse.Namespace) -> int:
     if args.preset == "tiny":
-        print(SMOKE_TEST, file=sys.stderr)
-    _check_devices(args)
-    settings = memory_settings(args)  # a bad flag fails before anything loads
-    size = _size(args)
+        print(runs.SMOKE_TEST, file=sys.stderr)
+    runs.check_devices(args)
+    settings = runs.memory_settings(args)  # a bad flag fails before anything loads
+    size = runs.video_size(args)
     stories = _stories(args)
     targets = _targets(args, stories, size)
     # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
-    registries = _registries(args, stories, settings)
-    dit, text_encoder, vae = _build(args)
+    registries = _with_references(args, runs.registries(args, stories, settings), settings)
+    start_image = _start_image(args)
+    dit, text_encoder, vae = runs.build_models(args)
     timeline = _Timeline(args.timeline)
     timeline.mark("models_loaded")
-    config = sampler_config(settings, size.height, size.width)
+    preset = model_preset(args.preset_model)
+    print(f"model preset {preset.name}: {preset.summary}", file=sys.stderr)
+    config = sampler_config(settings, size.height, size.width, preset)
     pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
-    verifier = _verifier(args, settings)
+    verifier = runs.make_verifier(args, settings)
     stops: list[tuple[Path, RenderResult]] = []
     try:
         for story, registry, target in zip(stories, registries, targets):
             memory = build_memory(settings, registry, verifier)
-            on_stop = _on_stop(target, story, registry, stops)
+            on_stop = runs.on_stop(target, story, registry, stops)
             result = _render(
-                pipe, story, config, memory, target, on_stop, on_first=lambda: timeline.mark("first_frame")
-            )
+                pipe, story, config, memory, target, on_stop, on_first=lambda: timeline.mark("first_frame"),
+                start_image=start_image,
+            )  # fmt: skip
             timeline.mark("last_frame")
             wall = result.timings["wall"]
             fps = result.frames_written / wall if wall else 0.0
             print(f"{target}: {result.frames_written} frames in {wall:.1f} s ({fps:.1f} video FPS)")
-            _write_story_map(target, story, registry, result)
+            runs.write_story_map(target, story, registry, result)
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP during a render: say where its frames are
         if not stops:
             raise
@@ -350,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iamflow_core", description="IAMFlow streaming long video")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_batch(sub)
     bench = sub.add_parser("bench", help="benchmarks (full-size models, random weights)")
     bench.add_argument(
         "which",
@@ -357,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         help="speed: the whole pipeline; start: what a user waits for; dit: one chunk; agents: LLM/VLM",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    from .evaluate import cli as evaluate
+
+    evaluate.add_arguments(sub.add_parser("eval", help="NarraStream-Bench scores", description=evaluate.DESCRIPTION))
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
@@ -372,10 +348,22 @@ def main(argv: list[str] | None = None) -> int:
         for line in bench.main(args.rest):
             print(line, flush=True)
         return 0
+    if args.command == "eval":
+        try:
+            for line in evaluate.run(args):
+                print(line, flush=True)
+        except (ValueError, OSError) as e:  # evaluate.EvalError is a ValueError
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from .weights import CheckpointError, MissingModelFiles
 
     try:
         with stop_on_signals():
+            if args.command == "batch":
+                from .batch import run as batch
+
+                return batch(args)
             return generate(args)
     except (StoryError, RegistryError, CheckpointError, MissingModelFiles, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -190,6 +190,9 @@ class VAEConfig:
 WAN21_TEMPORAL_FACTOR = VAEConfig().temporal_factor
 
 
+SINK_POSITIONS = ("absolute", "adjacent")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Self-attention KV cache of the streaming DiT, in latent frames.
@@ -211,9 +214,21 @@ class CacheConfig:
         min=0,
         max=64,
     )
+    # Where the sink's keys sit in time. absolute: at their own frames (Self-Forcing, LongLive). adjacent: just before
+    # the oldest other frame of the context, moved as the window rolls (Rolling Forcing's anchor, Reward Forcing).
+    sink_positions: str = "absolute"
+    # > 0: each frame that leaves the rolling window is blended into a sink frame with this weight (Reward Forcing's
+    # EMA sink: 0.001), so the sink follows the video slowly instead of staying its first frames.
+    sink_ema: float = 0.0
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.sink_positions not in SINK_POSITIONS:
+            raise ValueError(
+                f"unknown sink_positions {self.sink_positions!r}; choose one of {', '.join(SINK_POSITIONS)}"
+            )
+        if not 0.0 <= self.sink_ema <= 1.0:
+            raise ValueError(f"sink_ema must be in [0, 1] (the weight of a leaving frame), got {self.sink_ema}")
         if self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
         if self.sink_frames < 0 or self.memory_frames < 0:
@@ -276,6 +291,9 @@ class SamplerConfig:
     shift: float = 5.0
     cache: CacheConfig = field(default_factory=CacheConfig)
     transition: TransitionConfig = field(default_factory=TransitionConfig)
+    # The first chunk's timesteps when they differ from `steps` (None: the same). Causal Forcing++'s 1- and 2-step
+    # frame-wise models make their first frame in 4 steps: it has no context to lean on.
+    first_steps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0 or self.height % 16 or self.width % 16:
@@ -286,3 +304,5 @@ class SamplerConfig:
         check_options(self)
         if not self.steps:
             raise ValueError("steps must list at least one denoising timestep, e.g. (1000, 750, 500, 250)")
+        if self.first_steps is not None and not self.first_steps:
+            raise ValueError("first_steps must list at least one timestep, or be None to use steps")

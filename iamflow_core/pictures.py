@@ -188,6 +188,7 @@ class _Frame:
     chunk: int
     segment: int
     entities: tuple[int, ...]
+    picture: str | None = None  # a reference picture (its name), archived before the first chunk
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class _Map:
     corrections: tuple[tuple[int, tuple[str, ...]], ...]
     late_verdicts: int
     peak_mb: float | None
+    seconds_per_chunk: float = 0.75  # of the model that made the video (0.25 s with one latent frame per chunk)
 
     @property
     def num_chunks(self) -> int:
@@ -253,7 +255,9 @@ def _need(obj: Any, key: str, kind: type, where: str) -> Any:
 def _frame(summary: Any) -> _Frame:
     for key in ("frame", "chunk", "segment"):
         _need(summary, key, int, "an archived frame's summary")
-    return _Frame(summary["frame"], summary["chunk"], summary["segment"], tuple(summary.get("entities") or ()))
+    picture = str(summary.get("image") or "picture") if summary.get("reference") else None
+    entities = tuple(summary.get("entities") or ())
+    return _Frame(summary["frame"], summary["chunk"], summary["segment"], entities, picture)
 
 
 def _registry(story_map: dict, memory: dict) -> EntityRegistry | None:
@@ -302,12 +306,17 @@ def _read_map(story_map: dict) -> _Map:
         corrections=tuple((int(k), tuple(v)) for k, v in (memory.get("corrections") or {}).items()),
         late_verdicts=int(memory.get("late_verdicts") or 0),
         peak_mb=memory.get("peak_archive_mb"),
+        seconds_per_chunk=_seconds_per_chunk(story_map),
     )
 
 
-def _seconds_per_chunk() -> float:
-    """The map counts chunks; the video's chunks are those of a default `ChunkPlan` (0.75 s each)."""
-    return ChunkPlan((1,), (0.0,)).seconds_per_chunk
+def _seconds_per_chunk(story_map: dict) -> float:
+    """The map counts chunks; their length comes from the map's `chunk_frames` (latent frames per chunk; a map
+    written before it was recorded has the default 3, 0.75 s)."""
+    frames = story_map.get("chunk_frames", ChunkPlan((1,), (0.0,)).chunk_frames)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise StoryMapError(f"the story map's chunk_frames must be a whole number >= 1, got {frames!r}")
+    return ChunkPlan((1,), (0.0,), chunk_frames=frames).seconds_per_chunk
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,6 +384,12 @@ def _diamond(draw: ImageDraw.ImageDraw, x: float, y: float, colour: Colour, holl
     r = 6
     points = [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]
     draw.polygon(points, fill=BACKGROUND if hollow else colour, outline=INK if not hollow else colour, width=2)
+
+
+def _picture(draw: ImageDraw.ImageDraw, x: float, y: float, colour: Colour) -> None:
+    """A reference picture: a small framed square."""
+    draw.rectangle((x - 5, y - 5, x + 5, y + 5), fill=BACKGROUND, outline=colour, width=2)
+    draw.rectangle((x - 2, y - 2, x + 2, y + 2), fill=colour)
 
 
 def _arc(draw: ImageDraw.ImageDraw, x0: float, x1: float, base: float, peak: float, colour: Colour) -> None:
@@ -514,7 +529,7 @@ def _layout(view: _Map, width: int) -> StoryMapLayout:
 
 def _story_bands(view: _Map) -> list[_Band]:
     bands, start = [], 0
-    per_chunk = _seconds_per_chunk()
+    per_chunk = view.seconds_per_chunk
     for segment, chunks in enumerate(view.segment_chunks):
         if chunks:
             number, seconds = str(segment + 1), _seconds(chunks * per_chunk)
@@ -554,7 +569,7 @@ def story_map_picture(story_map: dict, width: int = 1200) -> Image.Image:
 
 
 def _video_seconds(view: _Map) -> float:
-    return view.num_chunks * _seconds_per_chunk()
+    return view.num_chunks * view.seconds_per_chunk
 
 
 def _memory_name(view: _Map) -> str:
@@ -619,6 +634,9 @@ def _paint_identity(draw: ImageDraw.ImageDraw, view: _Map, layout: StoryMapLayou
         for lane in frame.entities or (UNTAGGED,):
             if lane in layout.lanes:
                 _, y0, _, y1 = layout.lane_box(lane)
+                if frame.picture is not None:  # before the first chunk, left of 0 s
+                    _picture(draw, layout.chunk_x(frame.chunk), y1 - 9, entity_colour(lane))
+                    continue
                 hollow = frame.frame in view.evicted
                 _dot(draw, layout.chunk_x(frame.chunk), y1 - 9, entity_colour(lane), hollow=hollow)
     for switch in view.switches:
@@ -673,6 +691,8 @@ def _centre_note(draw: ImageDraw.ImageDraw, layout: StoryMapLayout, text: str) -
 def _identity_legend(view: _Map) -> list[_LegendItem]:
     colour = entity_colour(view.entities[0].id) if view.entities else UNTAGGED_COLOUR
     items = [_LegendItem(lambda d, x, y: _dot(d, x, y, colour), "frame archived (at the chunk it came from)")]
+    if any(f.picture is not None for f in view.archived):
+        items.append(_LegendItem(lambda d, x, y: _picture(d, x, y, colour), "reference picture"))
     if view.evicted:
         items.append(_LegendItem(lambda d, x, y: _dot(d, x, y, colour, hollow=True), "archived, later dropped"))
     if any(s.frames for s in view.switches):
@@ -723,7 +743,7 @@ def _draw_prompt_list(draw: ImageDraw.ImageDraw, view: _Map, box: tuple[int, int
         chunks = view.segment_chunks[segment]
         draw.rectangle((x, y + 2, x + 12, y + 14), fill=_prompt_colour(segment), outline=RULE)
         head = (
-            f"{segment + 1}  {_seconds(chunks * _seconds_per_chunk())}" if chunks else f"{segment + 1}  not rendered"
+            f"{segment + 1}  {_seconds(chunks * view.seconds_per_chunk)}" if chunks else f"{segment + 1}  not rendered"
         )
         draw.text((x + 18, y), head, fill=INK if chunks else MUTED, font=face)
         text_x = x + 18 + max(face.getlength(head), face.getlength("12  58.5 s")) + 10
@@ -796,8 +816,12 @@ def _switch_lines(view: _Map, switch: _Switch) -> list[str]:
         frames = [f for f in switch.frames if entity_id in f.entities]
         earlier = [s for s in view.segments_of(entity_id) if s < switch.segment]
         if frames:
-            verb = "stays" if switch.segment - 1 in earlier else "returns"
-            sources = _prompts_phrase([f.segment for f in frames], " and ")
+            verb = "stays" if switch.segment - 1 in earlier else "returns" if earlier else "first appears"
+            generated = [f.segment for f in frames if f.picture is None]
+            pictures = [f.picture for f in frames if f.picture is not None]
+            sources = " and ".join(
+                ([_prompts_phrase(generated, " and ")] if generated else []) + [f"the picture {p}" for p in pictures]
+            )
             lines.append(f"{where}: {who} {verb}: {_plural(len(frames), 'frame')} brought back from {sources}")
         elif earlier:
             lines.append(
@@ -812,6 +836,9 @@ def _archive_line(view: _Map) -> str:
     line = f"memory: {_plural(len(view.archived), 'frame')} archived"
     if view.peak_mb is not None:
         line += f" ({_megabytes(view.peak_mb)} at most)"
+    pictures = sum(f.picture is not None for f in view.archived)
+    if pictures:
+        line += f", {pictures} of them reference pictures, kept throughout"
     if view.evicted:
         line += f", {len(view.evicted)} of them later dropped to stay within the memory limit"
     return line

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .cache import KVCache
-from .config import SamplerConfig
+from .config import CacheConfig, SamplerConfig
 from .decode import Decoder, Pending
 from .memory import MemoryPolicy, NoMemory, StepContext
 from .models import fused
@@ -48,6 +48,8 @@ class ChunkEvent:
     memory: dict[str, Any]
 
 
+# The cache a picture goes through alone (a reference frame): one frame, which lands in the sink slot.
+REFERENCE_CACHE = CacheConfig(chunk_frames=1, sink_frames=1, window_frames=2, memory_frames=0)
 # Prompts the text encoder takes at once: memory stays bounded however many prompts a story has.
 ENCODE_BATCH = 32
 
@@ -98,12 +100,27 @@ class _Run:
     decoder: Decoder | None
     text_seconds: float
     in_flight: Pending | None = None  # the decode of the chunk made last, not handed out yet
+    size: tuple[int, int] = (0, 0)  # the video's height and width
+    first_frame: int = 0  # latent frames before chunk 0 (1 with a start image)
+    lead: tuple[torch.Tensor, np.ndarray | None] | None = None  # the start image's latent and decoded frame
+    start_info: dict[str, Any] = field(default_factory=dict)  # what the memory reported at the start (chunk 0's)
     t_dev: list[torch.Tensor] = field(default_factory=list)  # the timesteps as device tensors
+    first: tuple[list[float], list[torch.Tensor]] | None = None  # chunk 0's own timesteps (and tensors), if any
     zero: torch.Tensor | None = None  # t = 0, the context pass's timestep
 
     @property
     def chunk_frames(self) -> int:
         return self.cache.cfg.chunk_frames
+
+    def schedule(self, chunk: int) -> tuple[list[float], list[torch.Tensor]]:
+        """The warped timesteps chunk `chunk` is denoised with, and their device tensors."""
+        if chunk == 0 and self.first is not None:
+            return self.first
+        return self.timesteps, self.t_dev
+
+    def start_of(self, chunk: int) -> int:
+        """The first latent frame of chunk `chunk`."""
+        return self.first_frame + chunk * self.chunk_frames
 
     def flush_frames(self) -> None:
         """Finish the decode of every chunk given to the decoder, so `on_frames` has run for each."""
@@ -168,13 +185,15 @@ class StreamingPipeline:
         *,
         texts: torch.Tensor | None = None,
         cancel: threading.Event | None = None,
+        start_image: np.ndarray | None = None,
     ) -> Iterator[ChunkEvent]:
         """Generate `story` chunk by chunk. Events come in order, each with its decoded frames (if a VAE is set).
 
         texts: optional precomputed umT5 states [N_segments, text_len, text_dim]. cancel: set it to stop after
-        the chunk in progress; every chunk finished so far is still handed out.
+        the chunk in progress; every chunk finished so far is still handed out. start_image: uint8 RGB
+        [H, W, 3] (`images.load_image`): the video's first frame; the chunks continue it (image-to-video).
         """
-        run = self._prepare(story, config or SamplerConfig(), memory or NoMemory(), texts)
+        run = self._prepare(story, config or SamplerConfig(), memory or NoMemory(), texts, start_image)
         pending: tuple[dict, Pending | None] | None = None
         try:
             for i in range(run.plan.num_chunks):
@@ -199,9 +218,14 @@ class StreamingPipeline:
                 run.decoder.close()
             self.dit.release_graphs()  # no GPU memory held between stories (ComfyUI keeps the model loaded)
 
-    def _prepare(self, story: Story, config: SamplerConfig, memory: MemoryPolicy, texts: torch.Tensor | None) -> _Run:
+    def _prepare(
+        self, story: Story, config: SamplerConfig, memory: MemoryPolicy, texts: torch.Tensor | None,
+        start_image: np.ndarray | None = None,
+    ) -> _Run:  # fmt: skip
         """1. Text: every prompt encoded once (the encoder can then leave the GPU). 2. State: cache, seeded
-        noise, timesteps, transition, decoder; the memory policy starts."""
+        noise, timesteps, transition, decoder; the start image as the first frame; the memory policy starts."""
+        if start_image is not None and self.vae is None:
+            raise ValueError("a start image needs the VAE to encode it; give the pipeline a VAE")
         plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
         for note in plan.rounding_notes():
             logger.info(note)
@@ -224,9 +248,29 @@ class StreamingPipeline:
             (1, self.dit.cfg.in_channels, config.cache.chunk_frames, h, w), decoder, text_seconds,
         )  # fmt: skip
         run.t_dev = [torch.full((1,), t, device=device) for t in run.timesteps]
-        run.zero = torch.zeros(1, device=device)
-        memory.start(self._context(run, 0, 0))
+        if config.first_steps is not None:  # e.g. Causal Forcing++ 1/2-step: the first frame in 4 steps
+            first = warp_timesteps(config.first_steps, config.shift)
+            run.first = first, [torch.full((1,), t, device=device) for t in first]
+        run.zero, run.size = torch.zeros(1, device=device), (config.height, config.width)
+        if start_image is not None:
+            self._start_image(run, start_image, config)
+        start = self._context(run, 0, 0)
+        memory.start(start)
+        run.start_info = start.info
         return run
+
+    def _start_image(self, run: _Run, rgb: np.ndarray, config: SamplerConfig) -> None:
+        """Image-to-video, as Self-Forcing's and CausVid's image-to-video streaming do: the picture's latent (the
+        VAE codes a first frame alone) becomes latent frame 0 through the clean pass under the first prompt, and
+        the chunks start after it. Its decoded frame leads chunk 0's frames, its latent chunk 0's latents."""
+        from . import images
+
+        latent = images.encode(self.vae, rgb, *run.size).to(self.dit.device)
+        with torch.no_grad():
+            self._context_pass(run, latent, 0, run.prompts.cross(0))
+        run.transition.remember(0, latent)
+        frames = run.decoder.submit(-1, latent).result()[0] if run.decoder is not None else None
+        run.first_frame, run.lead = 1, (latent, frames)
 
     def _overlaps(self) -> bool:
         if self.overlap_decode is not None:
@@ -237,19 +281,33 @@ class StreamingPipeline:
         """What the memory policy sees of chunk `chunk` (one context per chunk: every hook reports into its info)."""
         tokenizer = getattr(self.text_encoder, "tokenizer", None)
         return StepContext(
-            chunk, chunk * run.chunk_frames, run.chunk_frames, segment, run.story.prompts[segment], run.cache,
+            chunk, run.start_of(chunk), run.chunk_frames, segment, run.story.prompts[segment], run.cache,
             run.transition.cross, run.prompts.text(segment), self.dit.rope, tokenizer,
             decoding=run.decoder is not None, temporal_factor=self.vae.cfg.temporal_factor if self.vae else None,
             flush_frames=run.flush_frames,
+            encode_image=(lambda rgb, segment: self._image_kv(run, rgb, segment)) if self.vae is not None else None,
         )  # fmt: skip
+
+    def _image_kv(self, run: _Run, rgb: np.ndarray, segment: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A picture's K/V (a reference frame): its latent through the clean pass as frame 0 of an empty cache, under
+        prompt `segment`. The same K/V a start image gets as the video's first frame."""
+        from . import images
+
+        latent = images.encode(self.vae, rgb, *run.size).to(self.dit.device)
+        scratch = self.dit.new_cache(REFERENCE_CACHE, tokens_per_frame=run.cache.tokens_per_frame)
+        with torch.no_grad():
+            self.dit.forward_chunk(latent, run.zero, run.prompts.cross(segment), scratch, 0, commit=True)
+        return scratch.frame_kv(0)
 
     def _chunk(self, run: _Run, i: int) -> tuple[dict, Pending | None]:
         """Make chunk i and queue its decode: the event to hand out once its frames are there, and the decode."""
-        segment, start = run.plan.segment_of_chunk(i), i * run.chunk_frames
+        segment, start = run.plan.segment_of_chunk(i), run.start_of(i)
         timings: dict[str, float] = {"text": run.text_seconds} if i == 0 else {}
         with torch.no_grad():
             t0 = time.perf_counter()
             ctx, cross, alpha = self._switch(run, i, segment)  # 3. prompt switch
+            if i == 0:
+                ctx.info.update(run.start_info)
             self._sync()
             timings["transition"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -257,7 +315,7 @@ class StreamingPipeline:
             run.memory.before_chunk(ctx)  # 4. memory: the policy may fill the cache's memory segment
             timings["memory"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            x0 = self._denoise(run, cross, start)  # 5. denoise through the cache (read-only)
+            x0 = self._denoise(run, cross, start, i)  # 5. denoise through the cache (read-only)
             self._context_pass(run, x0, start, cross)  # 6. the clean pass writes the chunk into the cache
             self._sync()
             timings["dit"] = time.perf_counter() - t0
@@ -276,12 +334,14 @@ class StreamingPipeline:
             "prompt": run.story.prompts[segment],
         }
         event.update(start_frame=start, latents=x0, timings=timings, memory=ctx.info)
+        if i == 0 and run.lead is not None:  # chunk 0 begins with the start image
+            event.update(start_frame=0, latents=torch.cat([run.lead[0], x0], dim=2), lead=run.lead[1])
         return event, decode
 
     def _switch(self, run: _Run, i: int, segment: int) -> tuple[StepContext, CrossKV, float | None]:
         """At a segment boundary the transition changes the conditioning and the memory rebuilds its segment.
         Returns the chunk's context and the cross-attention K/V (and blend weight) it is made with."""
-        start = i * run.chunk_frames
+        start = run.start_of(i)
         switching = i in run.plan.switch_chunks
         if switching:
             old, new = run.prompts.text(segment - 1), run.prompts.text(segment)
@@ -294,15 +354,16 @@ class StreamingPipeline:
         cross, alpha = run.transition.conditioning(start)
         return ctx, cross, alpha
 
-    def _denoise(self, run: _Run, cross: CrossKV, start: int) -> torch.Tensor:
+    def _denoise(self, run: _Run, cross: CrossKV, start: int, chunk: int) -> torch.Tensor:
         """Few-step flow matching from fresh noise: predict x0 = x_t - sigma * v, re-noise to the next sigma."""
         x = torch.randn(run.noise_shape, generator=run.generator, device=self.dit.device)
-        for j, t in enumerate(run.t_dev):
+        timesteps, t_dev = run.schedule(chunk)
+        for j, t in enumerate(t_dev):
             with fused.launch_guard():
                 velocity = self.dit.forward_chunk(x, t, cross, run.cache, start)
-            x0 = x - sigma(run.timesteps[j]) * velocity
-            if j + 1 < len(run.timesteps):
-                s = sigma(run.timesteps[j + 1])
+            x0 = x - sigma(timesteps[j]) * velocity
+            if j + 1 < len(timesteps):
+                s = sigma(timesteps[j + 1])
                 x = (1 - s) * x0 + s * torch.randn(run.noise_shape, generator=run.generator, device=self.dit.device)
         return x0
 
@@ -318,10 +379,12 @@ class StreamingPipeline:
     @staticmethod
     def _finish(pending: tuple[dict, Pending | None]) -> ChunkEvent:
         event, decode = pending
-        frames = None
+        frames, lead = None, event.pop("lead", None)
         if decode is not None:
             t0 = time.perf_counter()
             frames, vae_s = decode.result()
             event["timings"]["vae"] = vae_s
             event["timings"]["vae_wait"] = time.perf_counter() - t0
+            if lead is not None:
+                frames = np.concatenate([lead, frames])
         return ChunkEvent(frames=frames, **event)

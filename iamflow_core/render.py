@@ -206,6 +206,7 @@ def render_story(
     keep_latents: bool = True,
     fps: float = VIDEO_FPS,
     spool_dir: str | Path | None = None,
+    start_image: np.ndarray | None = None,
 ) -> RenderResult:
     """Render `story` with a fresh `memory` policy; write the frames to `out_path` (mp4) as they come.
 
@@ -217,13 +218,14 @@ def render_story(
     fps: the frame rate written into the mp4 (Wan makes 16). keep_frames: return the decoded frames, read back from
     a temp spool at the end. keep_latents: return all latents on the CPU (one device sync per chunk; the CLI skips
     it). spool_dir: where that spool lives (default: the system temp folder, which may be in
-    RAM); it is deleted when the call returns.
+    RAM); it is deleted when the call returns. start_image: uint8 RGB [H, W, 3], the video's first frame
+    (image-to-video; `StreamingPipeline.run`).
     """
     tally = _Tally(plan_chunks(story, chunk_frames=config.cache.chunk_frames))
     outputs = None
     try:
         with _Outputs(out_path, fps, keep_frames, spool_dir) as outputs:
-            for event in pipe.run(story, config, memory, cancel=cancel):
+            for event in pipe.run(story, config, memory, cancel=cancel, start_image=start_image):
                 if event.frames is not None:
                     outputs.add(event.frames)
                 record = tally.add(event, outputs.frames_made, keep_latents)
@@ -239,11 +241,16 @@ def render_story(
 
 
 def story_map(story: Story, registry: EntityRegistry | None, result: RenderResult) -> dict[str, Any]:
-    """The story map of a render: the prompts, the entity registry, the memory's own report, and per chunk what the
-    memory did. Written next to a CLI video as JSON and drawn by `pictures.story_map_picture`."""
+    """The story map of a render: the prompts, the frames written of those planned (and whether the render was cut
+    short), the entity registry, the memory's own report, and per chunk what the memory did. Written next to a CLI
+    video as JSON and drawn by `pictures.story_map_picture`; `batch` reads it to tell a finished video."""
     return {
         "title": story.title,
         "prompts": list(story.prompts),
+        "frames": result.frames_written,
+        "planned_frames": result.plan.num_video_frames,
+        "chunk_frames": result.plan.chunk_frames,  # latent frames per chunk: 3, or 1 for a frame-wise model
+        "cancelled": result.cancelled,
         "registry": registry.to_dict() if registry is not None else None,
         "memory": result.memory_map if result.memory_map is not None else {"mode": result.memory_name},
         "chunks": [{"chunk": r.index, "segment": r.segment, **r.memory} for r in result.chunks],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .config import CacheConfig, SamplerConfig, TransitionConfig, check_options, option, option_from
 from .memory import IdentityMemory, MemFlowMemory, MemoryPolicy, NoMemory
+from .model_presets import ModelPreset, model_preset
 from .story.entities import EntityRegistry
 from .verify import AsyncVerifier, ImmediateVerifier, Scorer, Verifier
 
@@ -41,6 +42,13 @@ class MemorySettings:
         0.3,
         "identity: weight of the verifier's visual score against text relevance when choosing a chunk's frame "
         "(needs a verifier).",
+        min=0.0, max=1.0, step=0.05,
+    )  # fmt: skip
+    reference_weight: float = option(
+        0.0,
+        "identity: the score entity reference pictures compete with when frames are chosen (generated frames score "
+        "their verifier's visual score, 0.5 without one). 0: a picture comes back only while no generated frame "
+        "shows its entity; 1: pictures win over generated frames.",
         min=0.0, max=1.0, step=0.05,
     )  # fmt: skip
     archive_limit_mb: int = option(
@@ -81,11 +89,19 @@ PRESETS = {"identity": IAMFLOW, "memflow": MEMFLOW, "none": LONGLIVE}  # by memo
 
 
 def sampler_config(
-    settings: MemorySettings, height: int = SamplerConfig.height, width: int = SamplerConfig.width
+    settings: MemorySettings,
+    height: int = SamplerConfig.height,
+    width: int = SamplerConfig.width,
+    model: ModelPreset | None = None,
 ) -> SamplerConfig:
-    """The sampler config these settings need (cache memory segment, sparse activation, transition)."""
-    cache = CacheConfig(memory_frames=settings.memory_frames, sparse_topk=settings.sparse_topk)
-    return SamplerConfig(height, width, cache=cache, transition=TransitionConfig(settings.transition))
+    """The sampler config these settings need (cache memory segment, sparse activation, transition) for the
+    checkpoint `model` streams (frames per chunk, window, sink, steps; None: LongLive's, the default)."""
+    model = model or model_preset(None)
+    cache = model.cache(memory_frames=settings.memory_frames, sparse_topk=settings.sparse_topk)
+    return SamplerConfig(
+        height, width, steps=model.steps, shift=model.shift, cache=cache,
+        transition=TransitionConfig(settings.transition), first_steps=model.first_steps,
+    )  # fmt: skip
 
 
 def build_memory(
@@ -105,6 +121,7 @@ def build_memory(
         archive_limit_bytes=settings.archive_limit_mb * 2**20,
         verifier=verifier,
         verifier_wait=settings.verifier_wait,
+        reference_weight=settings.reference_weight,
     )
 
 

@@ -86,9 +86,11 @@ class Recache(Hard):
     def switch(self, switch: Switch) -> None:
         super().switch(switch)
         first = max(self.sink_frames, switch.start_frame - self.capacity)
-        frames = [z for f, z in self.history if first <= f < switch.start_frame]
-        if frames:
-            switch.context_pass(torch.cat(frames, dim=2), first, switch.cross)
+        # The remembered latents from `first` on (a chunk may straddle it: a start image shifts the chunks by one).
+        parts = [(f, z[:, :, max(0, first - f) :]) for f, z in self.history if f + z.shape[2] > first]
+        parts = [(max(f, first), z) for f, z in parts if f < switch.start_frame]
+        if parts:
+            switch.context_pass(torch.cat([z for _, z in parts], dim=2), parts[0][0], switch.cross)
 
     def remember(self, start_frame: int, latents: torch.Tensor) -> None:
         self.history.append((start_frame, latents))

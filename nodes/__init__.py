@@ -23,11 +23,11 @@ register_folders()
 from .loaders import LoadDiT, LoadTextEncoder, LoadVAE  # noqa: E402
 from .memory import IdentityMemory, InspectMemory, VLMVerifier  # noqa: E402
 from .sampler import DecodeVAE, StreamingSampler  # noqa: E402
-from .story import EntityExtractor, Story  # noqa: E402
+from .story import EntityExtractor, EntityReference, Story  # noqa: E402
 
 NODES: list[type[io.ComfyNode]] = [
-    LoadDiT, LoadTextEncoder, LoadVAE, Story, EntityExtractor, VLMVerifier, IdentityMemory, StreamingSampler,
-    DecodeVAE, InspectMemory,
+    LoadDiT, LoadTextEncoder, LoadVAE, Story, EntityExtractor, EntityReference, VLMVerifier, IdentityMemory,
+    StreamingSampler, DecodeVAE, InspectMemory,
 ]  # fmt: skip
 
 

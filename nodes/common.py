@@ -24,21 +24,21 @@ def precision_input(what: str) -> io.Combo.Input:
     )
 
 
-def option_input(cls: type, name: str) -> io.Input:
+def option_input(cls: type, name: str, optional: bool = False) -> io.Input:
     """The widget of a library option (a field made with `iamflow_core.config.option`): its default, bounds,
     choices and help come from the library's one declaration. An "automatic" (None) option shows its `auto`
-    number."""
+    number. `optional`: for options added after the first release, so prompts saved before still run."""
     default, spec = option_spec(cls, name)
     if spec.choices is not None:
-        return io.Combo.Input(name, options=list(spec.choices), default=default, tooltip=spec.help)
+        return io.Combo.Input(name, options=list(spec.choices), default=default, tooltip=spec.help, optional=optional)
     if isinstance(default, bool):
-        return io.Boolean.Input(name, default=default, tooltip=spec.help)
+        return io.Boolean.Input(name, default=default, tooltip=spec.help, optional=optional)
     low = spec.min
     if spec.auto is not None:
         default, low = (spec.auto if default is None else default), spec.auto
     kind = io.Float if isinstance(spec.step or default, float) else io.Int
     bounds = {k: v for k, v in (("min", low), ("max", spec.max), ("step", spec.step)) if v is not None}
-    return kind.Input(name, default=default, tooltip=spec.help, **bounds)
+    return kind.Input(name, default=default, tooltip=spec.help, optional=optional, **bounds)
 
 
 def options_from_widgets(cls: type, values: dict):

@@ -52,8 +52,9 @@ class IdentityMemory(io.ComfyNode):
     # Widget order is the order saved in workflows: new options go at the end.
     OPTIONS = (
         "mode", "transition", "max_frames", "min_frames_multi_entity", "bank_size", "record_interval", "sparse_topk",
-        "visual_weight", "archive_limit_mb", "async_verifier", "verifier_wait",
+        "visual_weight", "archive_limit_mb", "async_verifier", "verifier_wait", "reference_weight",
     )  # fmt: skip
+    ADDED = ("reference_weight",)  # optional inputs: API prompts saved before they existed still run
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -66,7 +67,7 @@ class IdentityMemory(io.ComfyNode):
             description="Memory settings: IAMFlow identity memory, the MemFlow bank or none, the frame budgets, the "
             "prompt transition and how the verifier runs. The sampler builds a fresh memory from them on every run.",
             inputs=[
-                *(option_input(MemorySettings, name) for name in cls.OPTIONS),
+                *(option_input(MemorySettings, name, optional=name in cls.ADDED) for name in cls.OPTIONS),
                 VLM.Input("verifier", optional=True, tooltip="Optional VLM verifier (identity mode)."),
             ],
             outputs=[MEMORY.Output(display_name="memory", tooltip="Memory settings and verifier, for the sampler.")],

@@ -17,6 +17,7 @@ import torch
 from comfy_api.latest import InputImpl, io, ui
 
 from iamflow_core.config import VIDEO_FPS
+from iamflow_core.model_presets import DEFAULT_MODEL_PRESET, MODEL_PRESETS
 
 from .common import CATEGORY, option_input, show_status
 from .values import DIT, MEMORY, STATE, STORY, TEXT_ENCODER, VAE, StateValue
@@ -223,6 +224,13 @@ class StreamingSampler(io.ComfyNode):
                     tooltip="The mp4 written chunk by chunk goes to ComfyUI's output folder under this prefix; it is "
                     "kept if you cancel.",
                 ),
+                io.Combo.Input(
+                    "model_preset", options=list(MODEL_PRESETS), default=DEFAULT_MODEL_PRESET, optional=True,
+                    tooltip="Which streaming checkpoint the DiT is: its frames per chunk, attention window, sink and "
+                    "steps. longlive also fits MemFlow and IAMFlow; causal-forcing-frame-* make one latent frame "
+                    "per chunk. The README's 'Model files' says where each file comes from. Optional, so prompts "
+                    "saved before it existed still run (as longlive).",
+                ),
                 MEMORY.Input(
                     "memory", optional=True,
                     tooltip="Memory settings (Identity Memory). Not connected: no memory, KV recache at prompt "
@@ -232,6 +240,11 @@ class StreamingSampler(io.ComfyNode):
                     "vae", optional=True,
                     tooltip="Wan VAE: decodes each chunk while the next one is sampled (on its own device). Not "
                     "connected: only LATENT comes out (decode it with Streaming VAE Decode).",
+                ),
+                io.Image.Input(
+                    "start_image", optional=True,
+                    tooltip="Image-to-video: the video's first frame, which the story continues (scaled to cover "
+                    "width x height and cropped to its centre). Needs the VAE.",
                 ),
             ],
             outputs=[
@@ -247,14 +260,19 @@ class StreamingSampler(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def execute(cls, dit, text_encoder, story, width, height, seed, filename_prefix, memory=None, vae=None):
+    def execute(
+        cls, dit, text_encoder, story, width, height, seed, filename_prefix, memory=None, vae=None, start_image=None,
+        model_preset=DEFAULT_MODEL_PRESET,
+    ):  # fmt: skip
         from iamflow_core.settings import LONGLIVE
 
         settings = memory.settings if memory is not None else LONGLIVE
+        start = _start_image(start_image, vae, story, settings)
         run_story = replace(story.story, seed=seed)
         out_path, subfolder = _output_path(filename_prefix, width, height) if vae is not None else (None, "")
+        config = _config(settings, height, width, model_preset)
         result = _render(cls.hidden.unique_id, (dit, text_encoder, vae), run_story, settings, story, memory,
-                         (height, width), out_path)  # fmt: skip
+                         config, out_path, start)  # fmt: skip
         state = StateValue(story.story, story.registry, replace(result, frames=None, latents=None))
         outputs = (to_image(result.frames, height, width), to_comfy_latent(result.latents), state)
         if out_path is None:
@@ -265,23 +283,52 @@ class StreamingSampler(io.ComfyNode):
         return io.NodeOutput(*outputs, InputImpl.VideoFromFile(str(out_path)), ui=video)
 
 
-def _render(unique_id, models, run_story, settings, story, memory, size, out_path):
+def _start_image(image, vae, story, settings):
+    """The start picture as uint8 RGB, or None; and a clear error for pictures the run could not use."""
+    from iamflow_core.images import as_rgb
+
+    registry = story.registry
+    if registry is not None and registry.references and settings.mode != "identity":
+        names = ", ".join(sorted({registry.entity(r.entity).name for r in registry.references}))
+        raise ValueError(
+            f"the story has reference pictures of {names} (Entity Reference), which only identity memory uses; "
+            f"connect an Identity Memory node with mode identity (the memory is {settings.mode})"
+        )
+    if image is None:
+        return None
+    if vae is None:
+        raise ValueError("start_image needs the VAE to encode it; connect the vae input (Load Wan VAE)")
+    if image.ndim == 4 and image.shape[0] > 1:
+        raise ValueError(f"start_image is a batch of {image.shape[0]} pictures; give one (e.g. ImageFromBatch)")
+    return as_rgb(image, "start_image")
+
+
+def _config(settings, height: int, width: int, preset: str):
+    """The sampler config: the memory settings, the video size and the checkpoint's preset (a clear error for a
+    preset name this pack does not have, e.g. from a newer workflow)."""
+    from iamflow_core.model_presets import model_preset
+    from iamflow_core.settings import sampler_config
+
+    return sampler_config(settings, height, width, model_preset(preset))
+
+
+def _render(unique_id, models, run_story, settings, story, memory, config, out_path, start_image=None):
     """The library's render with ComfyUI's progress, previews and Cancel; raises ComfyUI's interrupt on Cancel."""
     from iamflow_core.pipeline import StreamingPipeline
     from iamflow_core.weights import check_compatible
 
     check_compatible(*models)  # the three loaders are separate nodes: files that do not fit fail here, named
     from iamflow_core.render import render_story
-    from iamflow_core.settings import build_memory, sampler_config
+    from iamflow_core.settings import build_memory
     from iamflow_core.story import plan_chunks
 
-    monitor = _ChunkMonitor(unique_id, plan_chunks(run_story).num_chunks, out_path)
+    monitor = _ChunkMonitor(unique_id, plan_chunks(run_story, config.cache.chunk_frames).num_chunks, out_path)
     try:
         with _verifier_for_run(settings, memory) as verifier:
             result = render_story(
-                StreamingPipeline(*models), run_story, sampler_config(settings, *size),
+                StreamingPipeline(*models), run_story, config,
                 build_memory(settings, story.registry, verifier), out_path=out_path, on_chunk=monitor,
-                cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(),
+                cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(), start_image=start_image,
             )  # fmt: skip
     finally:
         monitor.close()  # every chunk's preview is out before the final video replaces it

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
+import folder_paths
 from comfy_api.latest import io, ui
 
 from . import folders
@@ -120,14 +122,59 @@ class EntityExtractor(io.ComfyNode):
         return io.NodeOutput(value, text, ui=preview)
 
 
+class EntityReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IAMFlowEntityReference",
+            display_name="Entity Reference",
+            category=CATEGORY,
+            description="Says with a picture what an entity of the story looks like: the picture is kept as a "
+            "memory frame of that entity, never dropped, and comes back where the entity is in the prompt (Identity "
+            "Memory's reference_weight says how strongly). Chain one node per picture.",
+            inputs=[
+                STORY.Input("story", tooltip="A story with its entity registry (from Entity Extractor)."),
+                io.Image.Input(
+                    "image", tooltip="The entity's picture (a batch: several pictures of it); scaled to cover the "
+                    "video size and cropped to its centre.",
+                ),
+                io.String.Input(
+                    "entity", default="1",
+                    tooltip="Whose picture: the entity's id, name or alias in the registry (the Entity Extractor's "
+                    "sheet lists them).",
+                ),
+            ],
+            outputs=[STORY.Output(display_name="story", tooltip="The same story; the entity has this picture.")],
+            hidden=[io.Hidden.unique_id],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, story, image, entity) -> io.NodeOutput:
+        from iamflow_core.images import as_rgb
+
+        if story.registry is None:
+            raise ValueError(
+                "the story has no entity registry, so there is no entity to give a picture to; connect the story "
+                "output of Entity Extractor (with an LLM or a registry_json)"
+            )
+        registry, who = story.registry, story.registry.find(entity)
+        for n in range(image.shape[0]):
+            name = f"Entity Reference {cls.hidden.unique_id}" + (f" #{n + 1}" if image.shape[0] > 1 else "")
+            registry = registry.with_reference(who.id, as_rgb(image[n], f"picture {n + 1} of {who.name}"), name)
+        count = sum(r.entity == who.id for r in registry.references)
+        show_status(cls.hidden.unique_id, f"#{who.id} {who.name}: {count} picture{'s' if count > 1 else ''}")
+        return io.NodeOutput(replace(story, registry=registry))
+
+
 def _registry(story: StoryValue, llm: str, device: str, registry_json: str):
     """The registry: the artist's JSON, else the LLM's (loaded, run and unloaded here), else None. And a device
     fallback warning."""
     from iamflow_core.story.entities import EntityRegistry
 
     num_segments = len(story.story.segments)
-    if registry_json.strip():
-        return EntityRegistry.from_json(registry_json, num_segments=num_segments, source="user"), None
+    if registry_json.strip():  # pictures it names ("images") are read from ComfyUI's input folder
+        folder = Path(folder_paths.get_input_directory())
+        return EntityRegistry.from_json(registry_json, num_segments=num_segments, source="user", folder=folder), None
     if llm == folders.NONE:
         return None, None
     from iamflow_core.story.llm import EntityExtractor as Extractor

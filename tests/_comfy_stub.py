@@ -83,6 +83,7 @@ def _folder_paths() -> types.ModuleType:
     )
     fp.get_output_directory = lambda: fp.output_directory
     fp.get_temp_directory = lambda: fp.temp_directory
+    fp.get_input_directory = lambda: fp.input_directory
     return fp
 
 
@@ -218,6 +219,7 @@ def configure(root: Path, *, legacy_names: bool = False) -> Recorder:
         key: ([str(models / key)], SUPPORTED) for key in (*keys, "vae", "loras", "checkpoints")
     }
     fp.output_directory, fp.temp_directory = str(root / "output"), str(root / "temp")
+    fp.input_directory = str(root / "input")
     for folder in (root / "output", root / "temp"):
         folder.mkdir(parents=True, exist_ok=True)
     _state["interrupted"] = False

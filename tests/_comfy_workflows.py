@@ -24,6 +24,11 @@ CORE_NODES = {
         }
     },
 }
+# LoadImage of ComfyUI 0.3.64 (nodes.py), its choices being the pictures the example workflows name: the files in
+# the input folder.
+PICTURES = ["iamflow_ethan.png", "iamflow_first_shot.png", "iamflow_nora.png"]
+CORE_NODES["LoadImage"] = {"required": {"image": (PICTURES, {"image_upload": True})}}
+CORE_OUTPUTS = {"SaveAnimatedWEBP": (), "LoadImage": ("IMAGE", "MASK")}
 OUTPUT_NODES = {"SaveAnimatedWEBP"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend; never sent to the server
 
@@ -65,6 +70,10 @@ def widget_values(node: dict, definition: dict) -> dict:
         if not values:
             raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
         named[name] = values.pop(0)
+        if len(spec) > 1 and spec[1].get("image_upload"):  # the frontend's upload button keeps a slot: "image"
+            if not values or values[0] != "image":
+                raise ValueError(f"node {node['id']} ({node['type']}): {name!r} needs the upload slot after it")
+            values.pop(0)
         if has_control(name, spec):
             if not values or values[0] not in CONTROL_MODES:
                 raise ValueError(f"node {node['id']} ({node['type']}): {name!r} needs a control mode slot after it")

@@ -129,7 +129,21 @@ def prepare_base(root: Path) -> Path:
     (root / "models" / "LLM" / VLM_FOLDER).symlink_to(qwen.vlm, target_is_directory=True)
     (root / "custom_nodes").mkdir()
     (root / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
+    _write_pictures(root / "input")
     return root
+
+
+def _write_pictures(folder: Path) -> None:
+    """The pictures iamflow_pictures.json loads (its Load Image nodes), as an artist would have uploaded them."""
+    import numpy as np
+    from PIL import Image
+
+    from tests._comfy_workflows import PICTURES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(PICTURES):
+        pixels = np.random.default_rng(seed).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
 
 
 class Server:

@@ -102,6 +102,23 @@ def test_streaming_past_the_window_equals_sink_plus_window_mask(model):
     assert sorted(cache.state.local) == [15, 16, 17]
 
 
+@pytest.mark.parametrize("window", [9, 5], ids=["window-covers-video", "past-the-window"])
+def test_frame_wise_streaming_equals_block_causal_full_forward(model, window):
+    """One latent frame per chunk (Causal Forcing's frame-wise models): every frame sees the sink, the window's
+    previous frames and itself, exactly as the frame-causal mask of the full sequence says."""
+    cfg = CacheConfig(chunk_frames=1, sink_frames=3, window_frames=window, memory_frames=0)
+    x, text = _inputs(frames=9)
+    t_chunks = [1000.0, 0.0, 625.0, 250.0, 937.5, 0.0, 500.0, 833.3, 1000.0]
+    with torch.no_grad():
+        streamed, cache = _stream(model, x, text, cfg, t_chunks)
+        full = _full_masked(model, x, text, cfg, t_chunks)
+    assert (streamed - full).abs().max().item() <= 1e-4
+    assert cache.state.sink == (0, 1, 2)
+    assert sorted(cache.state.local) == list(range(9 - cfg.local_frames, 9))
+    # the mask really differs from chunk-wise streaming: frame 4 does not see frame 5 of its 3-frame chunk
+    assert not frame_visibility(9, cfg)[4, 5] and frame_visibility(9, CacheConfig(window_frames=9))[4, 5]
+
+
 def test_denoising_passes_leave_the_cache_untouched(model):
     cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=12, memory_frames=0)
     x, text = _inputs(frames=6)

@@ -42,12 +42,16 @@ from tests._frontend import WORKFLOWS as WORKFLOW_DIR  # the folder; WORKFLOWS b
 
 pytestmark = pytest.mark.slow
 
-WORKFLOWS = ["iamflow_two_gpu", "iamflow_one_gpu", "memflow_baseline", "streaming_story_plain"]
+WORKFLOWS = ["iamflow_two_gpu", "iamflow_one_gpu", "memflow_baseline", "streaming_story_plain", "iamflow_pictures"]
 SHOTS = REPO / "docs" / "screenshots"
 STORY_TEXT = "1.5s | a woman in a red coat reads a notebook\n1.5s | a man in a grey hoodie waves"
 FRAMES = 45  # 2 segments x 2 chunks: 9 + 3 x 12 video frames
 WIDTH, HEIGHT = 48, 32
 TINY = {"IAMFlowStory": {"text": STORY_TEXT}, "IAMFlowStreamingSampler": {"width": WIDTH, "height": HEIGHT}}
+# The pictures workflow types its registry: one that fits the tiny story, with the names its Entity References use.
+TINY_REGISTRY = {"entities": [{"id": 1, "name": "Nora", "aliases": ["woman"]}, {"id": 2, "name": "Ethan"}],
+                 "prompts": [[1], [2]]}  # fmt: skip
+TINY_FOR = {"iamflow_pictures": {"IAMFlowEntityExtractor": {"registry_json": json.dumps(TINY_REGISTRY)}}}
 RUN_S = 300
 SAMPLER, SAVE_WEBP = "IAMFlowStreamingSampler", "SaveAnimatedWEBP"
 
@@ -104,7 +108,7 @@ def _open_and_run(front: Frontend, name: str) -> Visit:
     card = front.open_template(name)
     opened = front.layout()
     front.screenshot(SHOTS / f"{name}_load.jpg")
-    front.set_widgets(TINY)
+    front.set_widgets(TINY | TINY_FOR.get(name, {}))
     sampler = _node_id(opened, SAMPLER)
     run = front.press_run()
     front.wait_for_progress(run, sampler, 1, RUN_S)
@@ -191,10 +195,11 @@ def test_no_two_nodes_overlap_when_opened(name, visits):
 def test_run_button_makes_the_video(name, visits, server):
     visit = visits(name)
     mp4 = _saved_mp4(visit.outputs[str(_node_id(visit.done, SAMPLER))], server)
-    assert read_video_frame_count(mp4) == FRAMES
+    frames = FRAMES + (4 if name == "iamflow_pictures" else 0)  # its start image leads chunk 0's 12 frames
+    assert read_video_frame_count(mp4) == frames
     (webp,) = visit.outputs[str(_node_id(visit.done, SAVE_WEBP))]["images"]
     with Image.open(server.output / webp["subfolder"] / webp["filename"]) as image:
-        assert image.n_frames == FRAMES
+        assert image.n_frames == frames
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

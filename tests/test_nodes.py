@@ -26,7 +26,7 @@ from iamflow_core.pipeline import StreamingPipeline  # noqa: E402
 from iamflow_core.presets import tiny_models  # noqa: E402
 from iamflow_core.render import decode_latents, render_story  # noqa: E402
 from iamflow_core.story import Segment, Story  # noqa: E402
-from iamflow_core.story.entities import EntityRegistry  # noqa: E402
+from iamflow_core.story.entities import EntityRegistry, RegistryError  # noqa: E402
 from iamflow_core.video import read_video_frame_count, read_video_frames  # noqa: E402
 from nodes import devices, folders  # noqa: E402
 from nodes.values import MemoryValue, StateValue, StoryValue  # noqa: E402
@@ -87,8 +87,10 @@ def story_value(registry=True) -> StoryValue:
     return run("IAMFlowEntityExtractor", story, "None", "cpu", registry_json=json.dumps(REGISTRY))[0][0]
 
 
-def memory_value(mode="identity", transition="soft", verifier=None, async_verifier=True) -> MemoryValue:
-    values = (mode, transition, 4, 2, 3, 1, 0, 0.3, 2048, async_verifier, -1.0)  # ComfyUI passes inputs by name
+def memory_value(
+    mode="identity", transition="soft", verifier=None, async_verifier=True, reference_weight=0.0
+) -> MemoryValue:
+    values = (mode, transition, 4, 2, 3, 1, 0, 0.3, 2048, async_verifier, -1.0, reference_weight)  # passed by name
     options = dict(zip(N["IAMFlowIdentityMemory"].OPTIONS, values))
     return run("IAMFlowIdentityMemory", verifier=verifier, **options)[0][0]
 
@@ -104,7 +106,7 @@ def saved_image(comfy, ui: dict) -> Path:
 def test_every_node_is_a_v3_node_for_comfyui(comfy):
     from comfy_api.latest import io
 
-    assert len(N) == 10 and all(issubclass(cls, io.ComfyNode) for cls in N.values())
+    assert len(N) == 11 and all(issubclass(cls, io.ComfyNode) for cls in N.values())
     for name, cls in N.items():
         schema = cls.GET_SCHEMA()
         assert name.startswith("IAMFlow") and cls.CATEGORY == "IAMFlow" and cls.DESCRIPTION, name
@@ -312,9 +314,11 @@ def test_memory_node_exposes_every_memory_option_as_declared(comfy):
     from iamflow_core.config import option_spec
     from iamflow_core.settings import MemorySettings
 
-    required = N["IAMFlowIdentityMemory"].INPUT_TYPES()["required"]
-    assert set(required) == {f.name for f in dataclasses.fields(MemorySettings)}
-    for name, spec in required.items():
+    types = N["IAMFlowIdentityMemory"].INPUT_TYPES()
+    widgets = {**types["required"], **{k: v for k, v in types["optional"].items() if k != "verifier"}}
+    assert set(types["optional"]) - {"verifier"} == set(N["IAMFlowIdentityMemory"].ADDED)  # later options: optional
+    assert set(widgets) == {f.name for f in dataclasses.fields(MemorySettings)}
+    for name, spec in widgets.items():
         options = spec[1]
         default, declared = option_spec(MemorySettings, name)
         assert options["tooltip"] == declared.help
@@ -324,8 +328,8 @@ def test_memory_node_exposes_every_memory_option_as_declared(comfy):
         elif spec[0] != "BOOLEAN":
             low = declared.auto if declared.auto is not None else declared.min
             assert options["max"] == declared.max and options["min"] == low
-    defaults = {name: spec[1]["default"] for name, spec in required.items()}
-    assert run("IAMFlowIdentityMemory", **defaults)[0][0].settings == MemorySettings()
+    defaults = {name: spec[1]["default"] for name, spec in types["required"].items()}
+    assert run("IAMFlowIdentityMemory", **defaults)[0][0].settings == MemorySettings()  # as a prompt saved before
 
 
 def test_memory_node_makes_settings_not_a_policy(comfy):
@@ -387,6 +391,50 @@ def test_no_chunk_clip_when_the_video_is_due_first(comfy, monkeypatch):
     )  # fmt: skip
     assert not [data for event, data in comfy.messages if event == "executed" and data["node"] == "9"]
     assert saved_image(comfy, ui).suffix == ".mp4"
+
+
+def _picture(seed: int, height: int = 40, width: int = 60) -> torch.Tensor:
+    """A ComfyUI IMAGE: float32 [1, H, W, 3] in [0, 1]."""
+    return torch.from_numpy(np.random.default_rng(seed).random((1, height, width, 3), dtype=np.float32))
+
+
+def test_entity_pictures_and_a_start_image_from_nodes(comfy):
+    """Two Entity Reference nodes in a chain give Nora and Ethan their pictures; the sampler starts from a third."""
+    dit, te, vae = load_models()
+    story = run("IAMFlowEntityReference", story_value(), _picture(1), "Nora", unique_id="5")[0][0]
+    assert status(comfy, "5") == "#1 Nora: 1 picture"
+    story = run("IAMFlowEntityReference", story, torch.cat([_picture(2), _picture(3)]), "2", unique_id="6")[0][0]
+    assert status(comfy, "6") == "#2 Ethan: 2 pictures"
+    assert [r.entity for r in story.registry.references] == [1, 2, 2]
+    (images, _, state, _), ui = run(
+        "IAMFlowStreamingSampler", dit, te, story, 48, 32, 7, "IAMFlow/pictures", memory=memory_value(), vae=vae,
+        start_image=_picture(4, 64, 64), unique_id="9",
+    )  # fmt: skip
+    assert images.shape[0] == FRAMES + 4  # the start image's frame leads the first chunk's 12
+    archive = state.render.memory_map["archive"]
+    assert [f["image"] for f in archive if f.get("reference")] == [
+        "Entity Reference 5", "Entity Reference 6 #1", "Entity Reference 6 #2",
+    ]  # fmt: skip
+    retrieved = state.render.chunks[0].memory["retrieved"]["frames"]
+    assert [f["image"] for f in retrieved] == ["Entity Reference 5"]  # Nora from her picture at the first frame
+
+
+def test_pictures_that_cannot_be_used_are_one_clear_error_each(comfy):
+    dit, te, vae = load_models()
+    with pytest.raises(RegistryError, match=r"no entity 'Mia' in the registry \(entities: 1 Nora, 2 Ethan\)"):
+        run("IAMFlowEntityReference", story_value(), _picture(1), "Mia")
+    with pytest.raises(ValueError, match="the story has no entity registry"):
+        run("IAMFlowEntityReference", story_value(registry=False), _picture(1), "Nora")
+    with pytest.raises(ValueError, match=r"picture 1 of Nora is 1x1 pixels"):
+        run("IAMFlowEntityReference", story_value(), _picture(1, 1, 1), "Nora")
+    story = run("IAMFlowEntityReference", story_value(), _picture(1), "Nora")[0][0]
+    with pytest.raises(ValueError, match="reference pictures of Nora .* only identity memory uses"):
+        run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 7, "x", memory=memory_value("none"), vae=vae)
+    with pytest.raises(ValueError, match="start_image needs the VAE"):
+        run("IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 7, "x", start_image=_picture(4))
+    with pytest.raises(ValueError, match="start_image is a batch of 2 pictures"):
+        run("IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 7, "x", vae=vae,
+            start_image=torch.cat([_picture(4), _picture(5)]))  # fmt: skip
 
 
 def test_same_seed_same_video_and_decode_node_matches(comfy):

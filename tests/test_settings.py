@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from iamflow_core import cli
+from iamflow_core import cli, runs
 from iamflow_core.config import CacheConfig, SamplerConfig, TransitionConfig, check_options, option_spec
 from iamflow_core.memory import IdentityMemory, MemFlowMemory, NoMemory
 from iamflow_core.models.dit import CrossKV
@@ -109,10 +109,10 @@ def _args(*flags: str):
 
 def test_every_memory_option_has_a_flag_and_the_presets_apply():
     names = {f.name for f in dataclasses.fields(MemorySettings)} - {"mode"}
-    assert names == set(cli.MEMORY_FLAGS)
-    assert cli.memory_settings(_args()) == IAMFLOW
-    assert cli.memory_settings(_args("--memory", "memflow")) == MEMFLOW
-    given = cli.memory_settings(_args("--memory", "memflow", "--transition", "soft", "--bank-size", "5"))
+    assert names == set(runs.MEMORY_FLAGS)
+    assert runs.memory_settings(_args()) == IAMFLOW
+    assert runs.memory_settings(_args("--memory", "memflow")) == MEMFLOW
+    given = runs.memory_settings(_args("--memory", "memflow", "--transition", "soft", "--bank-size", "5"))
     assert given == dataclasses.replace(MEMFLOW, transition="soft", bank_size=5)
     flags = (
         "--archive-limit-mb",
@@ -123,7 +123,7 @@ def test_every_memory_option_has_a_flag_and_the_presets_apply():
         "--min-frames-multi-entity",
         "1",
     )
-    settings = cli.memory_settings(_args(*flags))
+    settings = runs.memory_settings(_args(*flags))
     assert (settings.archive_limit_mb, settings.verifier_wait, settings.async_verifier) == (256, None, False)
 
 

@@ -21,6 +21,7 @@ _comfy_stub.install()
 from tests._comfy_models import write_tiny_models  # noqa: E402
 from tests._comfy_workflows import (  # noqa: E402
     CORE_NODES,
+    CORE_OUTPUTS,
     FRONTEND_ONLY,
     OUTPUT_NODES,
     combo_options,
@@ -34,7 +35,13 @@ from tests._frontend import CANVAS, READABLE_ZOOM, Rect, node_label, node_rect, 
 
 CLASSES = _comfy_stub.node_classes()
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
-REQUIRED = {"iamflow_two_gpu.json", "iamflow_one_gpu.json", "streaming_story_plain.json", "memflow_baseline.json"}
+REQUIRED = {
+    "iamflow_two_gpu.json",
+    "iamflow_one_gpu.json",
+    "streaming_story_plain.json",
+    "memflow_baseline.json",
+    "iamflow_pictures.json",
+}
 USER_FILES = (
     "wan2.1_t2v_1.3B_bf16.safetensors", "iamflow_fp8.safetensors", "umt5_xxl_fp16.safetensors",
     "wan_2.1_vae.safetensors", "Qwen3-4B-Instruct-2507", "Qwen3-VL-2B-Instruct",
@@ -51,7 +58,7 @@ def definitions(tmp_path_factory):
 
 
 def _outputs(type_: str) -> tuple[str, ...]:
-    return CLASSES[type_].RETURN_TYPES if type_ in CLASSES else ()
+    return CLASSES[type_].RETURN_TYPES if type_ in CLASSES else CORE_OUTPUTS[type_]
 
 
 def _check_value(where: str, name: str, spec: tuple, value, node_type: str) -> None:

@@ -1,10 +1,13 @@
 """End-to-end speed of the story pipeline at full size with random weights (compute does not depend on values).
 
     python -m iamflow_core bench speed [--story FILE] [--memory none memflow identity iamflow] [--gpus 1 2]
+        [--preset-model causal-forcing-frame-2step] [--pictures 0 2]
 
 `identity` is IAMFlow's memory with the default story's entity registry and soft transitions, without the
 verifier; `iamflow` adds the asynchronous verifier (a random Qwen3-VL-2B-shaped model on the VAE's GPU), so the
-two rows show what verification costs.
+two rows show what verification costs. `--pictures 0 2` renders the identity rows once per count of random reference
+pictures per entity (the archive bound raised by what the pictures take, so generated frames keep their room), and
+gives the time to encode and prepare one picture.
 
 For each memory mode and GPU count: renders a 60-s, 6-prompt story at 480x832 to an mp4 exactly as the CLI does
 (text encoding, DiT, transitions, VAE decode overlapped on the VAE's GPU, writing in a background thread) and
@@ -15,15 +18,18 @@ time of each stage per chunk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..config import DiTConfig, T5Config, VAEConfig
+from ..config import VIDEO_FPS, WAN21_TEMPORAL_FACTOR, DiTConfig, T5Config, VAEConfig
+from ..model_presets import DEFAULT_MODEL_PRESET, MODEL_PRESETS, ModelPreset, model_preset
 from ..models.attention import BACKENDS, resolve_backend
 from ..models.dit import CausalWanDiT
 from ..models.t5 import UMT5Encoder
@@ -72,10 +78,12 @@ def _verifier(memory_mode: str, vlm_dir: Path | None, device: str, queue: int):
 
 
 def _warm_up(models, story: Story, config, memory) -> float:
-    """Compiles the fused kernels for these shapes (not timed); 4 chunks before the switch, so the warm-up also
-    compiles the full 9-frame recache. Returns its seconds."""
+    """Compiles the fused kernels for these shapes (not timed); a full window before the switch (4 chunks of 3
+    frames, 21 of 1 frame-wise), so the warm-up also compiles the full recache. Returns its seconds."""
     t0 = time.perf_counter()
-    warm = Story((Segment(story.prompts[0], 3.0), Segment(story.prompts[1], 1.5)))
+    frame_s = WAN21_TEMPORAL_FACTOR / VIDEO_FPS  # one latent frame: 0.25 s
+    first, second = config.cache.window_frames * frame_s, 2 * config.cache.chunk_frames * frame_s  # 3 s, 1.5 s
+    warm = Story((Segment(story.prompts[0], first), Segment(story.prompts[1], second)))
     for _ in StreamingPipeline(*models).run(warm, config, memory):
         pass
     return time.perf_counter() - t0
@@ -84,7 +92,7 @@ def _warm_up(models, story: Story, config, memory) -> float:
 def _per_chunk_ms(models, story: Story, config, memory, chunks: int) -> tuple[dict[str, float], float]:
     """Per-stage time per chunk from a short run with synchronised stages (slower overall, so separate), and the
     text encoding time."""
-    half = 0.75 * chunks / 2
+    half = config.cache.chunk_frames * WAN21_TEMPORAL_FACTOR / VIDEO_FPS * chunks / 2  # seconds of chunks / 2
     short = Story((Segment(story.prompts[0], half), Segment(story.prompts[1], half)))
     events = list(StreamingPipeline(*models, profile=True).run(short, config, memory))
     sums: dict[str, float] = {}
@@ -95,14 +103,50 @@ def _per_chunk_ms(models, story: Story, config, memory, chunks: int) -> tuple[di
     return per_chunk, round(1000 * events[0].timings["text"], 1)
 
 
+def _with_pictures(registry, per_entity: int, height: int, width: int):
+    """The registry with `per_entity` random reference pictures (a photo's size, 3:2) of each entity."""
+    rng = np.random.default_rng(0)
+    for entity in registry.entities:
+        for n in range(per_entity):
+            pixels = rng.integers(0, 256, (height, height * 3 // 2, 3), dtype=np.uint8)
+            registry = registry.with_reference(entity.id, pixels, f"random_{entity.id}_{n}.png")
+    return registry
+
+
+def _picture_ms(models, story: Story, config, settings, registry) -> float:
+    """Milliseconds to encode and prepare one reference picture: a render of one chunk per prompt with the pictures
+    minus one without, per picture (GPU synchronised)."""
+    one = Story(tuple(Segment(prompt, 0.75) for prompt in story.prompts))
+    times = []
+    for pictures in (registry, dataclasses.replace(registry, references=())):
+        for _ in range(2):  # the second of each is timed
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            list(StreamingPipeline(*models).run(one, config, build_memory(settings, pictures)))
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return round(1000 * (times[0] - times[1]) / len(registry.references), 1)
+
+
 def run_case(
-    models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None, verifier_queue: int = 4
-) -> dict:
+    models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None, verifier_queue: int = 4,
+    model: ModelPreset | None = None, pictures: int = 0,
+) -> dict:  # fmt: skip
+    """One row: `story` rendered with memory `memory_mode` and the streaming preset `model` (default LongLive's);
+    identity rows with `pictures` reference pictures per entity."""
     dit, _, vae = models
     devices = sorted({str(dit.device), str(vae.device)})
     settings = CASES[memory_mode]
-    config = sampler_config(settings)
+    model = model or model_preset(None)
+    config = sampler_config(settings, model=model)
     registry = DEFAULT_REGISTRY if settings.mode == "identity" and len(story.segments) == 6 else None
+    picture_ms = None
+    if registry is not None and pictures:
+        registry = _with_pictures(registry, pictures, config.height, config.width)
+        frame_mib = 2 * dit.cfg.num_layers * (config.height // 16) * (config.width // 16) * dit.cfg.dim * 2 / 2**20
+        extra = -(-int(frame_mib * len(registry.references)) // 64) * 64
+        settings = dataclasses.replace(settings, archive_limit_mb=settings.archive_limit_mb + extra)
+        picture_ms = _picture_ms(models, story, config, settings, registry)
     verifier = _verifier(memory_mode, vlm_dir, str(vae.device), verifier_queue)
     warmup_s = _warm_up(models, story, config, build_memory(settings, registry, verifier))
     for d in devices:
@@ -115,12 +159,16 @@ def run_case(
         )  # fmt: skip
     wall = result.timings["wall"]
     row = {
-        "memory": memory_mode, "attention": dit.attention_backend, "transition": settings.transition,
+        "memory": memory_mode, "model": model.name, "attention": dit.attention_backend,
+        "transition": settings.transition,
         "gpus": len(devices), "video_frames": result.frames_written, "wall_s": round(wall, 2),
         "video_fps": round(result.frames_written / wall, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
         "warmup_s": round(warmup_s, 1),
     }  # fmt: skip
+    if picture_ms is not None:
+        row.update(pictures=len(registry.references), picture_prepare_ms=picture_ms,
+                   archive_limit_mb=settings.archive_limit_mb)  # fmt: skip
     if verifier is not None:
         # late_chunks: frames chosen on text alone because the verdict came too late (dropped jobs included)
         row["verifier"] = {"queue": verifier_queue, **verifier.stats(), "late_chunks": policy.late_verdicts}
@@ -143,6 +191,17 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     parser.add_argument("--chunks-profile", type=int, default=8)
     parser.add_argument("--verifier-queue", type=int, default=4, help="iamflow: jobs that may wait for the VLM")
     parser.add_argument("--attention", default="auto", choices=BACKENDS, help="DiT attention backend (as the CLI)")
+    parser.add_argument(
+        "--preset-model", choices=list(MODEL_PRESETS), default=DEFAULT_MODEL_PRESET,
+        help="streaming preset (frames per chunk, window, sink, steps), as the CLI's; e.g. causal-forcing-frame-2step",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pictures",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="identity rows: random reference pictures per entity, one row per count (e.g. 0 2)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the speed benchmark needs a CUDA GPU")
@@ -161,6 +220,11 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
 
             vlm_dir = model_folders(Path(args.workdir), "cuda:1" if gpus == 2 else "cuda:0")[1]
         for memory_mode in args.memory:
-            yield json.dumps(run_case(models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue))
+            for pictures in args.pictures if CASES[memory_mode].mode == "identity" else [0]:
+                row = run_case(
+                    models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue,
+                    model_preset(args.preset_model), pictures,
+                )  # fmt: skip
+                yield json.dumps(row)
         del models
         torch.cuda.empty_cache()

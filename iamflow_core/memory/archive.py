@@ -1,5 +1,8 @@
 """The identity memory's frame archive: frames of K/V tagged with the entity IDs they show, bounded in bytes.
 
+Reference pictures of entities are archived as pinned frames (`ArchivedFrame.reference`): never evicted, counted
+in the bound.
+
 `Archive` holds the frames in host memory and evicts past its byte bound; `greedy_cover` and `evict` are the pure
 choices (which frames cover a prompt's entities, which frame to drop) with unit tests of their own.
 """
@@ -27,6 +30,11 @@ class ArchivedFrame:
     k: torch.Tensor = field(repr=False)  # [layers, B, T, H, D] host memory, rotated at `position`
     v: torch.Tensor = field(repr=False)
     position: int = 0
+    reference: str | None = None  # a reference picture (its name): pinned, never evicted
+
+    @property
+    def pinned(self) -> bool:
+        return self.reference is not None
 
     @property
     def quality(self) -> float:
@@ -38,8 +46,11 @@ class ArchivedFrame:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
     def summary(self) -> dict[str, Any]:
-        return {"frame": self.frame, "chunk": self.chunk, "segment": self.segment, "entities": list(self.entities),
-                "text_score": round(self.text_score, 4), "visual_score": round(self.visual_score, 4)}  # fmt: skip
+        out = {"frame": self.frame, "chunk": self.chunk, "segment": self.segment, "entities": list(self.entities),
+               "text_score": round(self.text_score, 4), "visual_score": round(self.visual_score, 4)}  # fmt: skip
+        if self.pinned:
+            out.update(reference=True, image=self.reference)
+        return out
 
 
 def greedy_cover(
@@ -67,16 +78,18 @@ def greedy_cover(
 
 
 def evict(archive: list[ArchivedFrame], limit_bytes: int, keep: int = 1) -> list[ArchivedFrame]:
-    """Drop frames until the archive fits `limit_bytes` (keeping at least `keep`): first the worst frame whose
-    entities all appear in other frames (redundant), else the worst frame. Returns the evicted frames."""
+    """Drop frames until the archive fits `limit_bytes` (keeping at least `keep` frames besides the pinned ones,
+    which are never dropped): first the worst frame whose entities all appear in other frames (redundant), else the
+    worst frame. Returns the evicted frames."""
     gone = []
-    while len(archive) > keep and sum(f.nbytes for f in archive) > limit_bytes:
+    while len([f for f in archive if not f.pinned]) > keep and sum(f.nbytes for f in archive) > limit_bytes:
 
         def redundant(f: ArchivedFrame) -> bool:
             others = set().union(*(set(g.entities) for g in archive if g is not f))
             return set(f.entities) <= others
 
-        pool = [f for f in archive if redundant(f)] or archive
+        candidates = [f for f in archive if not f.pinned]
+        pool = [f for f in candidates if redundant(f)] or candidates
         worst = min(pool, key=lambda f: (f.quality, f.frame))
         archive.remove(worst)
         gone.append(worst)
@@ -112,6 +125,26 @@ class Archive:
             entry.k, entry.v = to_host(entry.k), to_host(entry.v)
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
         return kept, gone
+
+    def check_room(self, count: int, frame_bytes: int) -> None:
+        """Fail clearly when `count` reference frames of `frame_bytes` each do not fit the bound together."""
+        need = count * frame_bytes
+        if need > self.limit_bytes:
+            mb = -(-need // 2**20)
+            raise ValueError(
+                f"{count} reference pictures take {mb} MB of the identity archive, more than its bound of "
+                f"{self.limit_bytes // 2**20} MB; raise archive_limit_mb (--archive-limit-mb) to at least "
+                f"{-(-mb // 64) * 64} or give fewer pictures"
+            )
+
+    def pin(self, entries: list[ArchivedFrame]) -> None:
+        """Archive reference frames, which are never evicted; they must fit the bound together."""
+        if entries:
+            self.check_room(len(entries), max(f.nbytes for f in entries))
+        for entry in entries:
+            entry.k, entry.v = to_host(entry.k), to_host(entry.v)
+            self.frames.append(entry)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def descriptors(self, rope: RopeTables, like: torch.Tensor) -> torch.Tensor:
         """Each frame's mean key moved back to time 0 (`frame_descriptor`): [n, layers, B, H, D] on `like`'s

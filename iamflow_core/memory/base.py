@@ -38,6 +38,10 @@ class StepContext:
     # Finishes the decode of every chunk already handed to the decoder, so `on_frames` has run for each: a policy
     # that needs a chunk's frames now calls this rather than wait (the loop may read frames back only later).
     flush_frames: Callable[[], None] = lambda: None
+    # A picture (uint8 RGB [H, W, 3]) as a frame of K/V: encoded by the VAE and passed through the DiT's clean pass
+    # as latent frame 0 of an empty cache, under prompt `segment`'s conditioning. Returns K, V [layers, B, T, H, D]
+    # and the position K is rotated at. None without a VAE.
+    encode_image: Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor, int]] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # per-chunk report, copied into the chunk event
 
 

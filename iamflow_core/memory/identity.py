@@ -8,6 +8,10 @@ At a prompt switch the memory segment is rebuilt by greedy set cover of the new 
 `min_frames_multi_entity` frames when two or more entities, at most `max_frames`); in between, a better frame of the
 same entities replaces the weakest one. The archive lives in host memory and is bounded in bytes.
 
+Reference pictures of entities (`EntityRegistry.references`) are archived at the start as pinned frames, never
+evicted, and compete in the frame choice with the score `reference_weight`: at 0 a picture comes back only while no
+generated frame shows its entity (at the start and at a prompt switch), at 1 it wins over every generated frame.
+
 Improves on the reference release: objects are tracked too (they come from the registry), entity tokens are the
 prompt's real tokens, scores compare keys by content (temporal RoPE phase removed), frames are ranked across
 chunks by visual quality, the archive is bounded, and every setting reaches the loop.
@@ -63,7 +67,8 @@ def _last_frame_of_each_latent(num_pixel_frames: int, num_latents: int, temporal
 
 class IdentityMemory:
     """The identity-aware memory policy. Settings are those of `settings.MemorySettings` (declared and validated
-    there): max_frames, min_frames_multi_entity, visual_weight, archive_limit_bytes, verifier_wait."""
+    there): max_frames, min_frames_multi_entity, visual_weight, archive_limit_bytes, verifier_wait,
+    reference_weight."""
 
     name = "identity"
 
@@ -77,8 +82,10 @@ class IdentityMemory:
         archive_limit_bytes: int,
         verifier: Verifier | None = None,
         verifier_wait: float | None = None,
+        reference_weight: float = 0.0,
     ) -> None:
         self.registry = registry
+        self.reference_weight = reference_weight
         self.max_frames, self.min_frames_multi_entity = max_frames, min_frames_multi_entity
         self.visual_weight = visual_weight if verifier is not None else 0.0
         self.pacing = VerdictPacing(verifier, verifier_wait) if verifier is not None else None
@@ -99,6 +106,12 @@ class IdentityMemory:
     def start(self, ctx: StepContext) -> None:
         require_memory_segment(ctx, self.max_frames, "max_frames")
         ctx.cache.clear_memory()
+        if self.registry is not None and self.registry.references:
+            self._pin_references(ctx)
+            chosen = self._cover(ctx.segment)  # the first prompt's entities: only their pictures exist yet
+            self._inject(ctx, chosen)
+            ctx.info["retrieved"] = {"wanted": list(self._entities(ctx.segment)),
+                                     "frames": [f.summary() for f in chosen]}  # fmt: skip
 
     def on_switch(self, ctx: StepContext) -> None:
         self._decide(ctx, until=ctx.chunk)  # archive what the previous prompt still has in the window
@@ -106,7 +119,7 @@ class IdentityMemory:
         if self.registry is None:  # no entity extraction: keep the frames most relevant to the new prompt
             chosen = self._most_relevant(ctx)
         else:
-            chosen = greedy_cover(self.archive.frames, wanted, self.max_frames, self.min_frames_multi_entity)
+            chosen = self._cover(ctx.segment)
         self._inject(ctx, chosen)
         ctx.info["retrieved"] = {"wanted": list(wanted), "frames": [f.summary() for f in chosen]}
 
@@ -150,6 +163,26 @@ class IdentityMemory:
             self.pacing.submitted(chunk)
 
     # decisions ---------------------------------------------------------------------------------------------------
+    def _pin_references(self, ctx: StepContext) -> None:
+        """Each reference picture as a pinned frame tagged with its entity, made under the first prompt that
+        names the entity (the first prompt if none does)."""
+        references = self.registry.references
+        if ctx.encode_image is None:
+            raise ValueError("reference pictures need the VAE to encode them; connect a VAE to the sampler")
+        k = ctx.cache.k
+        self.archive.check_room(len(references), 2 * k[:, :, : ctx.cache.tokens_per_frame].nbytes)
+        frames = []
+        for n, ref in enumerate(references, start=1):
+            segment = next((s for s in range(len(self.registry.prompts)) if ref.entity in self._entities(s)), 0)
+            k, v, position = ctx.encode_image(ref.pixels, segment)
+            frames.append(ArchivedFrame(-n, -1, segment, (ref.entity,), self.reference_weight, self.reference_weight,
+                                        k, v, position, reference=ref.name))  # fmt: skip
+        self.archive.pin(frames)
+
+    def _cover(self, segment: int) -> list[ArchivedFrame]:
+        wanted = self._entities(segment)
+        return greedy_cover(self.archive.frames, wanted, self.max_frames, self.min_frames_multi_entity)
+
     def _entities(self, segment: int) -> tuple[int, ...]:
         if self.registry is None or segment >= len(self.registry.prompts):
             return ()

@@ -12,6 +12,7 @@ from .script import (
     load_story,
     parse_story_text,
     plan_chunks,
+    read_story_lines,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "load_story",
     "parse_story_text",
     "plan_chunks",
+    "read_story_lines",
 ]

@@ -11,7 +11,10 @@ given. JSON form (`to_json` / `from_json`):
                    "attributes": ["short black curls", "beige sweater"], "aliases": ["the woman"]}],
      "prompts": [[{"id": 1, "text": "a woman with short black curls"}], [1], []]}
 
-A prompt's list may hold mention objects or bare IDs.
+A prompt's list may hold mention objects or bare IDs. An entity may carry reference pictures,
+``"images": ["rosa_front.png"]`` (paths relative to the registry file): each becomes a pinned frame of the identity
+archive (`Reference`, `memory.identity`). `with_reference` adds one from an array (the CLI's `--reference`, the
+Entity Reference node).
 
 A registry file (`load_registries`) is either ``.json``, one registry as above, valid only for a story file with
 a single story, or ``.jsonl``, one registry per line in the order of the stories (the n-th non-blank line belongs
@@ -32,6 +35,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 KINDS = ("person", "object")
 
 
@@ -46,6 +51,7 @@ class Entity:
     kind: str = "person"
     attributes: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()  # reference pictures, as named in the registry (their pixels: `Reference`)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, int) or isinstance(self.id, bool) or self.id < 1:
@@ -56,10 +62,28 @@ class Entity:
             raise RegistryError(f"entity {self.id}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         object.__setattr__(self, "attributes", tuple(self.attributes))
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        object.__setattr__(self, "images", tuple(self.images))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "kind": self.kind,
-                "attributes": list(self.attributes), "aliases": list(self.aliases)}  # fmt: skip
+        out = {"id": self.id, "name": self.name, "kind": self.kind,
+               "attributes": list(self.attributes), "aliases": list(self.aliases)}  # fmt: skip
+        if self.images:
+            out["images"] = list(self.images)
+        return out
+
+    def answers_to(self, key: str) -> bool:
+        """Whether `key` names this entity: its id, name or an alias (case and spaces ignored)."""
+        words = " ".join(key.split()).casefold()
+        return words == str(self.id) or words in {" ".join(n.split()).casefold() for n in (self.name, *self.aliases)}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A picture of entity `entity` (uint8 RGB [H, W, 3]): `name` says where it came from (a file name)."""
+
+    entity: int
+    name: str
+    pixels: np.ndarray = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,7 @@ class EntityRegistry:
     prompts: tuple[tuple[Mention, ...], ...] = ()
     source: str = "none"  # "llm", "user" or "none"
     notes: tuple[str, ...] = field(default=(), compare=False)  # warnings from extraction (kept for the story map)
+    references: tuple[Reference, ...] = field(default=(), compare=False, repr=False)  # the entities' pictures
 
     def __post_init__(self) -> None:
         ids = [e.id for e in self.entities]
@@ -104,6 +129,22 @@ class EntityRegistry:
         """IDs of the entities in story segment `segment`, without repeats, in order of mention."""
         return tuple(dict.fromkeys(m.entity for m in self.prompts[segment]))
 
+    def find(self, key: int | str) -> Entity:
+        """The entity named by `key`: its id, name or an alias. A clear error lists the entities there are."""
+        for e in self.entities:
+            if e.answers_to(str(key)):
+                return e
+        known = ", ".join(f"{e.id} {e.name}" for e in self.entities) or "none"
+        raise RegistryError(
+            f"no entity {str(key)!r} in the registry (entities: {known}); give one of these ids or names"
+        )
+
+    def with_reference(self, key: int | str, pixels: np.ndarray, name: str) -> EntityRegistry:
+        """A new registry where the entity named by `key` also has the reference picture `pixels` (uint8 RGB)."""
+        entity = self.find(key)
+        entities = tuple(replace(e, images=(*e.images, name)) if e is entity else e for e in self.entities)
+        return replace(self, entities=entities, references=(*self.references, Reference(entity.id, name, pixels)))
+
     def with_attributes(self, entity_id: int, attributes: list[str] | tuple[str, ...]) -> EntityRegistry:
         """A new registry with one entity's attributes replaced (e.g. corrected by the verifier)."""
         self.entity(entity_id)
@@ -129,8 +170,12 @@ class EntityRegistry:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str | dict, num_segments: int | None = None, source: str = "user") -> EntityRegistry:
-        """Parse (and validate) registry JSON, e.g. typed by an artist. Errors name the field and the fix."""
+    def from_json(
+        cls, text: str | dict, num_segments: int | None = None, source: str = "user", folder: Path | None = None
+    ) -> EntityRegistry:
+        """Parse (and validate) registry JSON, e.g. typed by an artist. Errors name the field and the fix.
+        With `folder` (a registry file's folder) the entities' reference pictures ("images") are read now,
+        relative to it; without it (a story map, a registry typed in a node) they stay names only."""
         try:
             data = json.loads(text) if isinstance(text, str) else text
         except json.JSONDecodeError as e:
@@ -150,25 +195,39 @@ class EntityRegistry:
         registry = cls(entities, prompts, data.get("source", source) if source == "llm" else source)
         if num_segments is not None:
             registry.check_story(num_segments)
-        return registry
+        if folder is None:
+            return registry
+        references = tuple(_read_reference(e, image, folder) for e in entities for image in e.images)
+        return replace(registry, references=references)
+
+
+def _read_reference(entity: Entity, image: str, folder: Path) -> Reference:
+    from ..images import ImageError, load_image
+
+    path = Path(image).expanduser()
+    path = path if path.is_absolute() else folder / path
+    try:
+        return Reference(entity.id, image, load_image(path, f"reference image of entity {entity.id} ({entity.name})"))
+    except ImageError as e:
+        raise RegistryError(str(e)) from e
 
 
 def _entity(item: Any, index: int) -> Entity:
     where = f"entities[{index}]"
     if not isinstance(item, dict):
         raise RegistryError(f"{where} must be an object with id, name, kind, attributes; got {type(item).__name__}")
-    unknown = set(item) - {"id", "name", "kind", "attributes", "aliases"}
+    unknown = set(item) - {"id", "name", "kind", "attributes", "aliases", "images"}
     if unknown:
         raise RegistryError(
-            f"{where} has unknown key(s) {sorted(unknown)}; allowed: id, name, kind, attributes, aliases"
+            f"{where} has unknown key(s) {sorted(unknown)}; allowed: id, name, kind, attributes, aliases, images"
         )
-    for key in ("attributes", "aliases"):
+    for key in ("attributes", "aliases", "images"):
         value = item.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise RegistryError(f'{where}."{key}" must be a list of strings, got {value!r}')
     try:
-        return Entity(item.get("id"), item.get("name"), item.get("kind", "person"),
-                      tuple(item.get("attributes", [])), tuple(item.get("aliases", [])))  # fmt: skip
+        return Entity(item.get("id"), item.get("name"), item.get("kind", "person"), tuple(item.get("attributes", [])),
+                      tuple(item.get("aliases", [])), tuple(item.get("images", [])))  # fmt: skip
     except RegistryError as e:
         raise RegistryError(f"{where}: {e}") from e
 
@@ -224,7 +283,7 @@ def _single_registry(text: str, path: Path, segments_per_story: Sequence[int]) -
             f"registry file {path} holds one registry for {len(segments_per_story)} stories; give a .jsonl file "
             "with one registry per line, in story order ({} for a story without entities)"
         )
-    return _registry_from_text(text, f"registry file {path}", segments_per_story[0])
+    return _registry_from_text(text, f"registry file {path}", segments_per_story[0], path.parent)
 
 
 def _registry_per_line(text: str, path: Path, segments_per_story: Sequence[int]) -> list[EntityRegistry]:
@@ -236,7 +295,7 @@ def _registry_per_line(text: str, path: Path, segments_per_story: Sequence[int])
             "({} for a story without entities)"
         )
     return [
-        _registry_from_text(line, f"registry file {path} line {number} (story {story})", segments)
+        _registry_from_text(line, f"registry file {path} line {number} (story {story})", segments, path.parent)
         for story, ((number, line), segments) in enumerate(zip(lines, segments_per_story), start=1)
     ]
 
@@ -260,7 +319,7 @@ def _read_registry_file(path: Path) -> str:
         ) from e
 
 
-def _registry_from_text(text: str, where: str, num_segments: int) -> EntityRegistry:
+def _registry_from_text(text: str, where: str, num_segments: int, folder: Path) -> EntityRegistry:
     """Parse one registry; every error is prefixed with `where` (the file, and the line of a .jsonl)."""
     try:
         data = json.loads(text)
@@ -275,7 +334,7 @@ def _registry_from_text(text: str, where: str, num_segments: int) -> EntityRegis
     if not isinstance(data, dict):  # from_json would read a JSON string as JSON once more
         raise RegistryError(f"{where}: must be one JSON object per registry, got {type(data).__name__}")
     try:
-        return EntityRegistry.from_json(data, num_segments=num_segments, source="user")
+        return EntityRegistry.from_json(data, num_segments=num_segments, source="user", folder=folder)
     except RegistryError as e:
         raise RegistryError(f"{where}: {e}") from e
 

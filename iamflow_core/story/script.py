@@ -7,7 +7,8 @@ Three ways in, one `Story` out:
       {"title": "Library", "seed": 1, "segments": [{"prompt": "Noah enters ...", "seconds": 10}, ...]}
 
 - a NarraStream-Bench JSONL file, one story per line: ``{"prompts": [...]}`` with an optional ``"seconds"``
-  (one number for every prompt, or one per prompt; 10 s per prompt by default), ``"title"`` and ``"seed"``;
+  (one number for every prompt, or one per prompt; 10 s per prompt by default), ``"title"``, ``"seed"`` and
+  ``"id"`` (the story's name in a batch, see `read_story_lines`);
 - the text ComfyUI users type: one segment per line, ``10s | prompt``, ``[5s] prompt``, ``prompt | 10s`` or
   ``prompt [10s]`` (lines without a duration get the default), ``#`` comments; or one pasted JSON object.
 
@@ -42,8 +43,9 @@ DEFAULT_SECONDS = 10.0  # NarraStream-Bench gives each prompt 10 s.
 MAX_SEGMENT_SECONDS = 86400.0  # 24 h: beyond any real segment; keeps chunk and frame counts ordinary integers
 DEFAULT_SEED = 0  # the noise seed of a story that gives none
 _SEGMENT_KEYS = ("prompt", "seconds")
-_SEGMENTS_STORY_KEYS = ("segments", "title", "seed")
-_PROMPTS_STORY_KEYS = ("prompts", "seconds", "title", "seed")
+# "id" names a story in a batch (its files are ID.mp4, ...); one story alone does not need it.
+_SEGMENTS_STORY_KEYS = ("segments", "title", "seed", "id")
+_PROMPTS_STORY_KEYS = ("prompts", "seconds", "title", "seed", "id")
 # Names people reach for first; the strict formats reject them, so say which key is meant.
 _KEY_HINTS = {"duration": "seconds", "length": "seconds", "secs": "seconds", "text": "prompt", "caption": "prompt"}
 
@@ -326,17 +328,37 @@ def load_stories(path: str | PathLike[str], default_seconds: float = DEFAULT_SEC
             f"has suffix {path.suffix!r}; use .json (one story), .jsonl (one per line) or .txt", source=str(path)
         )
     stories = []
+    for _, _, story in read_story_lines(path, default_seconds):
+        if isinstance(story, StoryError):
+            raise story
+        stories.append(story)
+    return stories
+
+
+def read_story_lines(
+    path: str | PathLike[str], default_seconds: float = DEFAULT_SECONDS
+) -> list[tuple[int, str | None, Story | StoryError]]:
+    """Every non-blank line of a ``.jsonl`` story file, each read on its own: its 1-based line number, its ``"id"``
+    (None when it gives none or cannot be read) and its story, or the `StoryError` that says why it is not one. A
+    batch records a bad line and renders the others; `load_stories` stops at the first."""
+    _check_default_seconds(default_seconds)
+    path = Path(path)
+    lines = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if line.strip():
-            obj = _decode_json(line, str(path), line_offset=number - 1)
-            stories.append(
-                _story_from_object(obj, str(path), default_seconds, line=number, title=f"{path.stem} line {number}")
-            )
-    if not stories:
+            try:
+                obj = _decode_json(line, str(path), line_offset=number - 1)
+                story = _story_from_object(
+                    obj, str(path), default_seconds, line=number, title=f"{path.stem} line {number}"
+                )
+                lines.append((number, _optional(obj, "id", str, str(path), number), story))
+            except StoryError as e:
+                lines.append((number, None, e))
+    if not lines:
         raise StoryError(
             'holds no stories; write one JSON object per line, e.g. {"prompts": ["..."]}', source=str(path)
         )
-    return stories
+    return lines
 
 
 def parse_story_text(text: str, default_seconds: float = DEFAULT_SECONDS, source: str = "story text") -> Story:

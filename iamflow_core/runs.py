@@ -1,0 +1,146 @@
+"""What `generate` and `batch` build from their command-line flags: the models, the memory settings, each story's
+entities, the verifier; and the story map written beside each video. Errors about the user's inputs are raised as
+the library's own exceptions (the commands print them as one `error:` line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import DTYPES, SamplerConfig, option_spec
+from .devices import resolve_device
+from .render import RenderResult, story_map
+from .settings import PRESETS, MemorySettings, build_verifier
+from .story import Story
+from .story.entities import EntityRegistry, load_registries
+
+logger = logging.getLogger("iamflow_core.cli")
+
+SMOKE_TEST = (
+    "preset tiny: random-weight models on the CPU, so the frames are noise (a smoke test of the pipeline). "
+    "With real files: python -m iamflow_core generate STORY --models DIR (the README's 'Model files' says which "
+    "files and where to get them)"
+)
+
+
+# MemorySettings options with a flag of their own (`mode` is --memory, which also picks the preset).
+MEMORY_FLAGS = (
+    "transition", "max_frames", "min_frames_multi_entity", "bank_size", "record_interval", "sparse_topk",
+    "visual_weight", "reference_weight", "archive_limit_mb", "verifier_wait", "async_verifier",
+)  # fmt: skip
+
+
+def default_devices() -> tuple[str, str]:
+    if not torch.cuda.is_available():
+        return "cpu", "cpu"
+    return "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+
+
+def memory_settings(args: argparse.Namespace) -> MemorySettings:
+    """The preset of `--memory`, with every memory flag the user gave."""
+    given = {name: getattr(args, name) for name in MEMORY_FLAGS if getattr(args, name) is not None}
+    given = {name: option_spec(MemorySettings, name)[1].value_of(value) for name, value in given.items()}
+    return dataclasses.replace(PRESETS[args.memory], **given)
+
+
+def build_models(args: argparse.Namespace):
+    """The models and the sampler's base config (video size)."""
+    if args.preset == "tiny":
+        from .presets import tiny_models
+
+        dit, text_encoder, vae = tiny_models(device=args.device, vae_device=args.vae_device)
+    else:
+        from .weights import find_model_files, load_models
+
+        files = find_model_files(
+            args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
+            lora=args.lora,
+        )  # fmt: skip
+        text_device = "cpu" if args.offload_text_encoder else args.text_device
+        dit, text_encoder, vae = load_models(
+            files, device=args.device, vae_device=args.vae_device, text_device=text_device,
+            dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention,
+        )  # fmt: skip
+    if args.offload_text_encoder:
+        from .text_encoder import OffloadedTextEncoder
+
+        text_encoder = OffloadedTextEncoder(text_encoder, args.text_device or args.device)
+    return dit, text_encoder, vae
+
+
+def video_size(args: argparse.Namespace) -> SamplerConfig:
+    """The video size: the flags, else the preset's (the tiny preset is 96x64); validated before anything loads."""
+    if args.preset == "tiny":
+        from .presets import TINY_SAMPLER as base
+    else:
+        base = SamplerConfig()
+    height, width = (
+        default if v is None else v for v, default in ((args.height, base.height), (args.width, base.width))
+    )
+    return SamplerConfig(height=height, width=width)
+
+
+def registries(args: argparse.Namespace, stories: list[Story], settings: MemorySettings) -> list:
+    """The entities of each story: from --registry (one registry per story: a .json for one story, a .jsonl line per
+    story), else extracted by the LLM (loaded once, unloaded before the DiT needs the memory), else None."""
+    if settings.mode != "identity":
+        return [None] * len(stories)
+    if args.registry:
+        return load_registries(args.registry, len(stories), [len(s.segments) for s in stories])
+    if not args.llm:
+        if args.preset != "tiny":
+            logger.warning("no --llm or --registry: identity memory keeps the frames most relevant to each prompt")
+        return [None] * len(stories)
+    from .story.llm import EntityExtractor
+
+    extractor = EntityExtractor(args.llm, device=args.llm_device or args.device)
+    try:
+        return [extractor.extract(list(story.prompts)) for story in stories]
+    finally:
+        extractor.unload()  # free its memory before the DiT needs it
+
+
+def make_verifier(args: argparse.Namespace, settings: MemorySettings):
+    if not args.vlm or settings.mode != "identity":
+        return None
+    from .story.vlm import FrameVerifier
+
+    return build_verifier(settings, FrameVerifier(args.vlm, device=args.vlm_device or args.vae_device))
+
+
+def write_story_map(target: Path, story: Story, registry: EntityRegistry | None, result: RenderResult) -> None:
+    """The story map next to the video: `video.story.json` and its picture `video.story.png`."""
+    from .pictures import story_map_picture
+
+    data = story_map(story, registry, result)
+    target.with_suffix(".story.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    story_map_picture(data).save(target.with_suffix(".story.png"))
+    print(f"{target.with_suffix('.story.json')}: story map; picture: {target.with_suffix('.story.png')}")
+
+
+def on_stop(target: Path, story: Story, registry: EntityRegistry | None, stops: list):
+    """What the CLI does when a render stops early (a signal, Ctrl-C, a failed write): the story map of what was
+    made; the render is remembered in `stops` for the line that says where the frames are."""
+
+    def stopped(result: RenderResult, stop: BaseException) -> None:
+        stops.append((target, result))
+        try:
+            write_story_map(target, story, registry, result)
+        except OSError as e:  # a full disk may refuse the map too; the frames are still where the message says
+            print(f"could not write the story map beside {target}: {e}", file=sys.stderr)
+
+    return stopped
+
+
+def check_devices(args: argparse.Namespace) -> None:
+    """Every device flag names a device this machine has (one message listing those it has)."""
+    for flag in ("device", "vae_device", "text_device", "llm_device", "vlm_device"):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, str(resolve_device(getattr(args, flag))))
