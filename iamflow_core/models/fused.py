@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import wraps
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -26,12 +27,48 @@ _enabled = False
 _launch_lock = threading.RLock()
 
 
+def cache_dir() -> Path:
+    """Where compiled kernels are kept between runs: `IAMFLOW_CACHE_DIR`, else the user's cache folder
+    (`$XDG_CACHE_HOME/iamflow`, `~/.cache/iamflow`)."""
+    given = os.environ.get("IAMFLOW_CACHE_DIR")
+    if given:
+        return Path(given).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iamflow"
+
+
+def use_cache_dir() -> Path | None:
+    """Point TorchInductor's and Triton's on-disk caches into `cache_dir()` (unless the user set their own), so a
+    second process, or the same machine after a reboot or a new container with that folder kept, loads the
+    kernels instead of compiling them. Returns the folder, or None when it cannot be written (the defaults stay)."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        logger.warning("kernel cache folder %s cannot be written (%s); set IAMFLOW_CACHE_DIR to one that can", folder,
+                       e)  # fmt: skip
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # TorchInductor writes its temp-folder default into the environment once it has compiled: that one is not the
+    # user's choice and is replaced.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    return folder
+
+
 def enable(flag: bool = True) -> None:
-    """Turn compiled kernels on (for CUDA tensors). The first calls of each shape compile (seconds)."""
+    """Turn compiled kernels on (for CUDA tensors). The first calls of each shape compile (seconds), or load them
+    from the kernel cache folder (`use_cache_dir`)."""
     global _enabled
     _enabled = flag and os.environ.get("IAMFLOW_COMPILE", "1") != "0"
     if _enabled:
         import torch._dynamo
+
+        use_cache_dir()
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
