@@ -31,8 +31,6 @@ from .stops import exit_code, stop_name, stop_on_signals
 from .story import DEFAULT_SEED, MAX_SEGMENT_SECONDS, Story, StoryError, load_stories, plan_chunks
 from .story.entities import RegistryError
 
-logger = logging.getLogger("iamflow_core.cli")
-
 
 def _add_option(group: argparse._ArgumentGroup, cls: type, name: str, default_text: str | None = None) -> None:
     """A flag for option `name` of settings class `cls`. Its argparse default is None ("not given"), so a preset's

@@ -263,9 +263,7 @@ class StreamingPipeline:
         """Image-to-video, as Self-Forcing's and CausVid's image-to-video streaming do: the picture's latent (the
         VAE codes a first frame alone) becomes latent frame 0 through the clean pass under the first prompt, and
         the chunks start after it. Its decoded frame leads chunk 0's frames, its latent chunk 0's latents."""
-        from . import images
-
-        latent = images.encode(self.vae, rgb, *run.size).to(self.dit.device)
+        latent = self._picture_latent(run, rgb)
         with torch.no_grad():
             self._context_pass(run, latent, 0, run.prompts.cross(0))
         run.transition.remember(0, latent)
@@ -288,12 +286,16 @@ class StreamingPipeline:
             encode_image=(lambda rgb, segment: self._image_kv(run, rgb, segment)) if self.vae is not None else None,
         )  # fmt: skip
 
+    def _picture_latent(self, run: _Run, rgb: np.ndarray) -> torch.Tensor:
+        """A picture fitted to the video size as one latent frame [1, C, 1, h, w] on the DiT's device."""
+        from . import images
+
+        return images.encode(self.vae, rgb, *run.size).to(self.dit.device)
+
     def _image_kv(self, run: _Run, rgb: np.ndarray, segment: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A picture's K/V (a reference frame): its latent through the clean pass as frame 0 of an empty cache, under
         prompt `segment`. The same K/V a start image gets as the video's first frame."""
-        from . import images
-
-        latent = images.encode(self.vae, rgb, *run.size).to(self.dit.device)
+        latent = self._picture_latent(run, rgb)
         scratch = self.dit.new_cache(REFERENCE_CACHE, tokens_per_frame=run.cache.tokens_per_frame)
         with torch.no_grad():
             self.dit.forward_chunk(latent, run.zero, run.prompts.cross(segment), scratch, 0, commit=True)

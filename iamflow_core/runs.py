@@ -21,7 +21,7 @@ from .settings import PRESETS, MemorySettings, build_verifier
 from .story import Story
 from .story.entities import EntityRegistry, load_registries
 
-logger = logging.getLogger("iamflow_core.cli")
+logger = logging.getLogger(__name__)
 
 SMOKE_TEST = (
     "preset tiny: random-weight models on the CPU, so the frames are noise (a smoke test of the pipeline). "

@@ -267,7 +267,7 @@ class StreamingSampler(io.ComfyNode):
         from iamflow_core.settings import LONGLIVE
 
         settings = memory.settings if memory is not None else LONGLIVE
-        start = _start_image(start_image, vae, story, settings)
+        start = _pictures(start_image, vae, story, settings)
         run_story = replace(story.story, seed=seed)
         out_path, subfolder = _output_path(filename_prefix, width, height) if vae is not None else (None, "")
         config = _config(settings, height, width, model_preset)
@@ -283,8 +283,9 @@ class StreamingSampler(io.ComfyNode):
         return io.NodeOutput(*outputs, InputImpl.VideoFromFile(str(out_path)), ui=video)
 
 
-def _start_image(image, vae, story, settings):
-    """The start picture as uint8 RGB, or None; and a clear error for pictures the run could not use."""
+def _pictures(image, vae, story, settings):
+    """The start picture as uint8 RGB, or None. A clear error for pictures this run could not use: entity pictures
+    without identity memory, a start image without the VAE, a batch of start images."""
     from iamflow_core.images import as_rgb
 
     registry = story.registry

@@ -117,17 +117,23 @@ def _load(flag: str, path: Path, load):
         hf_logging.set_verbosity(verbosity)
 
 
+def _model_type(flag: str, path: Path, config: dict, types) -> str:
+    """The folder's model_type, one of `types`; else one clear error naming the flag, the folder and what fits."""
+    kind = config.get("model_type")
+    if kind not in types:
+        raise EvalError(
+            f"{flag} {path}: config.json says model_type {kind!r}, not one of {', '.join(types)}; "
+            f"expected {_EXPECT[flag[2:]]}"
+        )
+    return kind
+
+
 def load_dino(folder: str | Path, device: torch.device, s: BenchSettings) -> ImageEncoder:
     """The DINO encoder of the folder given by --dino (a ViT DINO or DINOv2 folder)."""
     from transformers import AutoModel
 
     path, config, proc = _folder_config("--dino", folder)
-    kind = config.get("model_type")
-    if kind not in DINO_TYPES:
-        raise EvalError(
-            f"--dino {path}: config.json says model_type {kind!r}, not one of {', '.join(DINO_TYPES)}; "
-            f"expected {_EXPECT['dino']}"
-        )
+    kind = _model_type("--dino", path, config, DINO_TYPES)
     model = _load("--dino", path, lambda: AutoModel.from_pretrained(path, local_files_only=True))
     mean, std = _stats("--dino", path, proc)
     preprocess = Preprocess(s.dino_input_size, None, mean, std, "bilinear")
@@ -151,12 +157,7 @@ def load_clip(folder: str | Path, device: torch.device, s: BenchSettings) -> Ima
     from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     path, config, proc = _folder_config("--clip", folder)
-    kind = config.get("model_type")
-    if kind not in CLIP_TYPES:
-        raise EvalError(
-            f"--clip {path}: config.json says model_type {kind!r}, not one of {', '.join(CLIP_TYPES)}; "
-            f"expected {_EXPECT['clip']}"
-        )
+    kind = _model_type("--clip", path, config, CLIP_TYPES)
     if kind == "clip":  # the vision half of a whole CLIP folder, with the projection size of the whole
         whole = _load("--clip", path, lambda: CLIPConfig.from_pretrained(path, local_files_only=True))
         vision = CLIPVisionConfig(**{**whole.vision_config.to_dict(), "projection_dim": whole.projection_dim})

@@ -108,20 +108,11 @@ class IdentityMemory:
         ctx.cache.clear_memory()
         if self.registry is not None and self.registry.references:
             self._pin_references(ctx)
-            chosen = self._cover(ctx.segment)  # the first prompt's entities: only their pictures exist yet
-            self._inject(ctx, chosen)
-            ctx.info["retrieved"] = {"wanted": list(self._entities(ctx.segment)),
-                                     "frames": [f.summary() for f in chosen]}  # fmt: skip
+            self._bring_back(ctx)  # the first prompt's entities: only their pictures exist yet
 
     def on_switch(self, ctx: StepContext) -> None:
         self._decide(ctx, until=ctx.chunk)  # archive what the previous prompt still has in the window
-        wanted = self._entities(ctx.segment)
-        if self.registry is None:  # no entity extraction: keep the frames most relevant to the new prompt
-            chosen = self._most_relevant(ctx)
-        else:
-            chosen = self._cover(ctx.segment)
-        self._inject(ctx, chosen)
-        ctx.info["retrieved"] = {"wanted": list(wanted), "frames": [f.summary() for f in chosen]}
+        self._bring_back(ctx)
 
     def before_chunk(self, ctx: StepContext) -> None:
         ctx.info["memory_frames"] = [f.frame for f in self.injected]
@@ -179,9 +170,16 @@ class IdentityMemory:
                                         k, v, position, reference=ref.name))  # fmt: skip
         self.archive.pin(frames)
 
-    def _cover(self, segment: int) -> list[ArchivedFrame]:
-        wanted = self._entities(segment)
-        return greedy_cover(self.archive.frames, wanted, self.max_frames, self.min_frames_multi_entity)
+    def _bring_back(self, ctx: StepContext) -> None:
+        """Fill the memory segment for the prompt of `ctx`: the frames covering its entities (without a registry,
+        the frames most relevant to it), and report them."""
+        wanted = self._entities(ctx.segment)
+        if self.registry is None:  # no entity extraction: keep the frames most relevant to the new prompt
+            chosen = self._most_relevant(ctx)
+        else:
+            chosen = greedy_cover(self.archive.frames, wanted, self.max_frames, self.min_frames_multi_entity)
+        self._inject(ctx, chosen)
+        ctx.info["retrieved"] = {"wanted": list(wanted), "frames": [f.summary() for f in chosen]}
 
     def _entities(self, segment: int) -> tuple[int, ...]:
         if self.registry is None or segment >= len(self.registry.prompts):
