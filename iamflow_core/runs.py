@@ -52,6 +52,8 @@ def memory_settings(args: argparse.Namespace) -> MemorySettings:
 
 def build_models(args: argparse.Namespace):
     """The models and the sampler's base config (video size)."""
+    if str(args.device).startswith("cuda:"):  # the DiT's GPU becomes the current one, also for code that assumes it
+        torch.cuda.set_device(torch.device(args.device))
     if args.preset == "tiny":
         from .presets import tiny_models
 

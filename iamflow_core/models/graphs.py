@@ -92,17 +92,22 @@ class GraphRunner:
 
     def _capture(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> _Graph | None:
         static = tuple(x.clone() for x in inputs)
+        device = static[0].device
         graph = torch.cuda.CUDAGraph()
         try:
-            # One real run on a side stream first, as capture requires (libraries set up per-stream state lazily).
-            side = torch.cuda.Stream(static[0].device)
-            side.wait_stream(torch.cuda.current_stream(static[0].device))
-            with torch.cuda.stream(side):
-                fn(*static)
-            torch.cuda.current_stream(static[0].device).wait_stream(side)
-            # thread_local: the VAE decoder may be working in another thread meanwhile
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                output = fn(*static)
+            # On the inputs' GPU, which need not be the current one (a torchrun rank, a loader's device widget):
+            # a capture stream of another GPU would record nothing and every replay would return this output.
+            with torch.cuda.device(device):
+                # One real run on a side stream first, as capture requires (libraries set up per-stream state
+                # lazily); the capture then runs on that stream too.
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    fn(*static)
+                torch.cuda.current_stream(device).wait_stream(side)
+                # thread_local: the VAE decoder may be working in another thread meanwhile
+                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                    output = fn(*static)
         except RuntimeError as error:
             logger.warning("CUDA graph capture failed, running this forward eagerly from now on: %s", error)
             self.max_graphs = len(self._graphs)  # no further tries

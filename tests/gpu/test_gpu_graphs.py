@@ -16,13 +16,13 @@ CFG = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=3, text_dim=64)
 
 
 @torch.no_grad()
-def _stream(model: CausalWanDiT, graphs: bool) -> list[torch.Tensor]:
+def _stream(model: CausalWanDiT, graphs: bool, device: str = "cuda") -> list[torch.Tensor]:
     """10 chunks of 4 denoising + 1 clean forward; memory frames come in at chunk 5 and go at chunk 8."""
     model.cuda_graphs = graphs
     model._graphs.clear()
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     cache = model.new_cache(CacheConfig(memory_frames=3), tokens_per_frame=8 * 12)
-    cross = model.encode_text(torch.randn(1, 512, 64, device="cuda", generator=g))
+    cross = model.encode_text(torch.randn(1, 512, 64, device=device, generator=g))
     outs = []
     for chunk in range(10):
         if chunk == 5:
@@ -31,11 +31,16 @@ def _stream(model: CausalWanDiT, graphs: bool) -> list[torch.Tensor]:
             cache.set_memory(torch.cat([k, k2], 2), torch.cat([v, v2], 2), [1, 10])
         if chunk == 8:
             cache.clear_memory()
-        x = torch.randn(1, 16, 3, 16, 24, device="cuda", generator=g)
+        x = torch.randn(1, 16, 3, 16, 24, device=device, generator=g)
         for t in (1000.0, 750.0, 500.0, 250.0):
-            outs.append(model.forward_chunk(x, torch.tensor([t], device="cuda"), cross, cache, 3 * chunk))
-        outs.append(model.forward_chunk(x, torch.zeros(1, device="cuda"), cross, cache, 3 * chunk, commit=True))
+            outs.append(model.forward_chunk(x, torch.tensor([t], device=device), cross, cache, 3 * chunk))
+        outs.append(model.forward_chunk(x, torch.zeros(1, device=device), cross, cache, 3 * chunk, commit=True))
     return outs
+
+
+def _same(eager: list[torch.Tensor], graphed: list[torch.Tensor]) -> None:
+    worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(eager, graphed))
+    assert worst <= 1e-3 * max(a.float().abs().max().item() for a in eager)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -46,9 +51,22 @@ def test_graph_replay_matches_eager(compiled):
     eager = _stream(model, graphs=False)
     graphed = _stream(model, graphs=True)
     assert len(model._graphs) >= 2  # the steady layout, with and without memory
-    worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(eager, graphed))
-    assert worst <= 1e-3 * max(a.float().abs().max().item() for a in eager)
+    _same(eager, graphed)
     fused.enable(False)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graphs_of_a_model_on_a_gpu_that_is_not_the_current_one():
+    """A batch rank's or a loader's DiT on cuda:1 while cuda:0 is current: the replays compute, as the eager
+    forwards do (a capture on cuda:0's stream recorded nothing and replayed one stale output)."""
+    assert torch.cuda.current_device() == 0
+    torch.manual_seed(0)
+    _stream(CausalWanDiT(CFG).cuda().eval(), graphs=True)  # a capture on cuda:0 first, as a process may have made
+    model = CausalWanDiT(CFG).to("cuda:1", torch.bfloat16).eval()
+    eager = _stream(model, graphs=False, device="cuda:1")
+    graphed = _stream(model, graphs=True, device="cuda:1")
+    assert model._graphs.replays > 0
+    _same(eager, graphed)
 
 
 def test_moving_the_model_drops_graphs():
