@@ -56,3 +56,39 @@ def test_compile_off_touches_nothing(clean_env, tmp_path):
     clean_env.setenv("IAMFLOW_COMPILE", "0")
     fused.enable(True)
     assert not fused.enabled() and not (tmp_path / "kernels").exists()
+
+
+def test_vae_conv_plans_are_timed_once_and_read_back_by_a_later_process(clean_env, tmp_path):
+    import json
+
+    import torch
+
+    from iamflow_core.models import vae
+
+    clean_env.setenv("IAMFLOW_CACHE_DIR", str(tmp_path / "kernels"))
+    timed = []
+
+    def time_plans(conv, x):
+        timed.append(tuple(x.shape))
+        return {"conv3d": 2.0, "taps": 1.0, "choice": "taps"}
+
+    clean_env.setattr(vae, "_time_plans", time_plans)
+    conv = vae.CausalConv3d(4, 4, 3, padding=1)
+    x = torch.zeros(1, 4, 5, 8, 8)
+
+    def new_process():
+        clean_env.setattr(vae, "CONV_PLANS", {})
+        clean_env.setattr(vae, "_saved_plans", None)
+
+    new_process()
+    assert vae._conv_plan(conv, x) == "taps" and len(timed) == 1
+    saved = json.loads((tmp_path / "kernels" / vae.PLANS_FILE).read_text())
+    assert list(saved.values()) == [{"conv3d": 2.0, "taps": 1.0, "choice": "taps"}]
+    new_process()
+    assert vae._conv_plan(conv, x) == "taps" and len(timed) == 1  # read from the file, not timed again
+    assert vae._conv_plan(conv, torch.zeros(1, 4, 6, 8, 8)) == "taps" and len(timed) == 2  # a new shape is timed
+
+    (tmp_path / "kernels" / vae.PLANS_FILE).write_text("{not json")  # a damaged file: timed again, then rewritten
+    new_process()
+    assert vae._conv_plan(conv, x) == "taps" and len(timed) == 3
+    assert len(json.loads((tmp_path / "kernels" / vae.PLANS_FILE).read_text())) == 1

@@ -4,9 +4,9 @@ written and last frame written, and to the command's end.
 
     python -m iamflow_core bench start [--workdir DIR] [--runs cold warm] [--memory identity] [-- extra flags]
 
-A `cold` run starts with empty compile caches (TorchInductor and Triton, in `--workdir`), as on a fresh machine;
-a `warm` run reuses what the runs before it left there. The model files are written once into `--workdir` (about
-15 GB) and reused.
+A `cold` run starts with an empty kernel cache (`IAMFLOW_CACHE_DIR` = `--workdir`/cache: TorchInductor's and
+Triton's), as on a fresh machine; a `warm` run reuses what the runs before it left there. The model files are
+written once into `--workdir` (about 15 GB) and reused.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from .stories import DEFAULT_PROMPTS
 
 
-def _files(workdir: Path) -> Path:
+def model_files(workdir: Path) -> Path:
     from .files import write_full_size_files
 
     models = workdir / "models"
@@ -40,7 +40,9 @@ def _run(workdir: Path, models: Path, story: Path, n: int, kind: str, flags: lis
         shutil.rmtree(cache, ignore_errors=True)
     timeline = workdir / f"timeline_{n}.jsonl"
     timeline.unlink(missing_ok=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+    # the product's own cache folder (as a user sets it), and not TorchInductor's or Triton's variables
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env["IAMFLOW_CACHE_DIR"] = str(cache)
     command = [sys.executable, "-m", "iamflow_core", "generate", str(story), "--models", str(models),
                "--out", str(workdir / f"run_{n}.mp4"), "--overwrite", "--timeline", str(timeline), *flags]  # fmt: skip
     start = time.time()
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    models = _files(workdir)
+    models = model_files(workdir)
     yield f"# {torch.cuda.get_device_name()}; model files ready in {time.perf_counter() - t0:.0f} s ({models})"
     story = workdir / "story.json"
     story.write_text(json.dumps({"title": "bench 6 x 10 s", "seed": 0,

@@ -1,10 +1,11 @@
 """The identity memory's frame archive: frames of K/V tagged with the entity IDs they show, bounded in bytes.
 
 Reference pictures of entities are archived as pinned frames (`ArchivedFrame.reference`): never evicted, counted
-in the bound.
+in the bound, and kept on the device they were made on, so bringing them back at a prompt switch is a copy within
+the GPU rather than hundreds of MB from host memory.
 
-`Archive` holds the frames in host memory and evicts past its byte bound; `greedy_cover` and `evict` are the pure
-choices (which frames cover a prompt's entities, which frame to drop) with unit tests of their own.
+`Archive` holds the generated frames in host memory and evicts past its byte bound; `greedy_cover` and `evict` are the
+pure choices (which frames cover a prompt's entities, which frame to drop) with unit tests of their own.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class ArchivedFrame:
     entities: tuple[int, ...]
     text_score: float
     visual_score: float
-    k: torch.Tensor = field(repr=False)  # [layers, B, T, H, D] host memory, rotated at `position`
+    k: torch.Tensor = field(repr=False)  # [layers, B, T, H, D] rotated at `position`: host memory (pictures: device)
     v: torch.Tensor = field(repr=False)
     position: int = 0
     reference: str | None = None  # a reference picture (its name): pinned, never evicted
@@ -97,7 +98,8 @@ def evict(archive: list[ArchivedFrame], limit_bytes: int, keep: int = 1) -> list
 
 
 class Archive:
-    """Archived frames under a byte bound, in host memory. Iterating gives the frames, oldest first."""
+    """Archived frames under a byte bound: generated ones in host memory, pictures on their device. Iterating gives
+    the frames, oldest first."""
 
     def __init__(self, limit_bytes: int, keep: int) -> None:
         self.limit_bytes, self.keep = limit_bytes, keep  # keep: never evict below this many frames
@@ -138,12 +140,11 @@ class Archive:
             )
 
     def pin(self, entries: list[ArchivedFrame]) -> None:
-        """Archive reference frames, which are never evicted; they must fit the bound together."""
+        """Archive reference frames, which are never evicted; they must fit the bound together. They stay where
+        their K/V are (the DiT's GPU): a few pictures are brought back at every switch that names their entity."""
         if entries:
             self.check_room(len(entries), max(f.nbytes for f in entries))
-        for entry in entries:
-            entry.k, entry.v = to_host(entry.k), to_host(entry.v)
-            self.frames.append(entry)
+        self.frames += entries
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def descriptors(self, rope: RopeTables, like: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ class Archive:
         device."""
         if like.is_cuda:  # the host copies are read here on the CPU: let their transfers finish
             torch.cuda.current_stream(like.device).synchronize()
-        return torch.stack([frame_descriptor(f.k, f.position, rope) for f in self.frames]).to(like.device)
+        return torch.stack([frame_descriptor(f.k, f.position, rope).to(like.device) for f in self.frames])
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,12 @@ archived with the entity IDs of its prompt. The choice is made just before the f
 the verifier (asynchronous, on its own device) has had a chunk's time to answer; the DiT waits only if it is late.
 At a prompt switch the memory segment is rebuilt by greedy set cover of the new prompt's entity IDs (at least
 `min_frames_multi_entity` frames when two or more entities, at most `max_frames`); in between, a better frame of the
-same entities replaces the weakest one. The archive lives in host memory and is bounded in bytes.
+same entities replaces the weakest one. The archive keeps generated frames in host memory and is bounded in bytes.
 
 Reference pictures of entities (`EntityRegistry.references`) are archived at the start as pinned frames, never
-evicted, and compete in the frame choice with the score `reference_weight`: at 0 a picture comes back only while no
-generated frame shows its entity (at the start and at a prompt switch), at 1 it wins over every generated frame.
+evicted, kept on the DiT's device, and compete in the frame choice with the score `reference_weight`: at 0 a picture
+comes back only while no generated frame shows its entity (at the start and at a prompt switch), at 1 it wins over
+every generated frame.
 
 Improves on the reference release: objects are tracked too (they come from the registry), entity tokens are the
 prompt's real tokens, scores compare keys by content (temporal RoPE phase removed), frames are ranked across

@@ -12,7 +12,9 @@ one latent frame each, and the decoder maps the first latent frame to 1 video fr
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -68,9 +70,13 @@ class RMSNorm(nn.Module):
 # cuDNN picks a slow kernel for some 3x3x3 conv shapes in bf16 (on an H100 the 96-channel convs at full
 # resolution ran at about a third of the speed of the 192-channel ones). The same conv as three 2D convs, one per
 # time tap, over views of the channels-last input, can be faster. `_conv_plan` times both once per shape on the GPU
-# and keeps the faster; the choice and its timings are in CONV_PLANS. (One 2D conv over the three taps stacked
-# along the channels was also tried: it never won, on an H200, at any shape of the decoder.)
+# and keeps the faster; the choice and its timings are in CONV_PLANS, and in `vae_conv_plans.json` of the kernel
+# cache folder (`fused.cache_dir()`), keyed by GPU, torch and cuDNN, so a later process decodes its first chunk
+# without timing anything. (One 2D conv over the three taps stacked along the channels was also tried: it never
+# won, on an H200, at any shape of the decoder.)
 CONV_PLANS: dict[tuple, dict[str, float | str]] = {}
+PLANS_FILE = "vae_conv_plans.json"
+_saved_plans: dict[str, dict[str, float | str]] | None = None  # the file's plans, read at the first lookup
 
 
 def _conv_by_taps(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -90,25 +96,67 @@ def _conv_by_taps(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 _PLANS = {"conv3d": lambda conv, x: F.conv3d(x, conv.weight, conv.bias, 1, conv.padding), "taps": _conv_by_taps}
 
 
+def _plan_file_key(key: tuple, device: torch.device) -> str:
+    """A plan's key in the file: the shape key with what decides the timings (the GPU, torch, cuDNN)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{gpu} | torch {torch.__version__} | cudnn {torch.backends.cudnn.version()} | {key[:2]} {key[3:]}"
+
+
+def _plans_path():
+    return fused.cache_dir() / PLANS_FILE
+
+
+def _load_plans() -> dict[str, dict[str, float | str]]:
+    global _saved_plans
+    if _saved_plans is None:
+        try:
+            read = json.loads(_plans_path().read_text(encoding="utf-8"))
+            _saved_plans = read if isinstance(read, dict) else {}
+        except (OSError, ValueError):  # none yet, or unreadable: time the convs again
+            _saved_plans = {}
+    return _saved_plans
+
+
+def _save_plan(name: str, plan: dict[str, float | str]) -> None:
+    plans = _load_plans()
+    plans[name] = plan
+    path = _plans_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(plans, indent=0), encoding="utf-8")
+        partial.replace(path)  # atomic: another process never reads half a file
+    except OSError as e:
+        logger.debug("VAE conv plans not saved to %s: %s", path, e)
+
+
 def _conv_plan(conv: nn.Conv3d, x: torch.Tensor) -> str:
     key = (tuple(x.shape), x.dtype, str(x.device), x.is_contiguous(memory_format=torch.channels_last_3d),
            tuple(conv.weight.shape))  # fmt: skip
     plan = CONV_PLANS.get(key)
     if plan is None:
-        times = {}
-        for name, run in _PLANS.items():
-            run(conv, x)  # warm-up (cuDNN plans, workspaces)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                run(conv, x)
-            end.record()
-            end.synchronize()
-            times[name] = start.elapsed_time(end) / 3
-        plan = {**times, "choice": min(times, key=times.get)}
+        name = _plan_file_key(key, x.device)
+        plan = _load_plans().get(name)
+        if not isinstance(plan, dict) or plan.get("choice") not in _PLANS:
+            plan = _time_plans(conv, x)
+            _save_plan(name, plan)
         CONV_PLANS[key] = plan
         logger.debug("VAE conv %s: %s", key, plan)
     return plan["choice"]
+
+
+def _time_plans(conv: nn.Conv3d, x: torch.Tensor) -> dict[str, float | str]:
+    times = {}
+    for name, run in _PLANS.items():
+        run(conv, x)  # warm-up (cuDNN plans, workspaces)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            run(conv, x)
+        end.record()
+        end.synchronize()
+        times[name] = start.elapsed_time(end) / 3
+    return {**times, "choice": min(times, key=times.get)}
 
 
 class CausalConv3d(nn.Conv3d):
