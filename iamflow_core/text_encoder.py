@@ -14,11 +14,14 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .models.t5 import UMT5Encoder
+
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is made: seconds a failing command does not wait for
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 try:
     import ftfy
@@ -56,6 +59,8 @@ def load_umt5_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     spiece = path / "spiece.model"
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         try:
+            from transformers import AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as err:  # the Rust `tokenizers` raises a bare Exception on a malformed tokenizer.json
             if not spiece.is_file():
@@ -98,6 +103,7 @@ def umt5_tokenizer_from_spiece(data: bytes, source: str = "spiece.model bytes") 
     import sentencepiece
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
 
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=data)
@@ -172,7 +178,7 @@ class TextEncoder:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> None:
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_umt5_tokenizer(tokenizer)
         vocab = encoder.cfg.vocab_size
         if len(tokenizer) > vocab:
