@@ -245,6 +245,10 @@ def _merged(plan: Plan, key: str, pair: LoraPair | None) -> torch.Tensor:
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    if dtype is not None and tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES:
-        return tensor.to(device=device, dtype=dtype)
-    return tensor.to(device=device)
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype in FP8_DTYPES or tensor.dtype == dtype:
+        return tensor.to(device=device)
+    if device.type == "cuda":
+        # Moved first, converted there: a blocking `.to(cuda, dtype)` converts on the CPU (umT5's 11 GB of fp16 to
+        # bf16). The same rounding either way; the GPU holds one tensor twice for a moment.
+        return tensor.to(device=device).to(dtype)
+    return tensor.to(device=device, dtype=dtype)
