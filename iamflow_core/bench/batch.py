@@ -35,6 +35,8 @@ from .start import model_files
 
 def _stories(source: Path, count: int, workdir: Path) -> Path:
     """The first `count` stories of `source` as their own JSONL file."""
+    if not source.is_file():
+        raise SystemExit(f"{source} is not a file; give a NarraStream JSONL, e.g. streambench_324.jsonl")
     lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][:count]
     if len(lines) < count:
         raise SystemExit(f"{source} holds {len(lines)} stories, fewer than --stories {count}")
