@@ -3,25 +3,26 @@
 Wan cleans the prompt (ftfy, HTML entities, whitespace), tokenizes it to exactly `text_len` (512) tokens with `</s>`
 appended, runs the umT5 encoder and zeros every position past the prompt's length. `TextEncoder` does the same;
 `load_umt5_tokenizer` reads the tokenizer from a local folder (Wan ships it as `google/umt5-xxl/`).
+
+The tokenizer (`Umt5Tokenizer`) runs on the Rust `tokenizers` library alone: importing transformers for it took
+seconds of every process start (it pulls in Dynamo and torch.distributed), before the first frame.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from .models.t5 import UMT5Encoder
-
-if TYPE_CHECKING:  # transformers is imported when a tokenizer is made: seconds a failing command does not wait for
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 try:
     import ftfy
@@ -41,11 +42,110 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def load_umt5_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+class Umt5Tokenizer:
+    """umT5's tokenizer on a `tokenizers.Tokenizer`, called as a transformers tokenizer is for what this package asks
+    of one: ids and attention masks, padded (to `max_length` or the longest) and truncated (`</s>` kept last), as
+    lists or `return_tensors="pt"`; character offsets with `return_offsets_mapping`. One text gives flat lists."""
+
+    def __init__(self, backend: Any, *, eos_token: str | None, pad_token: str | None, unk_token: str | None) -> None:
+        self.backend = backend
+        self.eos_token, self.pad_token, self.unk_token = eos_token, pad_token, unk_token
+        self._lock = threading.Lock()  # padding and truncation are settings of the shared backend
+        self.mark_special()
+
+    def mark_special(self) -> None:
+        """Make eos, pad and unk special tokens of the backend (as transformers does): one token each where a prompt
+        spells them, and left out by `decode(..., skip_special_tokens=True)`."""
+        self.backend.add_special_tokens([t for t in (self.eos_token, self.pad_token, self.unk_token) if t])
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id(self.unk_token)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __call__(
+        self, text: str | list[str], *, padding: bool | str = False, padding_side: str = "right",
+        max_length: int | None = None, truncation: bool = False, add_special_tokens: bool = True,
+        return_tensors: str | None = None, return_offsets_mapping: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        single = isinstance(text, str)
+        with self._lock:
+            if truncation and max_length is not None:
+                self.backend.enable_truncation(max_length)
+            else:
+                self.backend.no_truncation()
+            if padding:
+                if self.pad_token_id is None:
+                    raise ValueError("this tokenizer has no pad token; umT5's is <pad>")
+                length = max_length if padding == "max_length" else None
+                self.backend.enable_padding(direction=padding_side, pad_id=self.pad_token_id,
+                                            pad_token=self.pad_token, length=length)  # fmt: skip
+            else:
+                self.backend.no_padding()
+            encodings = self.backend.encode_batch(
+                [text] if single else list(text), add_special_tokens=add_special_tokens
+            )
+        out: dict[str, Any] = {"input_ids": [e.ids for e in encodings],
+                               "attention_mask": [e.attention_mask for e in encodings]}  # fmt: skip
+        if return_offsets_mapping:
+            out["offset_mapping"] = [e.offsets for e in encodings]
+        if return_tensors == "pt":
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
+        return {k: v[0] for k, v in out.items()} if single else out
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """`tokenizer.json` and `tokenizer_config.json` (its special tokens), as a tokenizer folder holds them."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = {"eos_token": self.eos_token, "pad_token": self.pad_token, "unk_token": self.unk_token}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _special_tokens(folder: Path) -> dict[str, str | None]:
+    """eos/pad/unk of a tokenizer folder's tokenizer_config.json or special_tokens_map.json (a string or
+    {"content": ...} each); None where neither names one."""
+    found: dict[str, str | None] = {"eos_token": None, "pad_token": None, "unk_token": None}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in found:
+            value = data.get(key) if isinstance(data, dict) else None
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                found[key] = value
+    return found
+
+
+def load_umt5_tokenizer(path: str | os.PathLike) -> Umt5Tokenizer:
     """Load the umT5 tokenizer from a local folder (or a bare `spiece.model` file); never downloads.
 
-    A folder with `tokenizer.json` / `tokenizer_config.json` goes through `AutoTokenizer`. A folder with only
-    `spiece.model` is converted in code (see `umt5_tokenizer_from_spiece`), without the `protobuf` package.
+    A folder with `tokenizer.json` is read by `tokenizers` (special tokens from its tokenizer_config.json or
+    special_tokens_map.json, else umT5's names). A folder with only `spiece.model` is converted in code (see
+    `umt5_tokenizer_from_spiece`), without the `protobuf` package.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -57,15 +157,16 @@ def load_umt5_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
     found = sorted(p.name for p in path.iterdir())
     spiece = path / "spiece.model"
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        try:
-            from transformers import AutoTokenizer
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            tokenizer = Umt5Tokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), **_special_tokens(path))
         except Exception as err:  # the Rust `tokenizers` raises a bare Exception on a malformed tokenizer.json
             if not spiece.is_file():
                 raise ValueError(f"could not load the umT5 tokenizer from {path} (found {found}): {err}") from err
-            logger.warning("AutoTokenizer failed on %s (%s); building the tokenizer from spiece.model", path, err)
+            logger.warning("tokenizer.json of %s is unreadable (%s); building the tokenizer from spiece.model", path,
+                           err)  # fmt: skip
             tokenizer = umt5_tokenizer_from_spiece(spiece.read_bytes(), source=str(spiece))
     elif spiece.is_file():
         tokenizer = umt5_tokenizer_from_spiece(spiece.read_bytes(), source=str(spiece))
@@ -74,7 +175,7 @@ def load_umt5_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return _checked(tokenizer, path)
 
 
-def _checked(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase:
+def _checked(tokenizer: Umt5Tokenizer, path: Path) -> Umt5Tokenizer:
     """Fail early on a tokenizer that cannot pad or does not end prompts with `</s>`, which Wan relies on."""
     # A lone tokenizer.json carries no special-token roles; umT5's pieces are named the T5 way.
     vocab = tokenizer.get_vocab()
@@ -82,6 +183,9 @@ def _checked(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokeni
         tokenizer.pad_token = "<pad>"
     if tokenizer.eos_token is None and "</s>" in vocab:
         tokenizer.eos_token = "</s>"
+    if tokenizer.unk_token is None and "<unk>" in vocab:
+        tokenizer.unk_token = "<unk>"
+    tokenizer.mark_special()
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(
             f"the tokenizer in {path} has pad token {tokenizer.pad_token!r} and eos token {tokenizer.eos_token!r}; "
@@ -92,7 +196,7 @@ def _checked(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokeni
     return tokenizer
 
 
-def umt5_tokenizer_from_spiece(data: bytes, source: str = "spiece.model bytes") -> PreTrainedTokenizerFast:
+def umt5_tokenizer_from_spiece(data: bytes, source: str = "spiece.model bytes") -> Umt5Tokenizer:
     """A fast tokenizer equal to the SentencePiece unigram model serialized in `data`, plus `</s>` at the end.
 
     Takes bytes so that a tokenizer stored inside a checkpoint file needs no temp file; `source` names it in
@@ -103,7 +207,6 @@ def umt5_tokenizer_from_spiece(data: bytes, source: str = "spiece.model bytes") 
     import sentencepiece
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
-    from transformers import PreTrainedTokenizerFast
 
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=data)
@@ -123,7 +226,7 @@ def umt5_tokenizer_from_spiece(data: bytes, source: str = "spiece.model bytes") 
     backend.post_processor = processors.TemplateProcessing(
         single=["$A", eos], pair=["$A", eos, "$B", eos], special_tokens=[(eos, sp.eos_id())]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad, unk_token=unk)
+    return Umt5Tokenizer(backend, eos_token=eos, pad_token=pad, unk_token=unk)
 
 
 def _spm_precompiled_charsmap(model_proto: bytes) -> bytes | None:
@@ -173,7 +276,7 @@ class TextEncoder:
     def __init__(
         self,
         encoder: UMT5Encoder,
-        tokenizer: PreTrainedTokenizerBase | str | os.PathLike,
+        tokenizer: Umt5Tokenizer | str | os.PathLike,
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,

@@ -121,6 +121,58 @@ def test_tokenizer_json_folder_loads_the_same(spiece_dir, tmp_path):
     assert load_umt5_tokenizer(tmp_path)("a cat", padding="max_length", max_length=8)["input_ids"][-1] == 0
 
 
+def _plain(value):
+    """Tensors, tuples and lists as nested lists, to compare two tokenizers' answers."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def test_tokenizer_answers_as_transformers_does_over_the_same_backend(spiece_dir):
+    """Umt5Tokenizer (no transformers import) gives what transformers' fast tokenizer gives over the same backend:
+    padded and truncated batches as tensors, flat lists for one text, offsets."""
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    ours = load_umt5_tokenizer(spiece_dir)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(ours.backend), eos_token="</s>", pad_token="<pad>",
+                                     unk_token="<unk>")  # fmt: skip
+    long = " ".join(["a red cat walks on the beach at sunset"] * 40)  # past 64 tokens: truncated, </s> kept last
+    texts = [*TRICKY, long, "a cat</s> and <pad> a <unk> dog"]  # special tokens spelled out in a prompt
+    for kwargs in (
+        dict(padding="max_length", padding_side="right", max_length=64, truncation=True, return_tensors="pt"),
+        dict(padding=True, return_tensors="pt"),
+        dict(add_special_tokens=True),
+        dict(return_offsets_mapping=True, truncation=True, max_length=64),
+    ):
+        a, b = ours(texts, **kwargs), theirs(texts, **kwargs)
+        for key in ("input_ids", "attention_mask", "offset_mapping"):
+            if key in b:
+                assert _plain(a[key]) == _plain(b[key]), (kwargs, key)
+    assert ours(long, truncation=True, max_length=64)["input_ids"][-1] == ours.eos_token_id
+    one, want = ours("a cat", return_offsets_mapping=True), theirs("a cat", return_offsets_mapping=True)
+    assert _plain(one["input_ids"]) == _plain(want["input_ids"])
+    assert _plain(one["offset_mapping"]) == _plain(want["offset_mapping"])
+    assert len(ours) == len(theirs) and ours.get_vocab() == theirs.get_vocab()
+    ids = ours(long)["input_ids"]
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+
+
+def test_making_a_tokenizer_does_not_import_transformers(spiece_dir):
+    """Seconds of every start: the CLI's tokenizer needs only `tokenizers`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from iamflow_core.text_encoder import load_umt5_tokenizer; "
+        f"t = load_umt5_tokenizer({str(spiece_dir)!r}); t(['a cat'], padding='max_length', max_length=8, "
+        "truncation=True, return_tensors='pt'); print('transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_missing_tokenizer_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
         load_umt5_tokenizer(tmp_path / "nope")
