@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .start import model_files
+from .start import model_files, run_command
 
 
 def _stories(source: Path, count: int, workdir: Path) -> Path:
@@ -45,32 +44,30 @@ def _stories(source: Path, count: int, workdir: Path) -> Path:
     return path
 
 
+def _rate(frames: int, seconds: float) -> float | None:
+    return round(frames / seconds, 2) if seconds else None
+
+
 def _batch(stories: Path, models: Path, out: Path, ranks: int, flags: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # no resuming: every row renders every story
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
                "iamflow_core", "batch", str(stories), "--models", str(models), "--out", str(out), *flags]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "4"})
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"batch on {ranks} ranks failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    _, start, end = run_command(command, f"batch on {ranks} ranks", {**os.environ, "OMP_NUM_THREADS": "4"})
+    wall = end - start
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    per_rank: dict[int, dict] = {}
+    by_rank: dict[int, list[dict]] = {}
     for r in records:  # story order, which is each rank's render order (`batch.shard`)
-        rank = per_rank.setdefault(r["rank"], {"stories": 0, "frames": 0, "render_s": 0.0, "later": []})
-        rank["stories"] += 1
-        rank["frames"] += r["frames"]
-        rank["render_s"] += r["wall_s"] or 0.0
-        if rank["stories"] > 1:  # the stories after the rank's first, which compiled the kernels
-            rank["later"].append((r["frames"], r["wall_s"] or 0.0))
-    steady = 0.0
-    for rank in per_rank.values():
-        later = rank.pop("later")
-        rank["render_s"] = round(rank["render_s"], 1)
-        rank["fps"] = round(rank["frames"] / rank["render_s"], 2) if rank["render_s"] else None
-        if later and sum(s for _, s in later):
-            rank["fps_after_first"] = round(sum(f for f, _ in later) / sum(s for _, s in later), 2)
-            steady += rank["fps_after_first"]
+        by_rank.setdefault(r["rank"], []).append(r)
+    per_rank = {}
+    for rank, rendered in by_rank.items():
+        frames, seconds = sum(r["frames"] for r in rendered), sum(r["wall_s"] or 0.0 for r in rendered)
+        per_rank[rank] = {"stories": len(rendered), "frames": frames, "render_s": round(seconds, 1),
+                          "fps": _rate(frames, seconds)}  # fmt: skip
+        if len(rendered) > 1:  # the stories after the rank's first, which compiled the kernels
+            later = rendered[1:]
+            per_rank[rank]["fps_after_first"] = _rate(sum(r["frames"] for r in later),
+                                                      sum(r["wall_s"] or 0.0 for r in later))  # fmt: skip
+    steady = sum(r.get("fps_after_first") or 0.0 for r in per_rank.values())
     frames = sum(r["frames"] for r in records)
     slowest = max(rank["render_s"] for rank in per_rank.values())
     return {
@@ -114,13 +111,9 @@ def _eval(manifest: Path, workdir: Path) -> dict:
     dino, clip = _eval_models(workdir)
     command = [sys.executable, "-m", "iamflow_core", "eval", str(manifest), "--dino", str(dino), "--clip", str(clip),
                "--out", str(workdir / "eval")]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"eval failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    done, start, end = run_command(command, "eval")
     tail = [line for line in done.stdout.splitlines() if line.strip()][-3:]
-    return {"eval_wall_s": round(wall, 1), "eval_says": tail}
+    return {"eval_wall_s": round(end - start, 1), "eval_says": tail}
 
 
 def main(argv: list[str] | None = None) -> Iterator[str]:

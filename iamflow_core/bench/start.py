@@ -34,6 +34,17 @@ def model_files(workdir: Path) -> Path:
     return models
 
 
+def run_command(command: list[str], what: str, env: dict[str, str] | None = None):
+    """Run a benchmark's command to its end, its output captured: (the result, its start and end as `time.time()`).
+    A failure raises, naming `what` and giving the end of its stderr."""
+    start = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    end = time.time()
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return done, start, end
+
+
 def _run(workdir: Path, models: Path, story: Path, n: int, kind: str, flags: list[str]) -> dict:
     cache = workdir / "cache"
     if kind == "cold":
@@ -45,11 +56,7 @@ def _run(workdir: Path, models: Path, story: Path, n: int, kind: str, flags: lis
     env["IAMFLOW_CACHE_DIR"] = str(cache)
     command = [sys.executable, "-m", "iamflow_core", "generate", str(story), "--models", str(models),
                "--out", str(workdir / f"run_{n}.mp4"), "--overwrite", "--timeline", str(timeline), *flags]  # fmt: skip
-    start = time.time()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    end = time.time()
-    if done.returncode != 0:
-        raise RuntimeError(f"run {n} ({kind}) failed:\n{done.stderr[-3000:]}")
+    done, start, end = run_command(command, f"run {n} ({kind})", env)
     entries = [json.loads(line) for line in timeline.read_text().splitlines()]
     events = {e["event"]: e["time"] - start for e in entries}
     frames = int(done.stdout.split(" frames in ")[0].rsplit(" ", 1)[-1])
