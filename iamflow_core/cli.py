@@ -190,10 +190,10 @@ def _stories(args: argparse.Namespace) -> list[Story]:
 
 
 def _render(
-    pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None, on_first=None,
+    pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None, on_chunk=None,
     start_image=None,
 ) -> RenderResult:  # fmt: skip
-    """Render one story to `out` with a progress bar (redrawn once per chunk); on_first() once the first chunk's
+    """Render one story to `out` with a progress bar (redrawn once per chunk); on_chunk(index) once each chunk's
     frames are out."""
     from tqdm import tqdm
 
@@ -208,8 +208,8 @@ def _render(
     with tqdm(total=plan.num_chunks, unit="chunk", file=sys.stderr) as bar:
 
         def progress(event, record) -> None:
-            if record.index == 0 and on_first is not None:
-                on_first()
+            if on_chunk is not None:
+                on_chunk(record.index)
             bar.set_postfix(prompt=f"{record.segment + 1}/{record.num_segments}", refresh=False)
             bar.update(1)
 
@@ -269,6 +269,13 @@ class _Timeline:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
+    def chunk(self, index: int) -> None:
+        """A chunk's frames are out: the first one is the first frame; the next few show what compiling costs."""
+        if index == 0:
+            self.mark("first_frame")
+        elif index < 4:
+            self.mark(f"chunk_{index}")
+
 
 def generate(args: argparse.Namespace) -> int:
     if args.preset == "tiny":
@@ -295,14 +302,14 @@ def generate(args: argparse.Namespace) -> int:
             memory = build_memory(settings, registry, verifier)
             on_stop = runs.on_stop(target, story, registry, stops)
             result = _render(
-                pipe, story, config, memory, target, on_stop, on_first=lambda: timeline.mark("first_frame"),
-                start_image=start_image,
+                pipe, story, config, memory, target, on_stop, on_chunk=timeline.chunk, start_image=start_image,
             )  # fmt: skip
             timeline.mark("last_frame")
             wall = result.timings["wall"]
             fps = result.frames_written / wall if wall else 0.0
             print(f"{target}: {result.frames_written} frames in {wall:.1f} s ({fps:.1f} video FPS)")
             runs.write_story_map(target, story, registry, result)
+            timeline.mark("story_map_written")
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP during a render: say where its frames are
         if not stops:
             raise

@@ -71,8 +71,8 @@ class Decoder:
         if latents.is_cuda:  # the decode's stream must wait for the DiT's work that produced the latents
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(latents.device))
-        if self.pool is not None:
-            return self.pool.submit(self._decode, chunk, latents, ready)
+        if self.pool is not None:  # the worker decodes as the submitting thread would (`fused.eager`)
+            return self.pool.submit(self._decode, chunk, latents, ready, fused.eager_now())
         if self.device.type == "cuda":
             return self._queue(chunk, latents, ready)
         done: Future = Future()
@@ -99,10 +99,12 @@ class Decoder:
             done.synchronize()
         return QueuedDecode(chunk, host, done, time.perf_counter() - start, self.on_frames)
 
-    def _decode(self, chunk: int, latents: torch.Tensor, ready: torch.cuda.Event | None) -> tuple[np.ndarray, float]:
+    def _decode(
+        self, chunk: int, latents: torch.Tensor, ready: torch.cuda.Event | None, eager: bool = False
+    ) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
         stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
-        with torch.no_grad(), stream:
+        with torch.no_grad(), stream, fused.eager() if eager else nullcontext():
             frames = self._video(latents, ready).cpu().numpy()  # waits for the decode, outside the launch lock
         seconds = time.perf_counter() - start
         if self.on_frames is not None:

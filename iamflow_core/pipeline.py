@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,7 @@ class Prompts:
         row = self.rows[segment]
         if row not in self._cache:
             text = self.states[row].to(self.dit.device, non_blocking=True)
-            with torch.no_grad():
+            with torch.no_grad(), fused.eager():  # once per prompt: not worth a compile
                 cross = self.dit.encode_text(text[None])
             self._cache = {r: v for r, v in self._cache.items() if r == self.rows[max(segment - 1, 0)]}
             self._cache[row] = (text, cross)
@@ -152,7 +153,7 @@ class StreamingPipeline:
         compile_kernels: bool | None = None,
     ) -> None:
         if compile_kernels if compile_kernels is not None else dit.device.type == "cuda":
-            fused.enable()  # fused elementwise kernels: the first chunk compiles them (tens of seconds, once)
+            fused.enable()  # fused elementwise kernels: the second chunk compiles them (tens of seconds, once)
         self.dit = dit
         self.text_encoder = text_encoder
         self.vae = vae
@@ -193,17 +194,24 @@ class StreamingPipeline:
         the chunk in progress; every chunk finished so far is still handed out. start_image: uint8 RGB
         [H, W, 3] (`images.load_image`): the video's first frame; the chunks continue it (image-to-video).
         """
-        run = self._prepare(story, config or SamplerConfig(), memory or NoMemory(), texts, start_image)
+        # The preparation and the first chunk run without compiled kernels (`fused.eager`): the first frames come
+        # in about a second, and compiling (or loading compiled kernels) waits for the second chunk.
+        with fused.eager():
+            run = self._prepare(story, config or SamplerConfig(), memory or NoMemory(), texts, start_image)
         pending: tuple[dict, Pending | None] | None = None
         try:
             for i in range(run.plan.num_chunks):
                 if cancel is not None and cancel.is_set():
                     logger.info("cancelled after %d of %d chunks", i, run.plan.num_chunks)
                     break
-                made = self._chunk(run, i)
+                with fused.eager() if i == 0 else nullcontext():
+                    made = self._chunk(run, i)
                 if pending is not None:  # the previous chunk is handed out while this one decodes
                     yield self._finish(pending)
                 pending, run.in_flight = made, made[1]
+                if i == 0:  # the first frames as soon as they exist, not after the second chunk is made
+                    finished, pending = pending, None
+                    yield self._finish(finished)
             if pending is not None:
                 yield self._finish(pending)
         except (Exception, KeyboardInterrupt):
@@ -349,7 +357,8 @@ class StreamingPipeline:
             old, new = run.prompts.text(segment - 1), run.prompts.text(segment)
             change = Switch(start, old, new, run.prompts.cross(segment),
                             lambda z, first, cross: self._context_pass(run, z, first, cross))  # fmt: skip
-            run.transition.switch(change)
+            with fused.eager():  # a recache pass has a shape of its own, run once per switch
+                run.transition.switch(change)
         ctx = self._context(run, i, segment)
         if switching:
             run.memory.on_switch(ctx)

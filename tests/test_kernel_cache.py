@@ -2,8 +2,10 @@
 
 import logging
 import os
+import threading
 
 import pytest
+import torch
 
 from iamflow_core.models import fused
 
@@ -92,3 +94,33 @@ def test_vae_conv_plans_are_timed_once_and_read_back_by_a_later_process(clean_en
     new_process()
     assert vae._conv_plan(conv, x) == "taps" and len(timed) == 3
     assert len(json.loads((tmp_path / "kernels" / vae.PLANS_FILE).read_text())) == 1
+
+
+def test_eager_is_per_thread_and_nests():
+    assert not fused.eager_now()
+    seen = []
+    with fused.eager():
+        with fused.eager():
+            seen.append(fused.eager_now())
+        seen.append(fused.eager_now())
+        other = threading.Thread(target=lambda: seen.append(fused.eager_now()))
+        other.start()
+        other.join()
+    seen.append(fused.eager_now())
+    assert seen == [True, True, False, False]
+
+
+def test_eager_runs_a_fusable_function_without_compiling(monkeypatch):
+    """With compiled kernels on, `eager()` calls the plain function: torch.compile is never reached."""
+
+    class CudaLike(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled inside eager()"))
+    x = torch.randn(2, 8).as_subclass(CudaLike)
+    with fused.eager():
+        out = fused.residual(x, torch.ones(2, 8))
+    assert torch.allclose(out, x + 1)

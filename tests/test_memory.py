@@ -291,3 +291,53 @@ def test_the_default_verdict_wait_is_a_share_of_the_chunk_time():
     pacing.chunk_seconds = 0.4
     assert pacing.wait_limit() == pytest.approx(VERIFIER_SHARE * 0.4)  # 20 ms of a 0.4-s chunk
     assert VerdictPacing(_RecordingVerifier(), wait=1.5).wait_limit() == 1.5
+
+
+def test_archived_frames_keep_their_descriptor_so_ranking_never_reads_host_copies(models, monkeypatch):
+    """Without a registry the archive is ranked at each switch: from descriptors made on the device when a frame
+    was archived, not by averaging its K in host memory."""
+    from iamflow_core.memory import archive, scoring
+
+    events, memory = _run(models, MemorySettings(), registry=None)
+    frames = memory.archive.frames
+    assert frames and all(f.descriptor is not None for f in frames)
+    expected = torch.stack([scoring.frame_descriptor(f.k, f.position, models[0].rope) for f in frames])
+    monkeypatch.setattr(archive, "frame_descriptor", lambda *a: pytest.fail("descriptor made again"))
+    assert torch.allclose(memory.archive.descriptors(models[0].rope, like=frames[0].k), expected, atol=1e-5)
+
+
+def test_host_values_read_back_what_the_device_computed():
+    from iamflow_core.memory.archive import HostValues
+
+    assert HostValues(torch.tensor([0.5, 2.0])).tolist() == [0.5, 2.0]
+
+
+def test_a_refresh_takes_every_frame_from_the_gpu_and_none_from_host_memory(models, monkeypatch):
+    """Within a prompt, a better frame replaces a weaker one: the frames staying in the memory segment and the one
+    just archived are copied on the device; host copies come back only at a switch."""
+    from iamflow_core.memory import identity
+
+    calls = []
+    copy = identity.to_device
+    refresh = IdentityMemory._refresh
+
+    def recording_copy(frames, name, like, on_device=None):
+        calls.append((refreshing[0], name, sum(id(f) in (on_device or {}) for f in frames), len(frames)))
+        return copy(frames, name, like, on_device)
+
+    refreshing = [False]
+
+    def flagged_refresh(self, ctx, new):
+        refreshing[0] = True
+        try:
+            refresh(self, ctx, new)
+        finally:
+            refreshing[0] = False
+
+    monkeypatch.setattr(identity, "to_device", recording_copy)
+    monkeypatch.setattr(IdentityMemory, "_refresh", flagged_refresh)
+    events, _ = _run(models, MemorySettings())
+    refreshes = [c for c in calls if c[0]]
+    assert sum("refreshed" in e.memory for e in events) == len(refreshes) // 2 > 0
+    assert all(on_device == n for _, _, on_device, n in refreshes)
+    assert any(on_device < n for refreshing, _, on_device, n in calls if not refreshing)  # a switch brings back

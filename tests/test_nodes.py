@@ -470,12 +470,14 @@ def test_cancel_stops_after_the_chunk_and_keeps_the_video(comfy):
     import comfy.model_management as mm
 
     dit, te, vae = load_models()
-    comfy.interrupt_after = 1  # Cancel pressed while chunk 2 is being made
+    # Cancel pressed as chunk 2 comes out (chunk 1 comes out as soon as it is made, chunk 3 is made before chunk 2
+    # is handed out)
+    comfy.interrupt_after = 2
     with pytest.raises(mm.InterruptProcessingException):
         run("IAMFlowStreamingSampler", dit, te, story_value(), 48, 32, 0, "IAMFlow/cut", vae=vae, unique_id="9")
     (saved,) = (comfy.root / "output" / "IAMFlow").glob("cut_*.mp4")
-    assert read_video_frame_count(saved) == 9 + 12  # chunk 1 and chunk 2 (already made): nothing finished is lost
-    assert status(comfy) == f"cancelled after 2 of 4 chunks\n21 frames kept in {saved.name}"
+    assert read_video_frame_count(saved) == 9 + 12 + 12  # chunks 1 to 3 (3 already made): nothing finished is lost
+    assert status(comfy) == f"cancelled after 3 of 4 chunks\n33 frames kept in {saved.name}"
     assert not mm.processing_interrupted()  # the flag is consumed, so the next run starts clean
 
 
@@ -525,8 +527,9 @@ def test_render_story_cancel_and_no_frames_kept(pipe, tmp_path):
         pipe, STORY, CONFIG, NoMemory(), out_path=tmp_path / "c.mp4", keep_frames=False, cancel=cancel,
         on_chunk=lambda e, r: cancel.set(),
     )  # fmt: skip
-    assert result.cancelled and len(result.chunks) == 2 and result.frames is None
-    assert read_video_frame_count(tmp_path / "c.mp4") == 21 and result.frames_written == 21
+    # the first chunk comes out before the second is made: the cancel stops there
+    assert result.cancelled and len(result.chunks) == 1 and result.frames is None
+    assert read_video_frame_count(tmp_path / "c.mp4") == 9 and result.frames_written == 9
 
 
 def test_render_story_keeps_the_file_when_a_chunk_fails(pipe, tmp_path):

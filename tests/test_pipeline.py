@@ -124,3 +124,44 @@ def test_bad_sampler_settings():
         SamplerConfig(height=30, width=48)
     with pytest.raises(ValueError, match="transition strategy"):
         TransitionConfig("fade")
+
+
+def test_the_first_chunk_is_handed_out_before_the_second_is_made_and_runs_eagerly(models, monkeypatch):
+    from iamflow_core.models import fused
+
+    dit, te, vae = models
+    pipe = StreamingPipeline(dit, te, vae)
+    made = []
+    chunk = pipe._chunk
+
+    def spy(run, i):
+        made.append((i, fused.eager_now()))
+        return chunk(run, i)
+
+    monkeypatch.setattr(pipe, "_chunk", spy)
+    events = pipe.run(STORY, SMALL)
+    first = next(events)
+    assert first.index == 0 and first.frames.shape[0] == 9
+    assert made == [(0, True)]  # made without compiled kernels, handed out at once
+    rest = list(events)
+    assert [e.index for e in rest] == [1, 2, 3]
+    assert made[1:] == [(1, False), (2, False), (3, False)] and not fused.eager_now()
+
+
+def test_memflow_ranks_its_frames_only_when_they_or_the_prompt_change(models, monkeypatch):
+    """Ranking reads scores back from the GPU (a wait for the queued chunks): not at every chunk."""
+    story = Story((Segment("a woman reads in a library", 3.0), Segment("a man walks past", 3.0)), seed=1)
+    dit, te, _ = models
+    memory = MemFlowMemory(bank_size=2, record_interval=2)
+    ranked = []
+    scores = memory._scores
+    monkeypatch.setattr(memory, "_scores", lambda ctx: ranked.append(ctx.chunk) or scores(ctx))
+    config = SamplerConfig(height=32, width=48, cache=SMALL.cache, transition=TransitionConfig("recache"))
+    events = list(StreamingPipeline(dit, te).run(story, config, memory))
+    assert len(events) == 8
+    # frames recorded after chunks 0, 2, 4, 6 (each ranked by the next chunk); the switch at chunk 4 ranks again
+    assert ranked == [1, 3, 4, 5, 7]
+    # a soft switch blends the prompts chunk by chunk: each blended chunk ranks under its own conditioning
+    ranked.clear()
+    list(StreamingPipeline(dit, te).run(story, SMALL, memory))
+    assert ranked[:3] == [1, 3, 4] and len(ranked) > 5

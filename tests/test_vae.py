@@ -188,3 +188,20 @@ def test_conv3d_as_2d_convs_equals_conv3d(channels_last, plan):
         got = _PLANS[plan](conv, x)
     assert got.shape == expected.shape == (1, 5, 5, 9, 10)
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_temporal_upsampling_keeps_the_layout_it_is_given(layout):
+    """The frame interleave of upsample3d writes its output in its input's layout (channels-last on a GPU): the
+    convs after it then read it as it is instead of converting it back."""
+    from iamflow_core.models.vae import Resample
+
+    torch.manual_seed(0)
+    resample = Resample(8, "upsample3d").eval()
+    resample.time_conv.cache_slot = 0
+    x = torch.randn(1, 8, 3, 5, 6).contiguous(memory_format=layout)
+    with torch.no_grad():
+        out = resample._upsample_time(x, [None], first_chunk=False)
+        y = resample.time_conv(x, [None]).view(1, 2, 8, 3, 5, 6)
+    assert torch.equal(out, torch.stack((y[:, 0], y[:, 1]), dim=3).flatten(2, 3))  # frame k -> (2k, 2k + 1)
+    assert out.is_contiguous(memory_format=layout)

@@ -67,6 +67,9 @@ def _run(workdir: Path, models: Path, story: Path, n: int, kind: str, flags: lis
         "command_s": round(end - start, 1),
     }
     row["first_frame_after_load_s"] = round(events["first_frame"] - events["models_loaded"], 1)
+    if "chunk_1" in events:  # the second chunk waits for the kernels to compile (or load from the cache)
+        row["second_chunk_after_first_s"] = round(events["chunk_1"] - events["first_frame"], 1)
+    row["after_last_frame_s"] = round(end - start - events["last_frame"], 1)  # the video closed, the process ends
     row["frames"] = frames
     row["peak_gib"] = entries[-1].get("peak_gib")
     row["render_fps"] = round(frames / (events["last_frame"] - events["models_loaded"]), 2)

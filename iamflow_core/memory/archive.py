@@ -32,6 +32,8 @@ class ArchivedFrame:
     v: torch.Tensor = field(repr=False)
     position: int = 0
     reference: str | None = None  # a reference picture (its name): pinned, never evicted
+    # its mean key moved back to time 0 (`frame_descriptor`), made on the GPU when archived: [layers, B, H, D]
+    descriptor: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def pinned(self) -> bool:
@@ -149,29 +151,75 @@ class Archive:
 
     def descriptors(self, rope: RopeTables, like: torch.Tensor) -> torch.Tensor:
         """Each frame's mean key moved back to time 0 (`frame_descriptor`): [n, layers, B, H, D] on `like`'s
-        device."""
-        if like.is_cuda:  # the host copies are read here on the CPU: let their transfers finish
-            torch.cuda.current_stream(like.device).synchronize()
-        return torch.stack([frame_descriptor(f.k, f.position, rope).to(like.device) for f in self.frames])
+        device. Frames archived with their descriptor are not read again (their K may be in host memory)."""
+        if like.is_cuda and any(f.descriptor is None and not f.k.is_cuda for f in self.frames):
+            copy_stream(like.device).synchronize()  # host copies read on the CPU: let them land
+        return torch.stack(
+            [
+                (f.descriptor if f.descriptor is not None else frame_descriptor(f.k, f.position, rope)).to(like.device)
+                for f in self.frames
+            ]
+        )
+
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream a GPU's archive copies run on: the copy engine moves frames while the SMs sample."""
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device)
+    return _copy_streams[device]
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of a frame's K or V. From a GPU it goes to pinned memory without stopping the loop: the copy is
-    ordered on the stream, so later GPU reads of it are safe, and host reads synchronise first
-    (`Archive.descriptors`)."""
+    """A host copy of a frame's K or V. From a GPU it goes to pinned memory on the copy stream, beside the sampling
+    (a frame is 144 MB of K at full size): `t` is kept until the copy is done, GPU reads of the copy wait for it
+    (`to_device`), and host reads synchronise first (`Archive.descriptors`)."""
     if not t.is_cuda:
         return t.cpu()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
+    stream = copy_stream(t.device)
+    stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by the work queued so far
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    t.record_stream(stream)
+    return host
 
 
-def to_device(frames: list[ArchivedFrame], name: str, like: torch.Tensor) -> torch.Tensor:
+class HostValues:
+    """A small GPU result (scores) on its way to the host: copied to pinned memory behind the work that makes it, so
+    making it never stops the loop, and `tolist` waits for that work only, not for the chunks queued after it."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._done = None
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(t.device))
+        else:
+            self._host = t
+
+    def tolist(self) -> list:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
+def to_device(
+    frames: list[ArchivedFrame], name: str, like: torch.Tensor, on_device: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
     """The frames' K (or V) side by side along the token axis, on `like`'s device and dtype: [L, B, n*T, H, D].
-    Each frame is copied straight into place (no host-side concatenation of hundreds of MB)."""
-    parts = [getattr(f, name) for f in frames]
+    Each frame is copied straight into place (no host-side concatenation of hundreds of MB). on_device: copies
+    already on the GPU by `id(frame)` (a frame still in the memory segment, one just archived), taken instead of
+    the host copy."""
+    on_device = on_device or {}
+    parts = [on_device.get(id(f), getattr(f, name)) for f in frames]
     tokens = parts[0].shape[2]
     out = torch.empty((*parts[0].shape[:2], tokens * len(parts), *parts[0].shape[3:]), device=like.device,
                       dtype=like.dtype)  # fmt: skip
+    if like.is_cuda and any(not p.is_cuda for p in parts) and like.device in _copy_streams:
+        torch.cuda.current_stream(like.device).wait_stream(_copy_streams[like.device])  # host copies still landing
     for i, part in enumerate(parts):
-        out[:, :, i * tokens : (i + 1) * tokens].copy_(part, non_blocking=part.is_pinned())
+        out[:, :, i * tokens : (i + 1) * tokens].copy_(part, non_blocking=part.is_cuda or part.is_pinned())
     return out

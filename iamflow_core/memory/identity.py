@@ -29,7 +29,7 @@ import torch
 
 from ..story.entities import EntityRegistry
 from ..verify import NEUTRAL, Verdict, Verifier
-from .archive import Archive, ArchivedFrame, greedy_cover, to_device
+from .archive import Archive, ArchivedFrame, HostValues, greedy_cover, to_device
 from .base import StepContext, require_memory_segment
 from .pacing import VerdictPacing
 from .scoring import entity_token_weights, frame_descriptor, frame_relevance, text_query
@@ -46,7 +46,7 @@ class _Candidate:
     segment: int
     frames: tuple[int, ...]
     entities: tuple[int, ...]
-    text_scores: tuple[float, ...]
+    text_scores: HostValues  # one per frame, read when the frame is chosen (by then on the host)
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,10 @@ class IdentityMemory:
         self._pending: list[_Candidate] = []  # chunks whose frame is not chosen yet
         self._chunks: dict[int, _Chunk] = {}
         self._weights: dict[int, torch.Tensor | None] = {}  # per segment: entity-token weights of its prompt
+        # K/V of frames already on the GPU, by id(frame): those of the memory segment in use, and those of frames
+        # archived this chunk (their host copies may still be on the way). A refresh copies only these.
+        self._segment: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def late_verdicts(self) -> int:
@@ -114,6 +118,7 @@ class IdentityMemory:
     def on_switch(self, ctx: StepContext) -> None:
         self._decide(ctx, until=ctx.chunk)  # archive what the previous prompt still has in the window
         self._bring_back(ctx)
+        self._fresh.clear()
 
     def before_chunk(self, ctx: StepContext) -> None:
         ctx.info["memory_frames"] = [f.frame for f in self.injected]
@@ -138,6 +143,7 @@ class IdentityMemory:
         if archived:
             ctx.info["archived"] = [f.summary() for f in archived]
             self._refresh(ctx, archived)
+        self._fresh.clear()
         ctx.info["archive_frames"] = len(self.archive)
         ctx.info["archive_mb"] = round(self.archive.nbytes / 2**20, 1)
 
@@ -168,7 +174,8 @@ class IdentityMemory:
             segment = next((s for s in range(len(self.registry.prompts)) if ref.entity in self._entities(s)), 0)
             k, v, position = ctx.encode_image(ref.pixels, segment)
             frames.append(ArchivedFrame(-n, -1, segment, (ref.entity,), self.reference_weight, self.reference_weight,
-                                        k, v, position, reference=ref.name))  # fmt: skip
+                                        k, v, position, reference=ref.name,
+                                        descriptor=frame_descriptor(k, position, ctx.rope)))  # fmt: skip
         self.archive.pin(frames)
 
     def _bring_back(self, ctx: StepContext) -> None:
@@ -201,13 +208,14 @@ class IdentityMemory:
             self._weights[ctx.segment] = weights
         return self._weights[ctx.segment]
 
-    def _text_scores(self, ctx: StepContext, frames: tuple[int, ...]) -> tuple[float, ...]:
+    def _text_scores(self, ctx: StepContext, frames: tuple[int, ...]) -> HostValues:
+        """The frames' text scores, queued on the GPU behind the chunk: the loop does not wait for them."""
         query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device), self._token_weights(ctx))
         descriptors = []
         for f in frames:
             k, position = ctx.cache.frame_keys(f)
             descriptors.append(frame_descriptor(k, position, ctx.rope))
-        return tuple(frame_relevance(query, torch.stack(descriptors)).tolist())
+        return HostValues(frame_relevance(query, torch.stack(descriptors)))
 
     def _visual(self, ctx: StepContext, candidate: _Candidate) -> tuple[float, ...]:
         """The verifier's score of each candidate frame; neutral without a verdict in time."""
@@ -236,7 +244,7 @@ class IdentityMemory:
         for candidate in [c for c in self._pending if c.chunk < until]:
             self._pending.remove(candidate)
             visual = self._visual(ctx, candidate)
-            text = np.array(candidate.text_scores)
+            text = np.array(candidate.text_scores.tolist())
             spread = text.max() - text.min()
             text_norm = (text - text.min()) / spread if spread > 0 else np.full_like(text, NEUTRAL)
             fused = (1 - self.visual_weight) * text_norm + self.visual_weight * np.array(visual)
@@ -246,11 +254,13 @@ class IdentityMemory:
                 continue  # already left the window (a cache smaller than the decision lag)
             k, v, position = ctx.cache.frame_kv(frame)  # a copy on the cache's device
             entry = ArchivedFrame(frame, candidate.chunk, candidate.segment, candidate.entities,
-                                  float(text[best]), float(visual[best]), k, v, position)  # fmt: skip
-            kept, gone = self.archive.add(entry)
+                                  float(text[best]), float(visual[best]), k, v, position,
+                                  descriptor=frame_descriptor(k, position, ctx.rope))  # fmt: skip
+            kept, gone = self.archive.add(entry)  # entry's K/V now go to host memory
             self.timeline += [{"evicted": f.summary()} for f in gone]
             if kept:
                 archived.append(entry)
+                self._fresh[id(entry)] = (k, v)
         return archived
 
     def _refresh(self, ctx: StepContext, new: list[ArchivedFrame]) -> None:
@@ -282,13 +292,23 @@ class IdentityMemory:
         return [self.archive.frames[i] for i in order[: self.max_frames]]
 
     def _inject(self, ctx: StepContext, frames: list[ArchivedFrame]) -> None:
+        """Make `frames` the memory segment. Frames already on the GPU (in the segment now, or archived this chunk)
+        are copied there; only the others come from host memory."""
         self.injected = list(frames)
         if not frames:
             ctx.cache.clear_memory()
+            self._segment = {}
             return
         frames = sorted(frames, key=lambda f: f.frame)
-        k, v = to_device(frames, "k", ctx.cache.k), to_device(frames, "v", ctx.cache.k)
+        ready = {**self._segment, **self._fresh}
+        k = to_device(frames, "k", ctx.cache.k, {i: kv[0] for i, kv in ready.items()})
+        v = to_device(frames, "v", ctx.cache.k, {i: kv[1] for i, kv in ready.items()})
         ctx.cache.set_memory(k, v, [f.frame for f in frames], [f.position for f in frames])
+        tokens = k.shape[2] // len(frames)
+        self._segment = {
+            id(f): (k[:, :, i * tokens : (i + 1) * tokens], v[:, :, i * tokens : (i + 1) * tokens])
+            for i, f in enumerate(frames)
+        }
 
     # report ------------------------------------------------------------------------------------------------------
     def story_map(self) -> dict[str, Any]:

@@ -37,11 +37,15 @@ class MemFlowMemory:
         self.candidates = candidates or bank_size + 1
         self.frames: list[_Frame] = []
         self._selected: tuple[int, ...] = ()
+        # The conditioning the frames were last ranked under (None: rank again). Ranking reads scores back from the
+        # GPU, which waits for the chunks queued before: it is done only when the frames or the prompt changed.
+        self._ranked_for: object | None = None
 
     def start(self, ctx: StepContext) -> None:
         require_memory_segment(ctx, self.bank_size, "bank_size")
         self.frames.clear()
         self._selected = ()
+        self._ranked_for = None
         ctx.cache.clear_memory()
 
     def on_switch(self, ctx: StepContext) -> None:
@@ -56,26 +60,25 @@ class MemFlowMemory:
             return
         k, v, position = ctx.cache.frame_kv(ctx.start_frame)
         self.frames.append(_Frame(ctx.start_frame, k, v, position, frame_descriptor(k, position, ctx.rope)))
-        if len(self.frames) > self.candidates:
-            self._drop_least_relevant(ctx)
+        self._ranked_for = None  # the next chunk ranks them (and drops the least relevant past `candidates`)
         ctx.info["recorded_frame"] = ctx.start_frame
 
     def on_frames(self, chunk: int, frames: np.ndarray) -> None:
         pass
 
-    def _scores(self, ctx: StepContext) -> torch.Tensor:
+    def _scores(self, ctx: StepContext) -> list[float]:
         query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device))
-        return frame_relevance(query, torch.stack([f.descriptor for f in self.frames]))
-
-    def _drop_least_relevant(self, ctx: StepContext) -> None:
-        scores = self._scores(ctx)[:-1]  # the newest capture always stays a candidate
-        del self.frames[int(scores.argmin())]
+        return frame_relevance(query, torch.stack([f.descriptor for f in self.frames])).tolist()
 
     def _select(self, ctx: StepContext) -> None:
-        if not self.frames:
+        if not self.frames or ctx.cross is self._ranked_for:
             return
         scores = self._scores(ctx)
-        top = scores.topk(min(self.bank_size, len(self.frames))).indices.tolist()
+        if len(self.frames) > self.candidates:  # the newest capture always stays a candidate
+            drop = min(range(len(scores) - 1), key=scores.__getitem__)
+            del self.frames[drop], scores[drop]
+        self._ranked_for = ctx.cross
+        top = sorted(range(len(scores)), key=lambda i: -scores[i])[: self.bank_size]
         chosen = sorted((self.frames[i] for i in top), key=lambda f: f.index)
         selected = tuple(f.index for f in chosen)
         if selected != self._selected:

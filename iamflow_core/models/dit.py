@@ -298,7 +298,9 @@ class CausalWanDiT(nn.Module):
 
     def _use_graphs(self, x: torch.Tensor, cache: KVCache) -> bool:
         # Sparse memory activation picks frames with host-built indices per call: not capturable.
-        return self.cuda_graphs and x.is_cuda and cache.cfg.sparse_topk == 0 and graphs_allowed()
+        # Inside fused.eager() the forward is a one-off: capturing it would only cost memory.
+        capturable = self.cuda_graphs and x.is_cuda and cache.cfg.sparse_topk == 0
+        return capturable and graphs_allowed() and not fused.eager_now()
 
     def new_cache(self, cfg, tokens_per_frame: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache sized for this model on its device."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
 
@@ -25,6 +25,8 @@ _enabled = False
 # while it compiles. Threads that run models (the DiT loop, the VAE decode worker) launch their kernels under this
 # lock when compiled kernels are on; the GPU work itself still overlaps, only the host-side launching is serialised.
 _launch_lock = threading.RLock()
+# Per thread: run the fusable functions as plain PyTorch for now (`eager`).
+_local = threading.local()
 
 
 def cache_dir() -> Path:
@@ -77,6 +79,25 @@ def enabled() -> bool:
     return _enabled
 
 
+@contextmanager
+def eager() -> Iterator[None]:
+    """In this thread, run the fusable functions as plain PyTorch (the same math, other rounding) and let no CUDA
+    graph be captured. For work done once or with shapes of its own (a story's first chunk, its text encoding,
+    reference pictures, the recache at a prompt switch), whose kernels would cost a compile or a cache load before
+    they run once: the pipeline makes its first chunk so, and a user sees frames before any kernel is compiled."""
+    before = getattr(_local, "eager", False)
+    _local.eager = True
+    try:
+        yield
+    finally:
+        _local.eager = before
+
+
+def eager_now() -> bool:
+    """Whether this thread is inside `eager()`."""
+    return getattr(_local, "eager", False)
+
+
 def launch_guard() -> AbstractContextManager:
     """Hold while launching model work from a thread when compiled kernels are on (see `_launch_lock`)."""
     return _launch_lock if _enabled else nullcontext()
@@ -87,7 +108,7 @@ def _fusable(fn: Callable) -> Callable:
 
     @wraps(fn)
     def run(x: torch.Tensor, *args, **kwargs):
-        if not (_enabled and x.is_cuda):
+        if not (_enabled and x.is_cuda) or eager_now():
             return fn(x, *args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(fn, fullgraph=True))
@@ -169,6 +190,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def channel_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
     """F.normalize over channels (dim 1) in float32, times sqrt(C) * gamma, in x.dtype."""
     return F.normalize(x.float(), dim=1).type_as(x) * scale * gamma
+
+
+@_fusable
+def tap_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """a + b + c + bias per channel (dim 1), summed in float32: the three time taps of a conv computed as 2D convs.
+    One pass over the outputs, which at the decoder's full resolution are about a GB each."""
+    return (a.float() + b.float() + c.float() + bias.float().view(1, -1, 1, 1)).to(a.dtype)
 
 
 @_fusable

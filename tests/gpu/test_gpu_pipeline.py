@@ -50,3 +50,25 @@ def test_queued_decode_hands_frames_to_the_verifier_when_a_switch_needs_them(cap
     assert "not decoded" not in caplog.text
     assert sorted(verifier.jobs) == list(range(len(events)))
     assert all(f.frame % 3 == 2 for f in memory.archive)  # chosen on the verifier's scores, as on the CPU
+
+
+def test_the_first_chunk_comes_out_before_any_kernel_is_compiled():
+    """The preparation and the first chunk run eager kernels; compiling waits for the second chunk."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from iamflow_core.models import fused
+
+    torch._dynamo.reset()
+    counters.clear()
+    dit, text_encoder, vae = tiny_models(device="cuda")
+    config = sampler_config(MemorySettings(), height=64, width=96)
+    try:
+        events = StreamingPipeline(dit, text_encoder, vae, compile_kernels=True).run(DEFAULT_STORY, config)
+        first = next(events)
+        assert first.index == 0 and first.frames is not None
+        assert counters["stats"]["unique_graphs"] == 0
+        rest = list(events)
+        assert rest and counters["stats"]["unique_graphs"] > 0  # the later chunks run compiled kernels
+    finally:
+        fused.enable(False)

@@ -1,0 +1,64 @@
+"""The identity memory's copies between the GPU and host memory run beside the sampling and stay in order."""
+
+import numpy as np
+import pytest
+import torch
+
+from iamflow_core.memory import archive
+from iamflow_core.memory.archive import ArchivedFrame, HostValues, to_device, to_host
+from iamflow_core.pipeline import StreamingPipeline
+from iamflow_core.presets import DEFAULT_STORY, tiny_models
+from iamflow_core.settings import IAMFLOW, build_memory, sampler_config
+
+pytestmark = pytest.mark.gpu
+
+
+def test_a_host_copy_holds_the_values_of_when_it_was_made():
+    """The copy runs on the copy stream: it must wait for the work that made the tensor, and the tensor's memory
+    must not be reused under it (the archive copies a clone that nothing writes again)."""
+    x = torch.zeros(64 * 2**20 // 2, dtype=torch.bfloat16, device="cuda")
+    torch.cuda._sleep(10**8)  # keep the stream busy, so the copy is queued behind the add
+    x.add_(3)  # queued: the copy must see it
+    host = to_host(x)
+    del x
+    torch.empty(64 * 2**20 // 2, dtype=torch.bfloat16, device="cuda").fill_(9)  # may reuse x's memory
+    archive.copy_stream(torch.device("cuda")).synchronize()
+    assert host.is_pinned() and bool((host == 3).all())
+
+
+def test_frames_come_back_to_the_gpu_after_their_host_copies_landed():
+    k = torch.randn(2, 1, 16, 2, 8, device="cuda")
+    frames = [ArchivedFrame(i, i, 0, (1,), 0.0, 0.5, to_host(k + i), to_host(k - i)) for i in range(3)]
+    back = to_device(frames, "k", k, {id(frames[1]): k + 10})  # one taken from the GPU instead
+    expected = torch.cat([k, k + 10, k + 2], dim=2)
+    assert torch.equal(back, expected)
+
+
+def test_scores_reach_the_host_without_waiting_for_later_work():
+    scores = torch.arange(4.0, device="cuda")
+    values = HostValues(scores * 2)
+    scores.fill_(-1)
+    assert values.tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_the_identity_memory_gives_the_same_video_with_copies_in_turn(monkeypatch):
+    """Copies on the copy stream and GPU copies reused at a refresh give the video of plain blocking copies."""
+    dit, text_encoder, vae = tiny_models(device="cuda")
+    config = sampler_config(IAMFLOW, height=64, width=96)
+
+    def run() -> list[np.ndarray]:
+        pipe = StreamingPipeline(dit, text_encoder, vae, compile_kernels=False)
+        return [e.frames for e in pipe.run(DEFAULT_STORY, config, build_memory(IAMFLOW))]
+
+    overlapped = run()
+    blocking_copy = archive.to_device
+
+    def plain_to_device(frames, name, like, on_device=None):
+        return blocking_copy(frames, name, like)  # every frame from its host copy
+
+    monkeypatch.setattr(archive, "to_host", lambda t: t.cpu())
+    monkeypatch.setattr("iamflow_core.memory.identity.to_device", plain_to_device)
+    blocking = run()
+    assert len(overlapped) == len(blocking)
+    for a, b in zip(overlapped, blocking):
+        assert np.array_equal(a, b)
