@@ -332,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks (full-size models, random weights)")
     bench.add_argument(
         "which",
-        choices=["speed", "start", "batch", "dit", "agents"],
+        choices=["speed", "start", "batch", "dit", "vae", "agents"],
         help="speed: the whole pipeline; start: what a user waits for; batch: the batch renderer on 1 and N GPUs "
-        "and the eval; dit: one chunk; agents: LLM/VLM",
+        "and the eval; dit: one chunk; vae: one chunk's decode; agents: LLM/VLM",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     from .evaluate import cli as evaluate
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         import importlib
 
-        module = {"dit": "dit_chunk"}.get(args.which, args.which)
+        module = {"dit": "dit_chunk", "vae": "vae_decode"}.get(args.which, args.which)
         bench = importlib.import_module(f"iamflow_core.bench.{module}")
         for line in bench.main(args.rest):
             print(line, flush=True)

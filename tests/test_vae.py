@@ -205,3 +205,16 @@ def test_temporal_upsampling_keeps_the_layout_it_is_given(layout):
         y = resample.time_conv(x, [None]).view(1, 2, 8, 3, 5, 6)
     assert torch.equal(out, torch.stack((y[:, 0], y[:, 1]), dim=3).flatten(2, 3))  # frame k -> (2k, 2k + 1)
     assert out.is_contiguous(memory_format=layout)
+
+
+def test_the_vae_benchmark_names_its_kernels_and_needs_a_gpu(monkeypatch):
+    from iamflow_core.bench import vae_decode
+
+    assert vae_decode.kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert vae_decode.kind_of("triton_poi_fused_add_tap_sum_0") == "fused (triton)"
+    assert vae_decode.kind_of("vectorized_elementwise_kernel<8, CUDAFunctor_add<BFloat16>>") == "add"
+    assert vae_decode.kind_of("Memcpy DtoD (Device -> Device)") == "copy / cat"
+    assert vae_decode.kind_of("upsample_nearest2d_nhwc_out_frame") == "upsample"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        list(vae_decode.main([]))

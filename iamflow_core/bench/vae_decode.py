@@ -1,0 +1,83 @@
+"""Time one steady chunk of the streaming VAE decode (the decoder's time caches already full), and where its GPU
+time goes.
+
+    python -m iamflow_core bench vae [--latent-frames 3] [--height 480 --width 832] [--no-compile]
+
+Random weights at full size (compute does not depend on the values), bf16, fused kernels on unless --no-compile.
+The breakdown comes from one profiled chunk: convolutions, the fused Triton kernels (norms, tap sums), adds,
+copies and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+from ..config import VAEConfig
+from ..models import fused
+from ..models.vae import WanVAE
+
+# Kernel name fragments -> what they are, first match wins.
+KINDS = (
+    ("conv", ("conv", "xmma", "implicit_gemm", "cutlass", "nhwckrsc")),
+    ("fused (triton)", ("triton",)),
+    ("add", ("add",)),
+    ("copy / cat", ("copy", "memcpy", "cat", "pad")),
+    ("upsample", ("upsample",)),
+)
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, parts in KINDS if any(p in name for p in parts)), "other")
+
+
+@torch.no_grad()
+def time_decode(vae: WanVAE, latent_frames: int, height: int, width: int, chunks: int = 5, warmup: int = 4) -> dict:
+    """Mean GPU milliseconds per steady chunk, and one profiled chunk's milliseconds by kind of kernel."""
+    state = vae.new_decode_state()
+    z = torch.randn(1, vae.cfg.z_dim, latent_frames, height // 8, width // 8, device=vae.device, dtype=vae.dtype)
+    for _ in range(warmup):
+        vae.decode_stream(z, state)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(chunks):
+        vae.decode_stream(z, state)
+    end.record()
+    end.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        vae.decode_stream(z, state)
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA":
+            kinds[kind_of(event.key)] += event.self_device_time_total / 1000
+    return {
+        "chunk_ms": round(start.elapsed_time(end) / chunks, 1),
+        "profiled_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def main(argv: list[str] | None = None) -> Iterator[str]:
+    """Yield the result lines (a header, then one JSON row)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m iamflow_core bench vae", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
+    parser.add_argument("--latent-frames", type=int, default=3, help="latent frames per chunk (12 video frames)")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--no-compile", action="store_true", help="eager elementwise kernels (no torch.compile)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the VAE benchmark needs a CUDA GPU")
+    fused.enable(not args.no_compile)
+    vae = WanVAE(VAEConfig()).to("cuda", torch.bfloat16).eval()
+    yield f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; compiled={fused.enabled()}"
+    row = time_decode(vae, args.latent_frames, args.height, args.width)
+    yield json.dumps({"latent_frames": args.latent_frames, "height": args.height, "width": args.width, **row})
