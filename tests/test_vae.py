@@ -218,3 +218,13 @@ def test_the_vae_benchmark_names_its_kernels_and_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         list(vae_decode.main([]))
+
+
+def test_the_fused_tap_sum_adds_the_taps_and_the_bias_per_channel():
+    from iamflow_core.models import fused
+
+    a, b, c = (torch.randn(4, 3, 5, 6, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(3, dtype=torch.bfloat16)
+    expected = a.float() + b.float() + c.float() + bias.float()[None, :, None, None]
+    out = fused.tap_sum(a, b, c, bias)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), expected, atol=0.05)

@@ -98,6 +98,11 @@ def eager_now() -> bool:
     return getattr(_local, "eager", False)
 
 
+def compiles(x: torch.Tensor) -> bool:
+    """Whether a fusable function called on `x` here runs a compiled kernel (else it runs as plain PyTorch)."""
+    return _enabled and x.is_cuda and not eager_now()
+
+
 def launch_guard() -> AbstractContextManager:
     """Hold while launching model work from a thread when compiled kernels are on (see `_launch_lock`)."""
     return _launch_lock if _enabled else nullcontext()
@@ -108,7 +113,7 @@ def _fusable(fn: Callable) -> Callable:
 
     @wraps(fn)
     def run(x: torch.Tensor, *args, **kwargs):
-        if not (_enabled and x.is_cuda) or eager_now():
+        if not compiles(x):
             return fn(x, *args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(fn, fullgraph=True))

@@ -97,9 +97,9 @@ def _conv_by_taps(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
                  conv.padding[1:])
         for tap in range(kt)
     ]  # fmt: skip
-    if kt == 3 and conv.bias is not None:
+    if kt == 3 and conv.bias is not None and fused.compiles(x):
         out = fused.tap_sum(*taps, conv.bias)  # one pass over the outputs instead of a bias add and two sums
-    else:
+    else:  # in place: plain PyTorch would make float32 copies of outputs of up to a GB each
         out = taps[0] if conv.bias is None else taps[0].add_(conv.bias.view(1, -1, 1, 1))
         for y in taps[1:]:
             out.add_(y)
