@@ -32,7 +32,8 @@ class ArchivedFrame:
     v: torch.Tensor = field(repr=False)
     position: int = 0
     reference: str | None = None  # a reference picture (its name): pinned, never evicted
-    # its mean key moved back to time 0 (`frame_descriptor`), made on the GPU when archived: [layers, B, H, D]
+    # its mean key moved back to time 0 (`frame_descriptor`), made on the GPU before K goes to host memory:
+    # [layers, B, H, D]; None while K stays on the device (pictures), where it is cheap to make again
     descriptor: torch.Tensor | None = field(default=None, repr=False)
 
     @property

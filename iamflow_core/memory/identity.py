@@ -174,8 +174,7 @@ class IdentityMemory:
             segment = next((s for s in range(len(self.registry.prompts)) if ref.entity in self._entities(s)), 0)
             k, v, position = ctx.encode_image(ref.pixels, segment)
             frames.append(ArchivedFrame(-n, -1, segment, (ref.entity,), self.reference_weight, self.reference_weight,
-                                        k, v, position, reference=ref.name,
-                                        descriptor=frame_descriptor(k, position, ctx.rope)))  # fmt: skip
+                                        k, v, position, reference=ref.name))  # fmt: skip
         self.archive.pin(frames)
 
     def _bring_back(self, ctx: StepContext) -> None:
