@@ -23,6 +23,7 @@ import torch
 from . import runs
 from .config import DTYPES, SamplerConfig, option_spec
 from .model_presets import DEFAULT_MODEL_PRESET, MODEL_PRESETS, model_preset
+from .models import fused
 from .models.attention import BACKENDS
 from .outputs import check_output, free_output_path
 from .pipeline import StreamingPipeline
@@ -189,6 +190,11 @@ def _stories(args: argparse.Namespace) -> list[Story]:
     return [dataclasses.replace(story, seed=args.seed) for story in stories]  # the story's seed is the one seed
 
 
+# The chunk by which every compiled kernel of a story exists (chunk 0 runs eager, chunk 1 compiles or loads them; a
+# few more for the rolling window's layouts).
+_KERNELS_READY_BY = 4
+
+
 def _render(
     pipe: StreamingPipeline, story: Story, config: SamplerConfig, memory, out: Path, on_stop=None, on_chunk=None,
     start_image=None,
@@ -210,6 +216,8 @@ def _render(
         def progress(event, record) -> None:
             if on_chunk is not None:
                 on_chunk(record.index)
+            if record.index == _KERNELS_READY_BY:  # this process renders one story: its kernels are all in place
+                fused.release_compile_workers()
             bar.set_postfix(prompt=f"{record.segment + 1}/{record.num_segments}", refresh=False)
             bar.update(1)
 

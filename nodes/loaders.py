@@ -58,7 +58,8 @@ class LoadDiT(io.ComfyNode):
                 io.Combo.Input(
                     "quantization", options=list(QUANTIZATION), default="auto",
                     tooltip="auto: keep the weights the file stores as FP8 in FP8; off: dequantize everything; fp8: "
-                    "quantize the attention and FFN linears to FP8 (less memory).",
+                    "also quantize self-attention q/k/v, cross-attention q and the FFN's first linear (FP8 matmuls on "
+                    "RTX 40xx / H100 and newer).",
                 ),
                 io.Combo.Input(
                     "attention", options=backends, default="auto",

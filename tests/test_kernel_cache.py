@@ -124,3 +124,31 @@ def test_eager_runs_a_fusable_function_without_compiling(monkeypatch):
     with fused.eager():
         out = fused.residual(x, torch.ones(2, 8))
     assert torch.allclose(out, x + 1)
+
+
+def test_compile_workers_are_released_in_the_background(monkeypatch):
+    """A one-story process stops TorchInductor's worker pool once its kernels exist (no wait for it at exit); the
+    pool is forgotten at once, shut down on a thread, and later compiles run in the process."""
+    from torch._inductor import async_compile
+    from torch._inductor import config as inductor_config
+
+    stopped = threading.Event()
+
+    class Pool:
+        def shutdown(self) -> None:
+            stopped.set()
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 8)
+    monkeypatch.setattr(fused, "_enabled", False)
+    assert fused.release_compile_workers() is None  # compiled kernels off: nothing to release
+    monkeypatch.setattr(fused, "_enabled", True)
+    assert fused.release_compile_workers() is None  # no pool started yet
+    pool = Pool()
+    async_compile._pool_set.add(pool)
+    try:
+        thread = fused.release_compile_workers()
+        assert pool not in async_compile._pool_set and inductor_config.compile_threads == 1
+        thread.join(timeout=10)
+        assert stopped.is_set()
+    finally:
+        async_compile._pool_set.discard(pool)

@@ -1,8 +1,10 @@
 """Time one streaming chunk (4 denoising forwards + 1 clean cache-write forward) of the full-size DiT.
 
-    python -m iamflow_core bench dit [--backends sdpa,flash3] [--memory-frames 0 3] [--height 480 --width 832]
+    python -m iamflow_core bench dit [--backends sdpa,flash3] [--memory-frames 0 3] [--quantization off fp8]
 
 Random weights (compute does not depend on the values), bf16, steady state (sink and window already full).
+`--quantization fp8` adds rows with the attention and FFN linears as FP8 matmuls (as `--quantization fp8` of the
+CLI) and a row with their error against bf16: one forward, and the denoised latents of a 10-chunk stream.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from ..config import CacheConfig, DiTConfig
 from ..models import fused
 from ..models.attention import available_backends
 from ..models.dit import CausalWanDiT
+from ..schedule import sigma
+from ..weights import quantize_dit
 
 TIMESTEPS = (1000.0, 937.5, 833.3, 625.0)
 
 
-def build_model(device: str, dtype: torch.dtype, cfg: DiTConfig | None = None) -> CausalWanDiT:
+def build_model(device: str, dtype: torch.dtype, cfg: DiTConfig | None = None, seed: int = 0) -> CausalWanDiT:
+    torch.manual_seed(seed)
     with torch.device(device):
         model = CausalWanDiT(cfg or DiTConfig())
     return model.to(dtype).eval()
@@ -68,6 +73,48 @@ def time_chunks(
     }
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def stream_error(
+    reference: CausalWanDiT, other: CausalWanDiT, cache_cfg: CacheConfig, height: int, width: int, chunks: int = 10,
+    seed: int = 0,
+) -> dict:  # fmt: skip
+    """How far `other` drifts from `reference` over a stream: each renders `chunks` chunks from the same noise and
+    text with its own cache (4 denoising steps, x0 = x - sigma * v, the clean pass writes the cache), so errors of
+    earlier chunks reach later ones through the cache as in a real story. Returns the relative error of the first
+    forward's velocity and of each chunk's denoised latents."""
+    device = reference.device
+    h, w = height // 8, width // 8
+    tokens = (h // 2) * (w // 2)
+    gen = torch.Generator(device).manual_seed(seed)
+    text = torch.randn(1, reference.cfg.text_len, reference.cfg.text_dim, device=device, generator=gen)
+    n = cache_cfg.chunk_frames
+    shape = (1, reference.cfg.in_channels, n, h, w)
+    runs = [(model, model.new_cache(cache_cfg, tokens), model.encode_text(text)) for model in (reference, other)]
+    first_forward, per_chunk = [], []
+    for chunk in range(chunks):
+        noise = [torch.randn(shape, device=device, generator=gen) for _ in TIMESTEPS]
+        x0s = []
+        for model, cache, cross in runs:
+            x = noise[0]
+            for j, t in enumerate(TIMESTEPS):
+                v = model.forward_chunk(x, torch.tensor([t], device=device), cross, cache, chunk * n)
+                if chunk == 0 and j == 0:
+                    first_forward.append(v.float())
+                x0 = x - sigma(t) * v.float()
+                if j + 1 < len(TIMESTEPS):
+                    s = sigma(TIMESTEPS[j + 1])
+                    x = (1 - s) * x0 + s * noise[j + 1]
+            model.forward_chunk(x0, torch.tensor([0.0], device=device), cross, cache, chunk * n, commit=True)
+            x0s.append(x0)
+        per_chunk.append(_rel(x0s[1], x0s[0]))
+    return {"forward_rel_err": _rel(first_forward[1], first_forward[0]),
+            "stream_rel_err": [round(e, 4) for e in per_chunk]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> Iterator[str]:
     """Yield the result lines (a header, then one JSON row per backend and memory size)."""
     parser = argparse.ArgumentParser(
@@ -78,22 +125,36 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--no-compile", action="store_true", help="eager elementwise kernels (no torch.compile)")
+    parser.add_argument(
+        "--quantization", nargs="+", choices=["off", "fp8"], default=["off"],
+        help="fp8: also time the attention and FFN linears as FP8 matmuls, and measure their error against bf16",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     fused.enable(not args.no_compile)
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    model = build_model("cuda", torch.bfloat16)
     backends = [b for b in available_backends() if b != "auto"] if args.backends == "all" else args.backends.split(",")
-    params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name()
-    yield f"# {name} torch {torch.__version__}; DiT {params:,} params; compiled={fused.enabled()}"
-    for memory in args.memory_frames:
-        cache_cfg = CacheConfig(memory_frames=memory)
-        for backend in backends:
-            model.attention_backend = backend
-            row = {
-                "backend": backend,
-                "memory_frames": memory,
-                **time_chunks(model, cache_cfg, args.height, args.width),
-            }
-            yield json.dumps(row)
+    yield f"# {name} torch {torch.__version__}; compiled={fused.enabled()}"
+    models = {}
+    for quantization in args.quantization:
+        model = build_model("cuda", torch.bfloat16)
+        models[quantization] = quantize_dit(model) if quantization == "fp8" else model
+    for quantization, model in models.items():
+        for memory in args.memory_frames:
+            cache_cfg = CacheConfig(memory_frames=memory)
+            for backend in backends:
+                model.attention_backend = backend
+                row = {
+                    "quantization": quantization,
+                    "backend": backend,
+                    "memory_frames": memory,
+                    **time_chunks(model, cache_cfg, args.height, args.width),
+                }
+                yield json.dumps(row)
+    if "fp8" in models:
+        reference = models.get("off") or build_model("cuda", torch.bfloat16)
+        for model in (reference, models["fp8"]):
+            model.attention_backend = backends[0]
+        error = stream_error(reference, models["fp8"], CacheConfig(), args.height, args.width)
+        yield json.dumps({"quantization": "fp8 vs bf16", "backend": backends[0], **error})

@@ -1,7 +1,7 @@
 """End-to-end speed of the story pipeline at full size with random weights (compute does not depend on values).
 
     python -m iamflow_core bench speed [--story FILE] [--memory none memflow identity iamflow] [--gpus 1 2]
-        [--preset-model causal-forcing-frame-2step] [--pictures 0 2]
+        [--preset-model causal-forcing-frame-2step] [--pictures 0 2] [--quantization off fp8]
 
 `identity` is IAMFlow's memory with the default story's entity registry and soft transitions, without the
 verifier; `iamflow` adds the asynchronous verifier (a random Qwen3-VL-2B-shaped model on the VAE's GPU), so the
@@ -32,6 +32,7 @@ from ..config import VIDEO_FPS, WAN21_TEMPORAL_FACTOR, DiTConfig, T5Config, VAEC
 from ..model_presets import DEFAULT_MODEL_PRESET, MODEL_PRESETS, ModelPreset, model_preset
 from ..models.attention import BACKENDS, resolve_backend
 from ..models.dit import CausalWanDiT
+from ..models.fp8 import FP8Linear
 from ..models.t5 import UMT5Encoder
 from ..models.vae import WanVAE
 from ..pipeline import StreamingPipeline
@@ -39,6 +40,7 @@ from ..render import render_story
 from ..settings import IAMFLOW, LONGLIVE, MEMFLOW, build_memory, sampler_config
 from ..story import Segment, Story, load_stories
 from ..text_encoder import TextEncoder
+from ..weights import quantize_dit
 from .stories import DEFAULT_REGISTRY, DEFAULT_STORY
 
 
@@ -46,15 +48,21 @@ def _story(path: str | None) -> Story:
     return load_stories(path)[0] if path else DEFAULT_STORY
 
 
-def build_models(device: str, vae_device: str, dtype: torch.dtype = torch.bfloat16, attention: str = "auto"):
+def build_models(
+    device: str, vae_device: str, dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
+    quantization: str = "off",
+):  # fmt: skip
     """Full-size DiT, umT5 and VAE with random weights; attention resolved as the CLI does ('auto': FA3 on Hopper
-    when installed, else SDPA)."""
+    when installed, else SDPA); quantization "fp8" quantizes the DiT's attention and FFN linears as the CLI's
+    `--quantization fp8` does."""
     from ..presets import tiny_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):
         dit = CausalWanDiT(DiTConfig()).to(dtype).eval().requires_grad_(False)
         t5 = UMT5Encoder(T5Config()).to(dtype).eval().requires_grad_(False)
+    if quantization == "fp8":
+        quantize_dit(dit)
     dit.attention_backend = resolve_backend(attention)
     with torch.device(vae_device):
         vae = WanVAE(VAEConfig()).to(dtype).eval().requires_grad_(False)
@@ -164,6 +172,7 @@ def run_case(
     wall = result.timings["wall"]
     row = {
         "memory": memory_mode, "model": model.name, "attention": dit.attention_backend,
+        "quantization": "fp8" if any(isinstance(m, FP8Linear) for m in dit.modules()) else "off",
         "transition": settings.transition,
         "gpus": len(devices), "video_frames": result.frames_written, "wall_s": round(wall, 2),
         "video_fps": round(result.frames_written / wall, 2),
@@ -200,6 +209,10 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         help="streaming preset (frames per chunk, window, sink, steps), as the CLI's; e.g. causal-forcing-frame-2step",
     )  # fmt: skip
     parser.add_argument(
+        "--quantization", nargs="+", choices=["off", "fp8"], default=["off"],
+        help="DiT linears: off (bf16) or fp8 (attention and FFN as FP8 matmuls, as the CLI's); one set of rows each",
+    )  # fmt: skip
+    parser.add_argument(
         "--pictures",
         nargs="+",
         type=int,
@@ -215,20 +228,23 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         if gpus > torch.cuda.device_count():
             yield f"# skipping {gpus} GPUs: only {torch.cuda.device_count()} visible"
             continue
-        t0 = time.perf_counter()
-        models = build_models("cuda:0", "cuda:1" if gpus == 2 else "cuda:0", attention=args.attention)
-        yield f"# models built in {time.perf_counter() - t0:.1f} s"
-        vlm_dir = None
-        if "iamflow" in args.memory:
-            from .qwen_random import model_folders
+        for quantization in args.quantization:
+            t0 = time.perf_counter()
+            models = build_models(
+                "cuda:0", "cuda:1" if gpus == 2 else "cuda:0", attention=args.attention, quantization=quantization
+            )
+            yield f"# models built in {time.perf_counter() - t0:.1f} s (DiT linears: {quantization})"
+            vlm_dir = None
+            if "iamflow" in args.memory:
+                from .qwen_random import model_folders
 
-            vlm_dir = model_folders(Path(args.workdir), "cuda:1" if gpus == 2 else "cuda:0")[1]
-        for memory_mode in args.memory:
-            for pictures in args.pictures if CASES[memory_mode].mode == "identity" else [0]:
-                row = run_case(
-                    models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue,
-                    model_preset(args.preset_model), pictures,
-                )  # fmt: skip
-                yield json.dumps(row)
-        del models
-        torch.cuda.empty_cache()
+                vlm_dir = model_folders(Path(args.workdir), "cuda:1" if gpus == 2 else "cuda:0")[1]
+            for memory_mode in args.memory:
+                for pictures in args.pictures if CASES[memory_mode].mode == "identity" else [0]:
+                    row = run_case(
+                        models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue,
+                        model_preset(args.preset_model), pictures,
+                    )  # fmt: skip
+                    yield json.dumps(row)
+            del models
+            torch.cuda.empty_cache()

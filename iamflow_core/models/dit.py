@@ -22,6 +22,7 @@ from ..cache import KVCache
 from ..config import DiTConfig
 from . import fused
 from .attention import attention
+from .fp8 import Rows, takes_rows
 from .fused import RMSNorm
 from .graphs import GraphRunner, graphs_allowed
 from .rope import RopeTables, apply_rope
@@ -59,10 +60,11 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int,
+        self, x: torch.Tensor | Rows, rope: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int,
         backend: str, mask: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        """x: [B, L, dim] in the compute dtype -> [B, L, dim]. q and k are rotated at the queried positions."""
+        """x: [B, L, dim] in the compute dtype, or its FP8 `Rows` -> [B, L, dim]. q and k are rotated at the
+        queried positions."""
         eps = self.norm_q.eps
         q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, eps, self.num_heads, *rope)
         k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, eps, self.num_heads, *rope)
@@ -83,8 +85,9 @@ class CrossAttention(nn.Module):
         heads = (context.shape[0], context.shape[1], self.num_heads, self.head_dim)
         return self.norm_k(self.k(context)).view(heads), self.v(context).view(heads)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
+    def forward(self, x: torch.Tensor | Rows, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+        """x: [B, L, dim] in the compute dtype, or its FP8 `Rows` -> [B, L, dim]."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
         return self.o(attention(q, k, v, backend).flatten(2))
 
 
@@ -110,16 +113,27 @@ class WanBlock(nn.Module):
         dtype = self.norm3.weight.dtype  # the compute dtype (never quantized, unlike the linears)
         eps = self.norm3.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
+        attn, cross_attn, (ffn_in, gelu, ffn_out) = self.self_attn, self.cross_attn, self.ffn
+        # FP8 linears that run FP8 matmuls get their input quantized by the kernel that makes it (one pass).
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
-        y = self.self_attn(
-            fused.modulate(x, shift1, scale1, frames, eps, dtype), rope_q, context, layer, backend, mask
-        )
-        x = fused.gated_residual(x, y, gate1, frames)
+        if takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype):
+            h = Rows(*fused.modulate_fp8(x, shift1, scale1, frames, eps))
+        else:
+            h = fused.modulate(x, shift1, scale1, frames, eps, dtype)
+        x = fused.gated_residual(x, attn(h, rope_q, context, layer, backend, mask), gate1, frames)
         # 2. Cross-attention to the prompt.
-        h = fused.affine_norm(x, self.norm3.weight, self.norm3.bias, eps, dtype)
-        x = fused.residual(x, self.cross_attn(h, *cross, backend))
+        if takes_rows(cross_attn.q, dtype):
+            h = Rows(*fused.affine_norm_fp8(x, self.norm3.weight, self.norm3.bias, eps))
+        else:
+            h = fused.affine_norm(x, self.norm3.weight, self.norm3.bias, eps, dtype)
+        x = fused.residual(x, cross_attn(h, *cross, backend))
         # 3. Feed-forward, gated per frame.
-        y = self.ffn(fused.modulate(x, shift2, scale2, frames, eps, dtype))
+        if takes_rows(ffn_in, dtype):
+            h = Rows(*fused.modulate_fp8(x, shift2, scale2, frames, eps))
+        else:
+            h = fused.modulate(x, shift2, scale2, frames, eps, dtype)
+        h = ffn_in(h)
+        y = ffn_out(Rows(*fused.gelu_fp8(h)) if takes_rows(ffn_out, dtype) else gelu(h))
         return fused.gated_residual(x, y, gate2, frames)
 
 

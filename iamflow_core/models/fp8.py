@@ -3,32 +3,38 @@
 The storage format is the one of IAMFlow's `iamflow_fp8.safetensors`: `weight` in float8_e4m3fn [out, in] and
 `weight_scale` in float32 [out, 1], so that W ≈ weight * weight_scale; the bias keeps the compute dtype.
 The forward either dequantizes the weight (any device) or, on CUDA GPUs with FP8 tensor cores (compute capability
-8.9+), quantizes the activations per token and runs `torch._scaled_mm` with row-wise scales (W8A8).
+8.9+), runs `torch._scaled_mm` with row-wise scales (W8A8) on activations quantized per token. The DiT block has
+the kernel that makes a linear's input quantize it on the way out (`Rows` from `fused.modulate_fp8` and friends);
+other inputs are quantized by one compiled kernel (`fused.quantize_rows`).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused
+from .fused import FP8_DTYPE
+
 logger = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
-_MIN_AMAX = 1e-12  # keeps all-zero rows from dividing by zero
+# Each row of w [out, in] to e4m3 with scale amax / 448: (w_fp8 [out, in], scale [out, 1] float32).
+quantize_rows_fp8 = fused.rows_fp8
 
 
-def quantize_rows_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize each row of w [out, in] to e4m3 with scale amax / 448.
+class Rows(NamedTuple):
+    """An FP8 linear's input already quantized by the kernel that made it: data [..., in] float8_e4m3fn and
+    per-row scales [..., 1] float32, x ≈ data * scale (`fused.modulate_fp8` and friends return these)."""
 
-    Returns (w_fp8 [out, in] float8_e4m3fn, scale [out, 1] float32) with w ≈ w_fp8.float() * scale.
-    """
-    w32 = w.float()
-    scale = w32.abs().amax(dim=1, keepdim=True).clamp(min=_MIN_AMAX) / FP8_MAX
-    return (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.data.float() * self.scale).to(dtype)
 
 
 def scaled_mm_supported(device: torch.device | str) -> bool:
@@ -79,31 +85,39 @@ class FP8Linear(nn.Module):
         """The weight as `dtype` [out, in] (the product is taken in float32, then rounded once)."""
         return (self.weight.float() * self.weight_scale).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features] in x.dtype."""
-        if self.use_scaled_mm and not self._scaled_mm_failed and self._scaled_mm_fits(x):
+    def runs_fp8(self, dtype: torch.dtype) -> bool:
+        """Whether inputs of `dtype` go through the FP8 matmul (W8A8): its producer may then hand over `Rows`."""
+        # Row-wise scaled FP8 GEMM: bf16 output only; K and N must be multiples of 16.
+        return (
+            self.use_scaled_mm and not self._scaled_mm_failed and dtype == torch.bfloat16
+            and self.in_features % 16 == 0 and self.out_features % 16 == 0
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor | Rows) -> torch.Tensor:
+        """x: [..., in_features], or its `Rows` -> [..., out_features] in x.dtype (bfloat16 for `Rows`)."""
+        dtype = torch.bfloat16 if isinstance(x, Rows) else x.dtype
+        if self.runs_fp8(dtype):
             try:
-                return self._forward_scaled_mm(x)
+                rows = x if isinstance(x, Rows) else Rows(*fused.quantize_rows(x))
+                return self._forward_scaled_mm(rows)
             except RuntimeError as exc:  # an unsupported GPU/driver combination: keep running, dequantized
                 self._scaled_mm_failed = True
                 logger.warning("FP8 matmul failed (%s); this layer falls back to dequantized weights", exc)
+        if isinstance(x, Rows):
+            x = x.dequantized(dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
-    def _scaled_mm_fits(self, x: torch.Tensor) -> bool:
-        # Row-wise scaled FP8 GEMM: bf16 output only; K and N must be multiples of 16.
-        return x.is_cuda and x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and self.out_features % 16 == 0
-
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        x_fp8, x_scale = quantize_rows_fp8(x2)  # dynamic per-token activation scales [M, 1]
+    def _forward_scaled_mm(self, x: Rows) -> torch.Tensor:
+        lead = x.data.shape[:-1]
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         out = torch._scaled_mm(
-            x_fp8, self.weight.t(),  # [K, N] column-major, as the row-wise kernel requires
-            scale_a=x_scale, scale_b=self.weight_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16,
+            x.data.reshape(-1, self.in_features), self.weight.t(),  # [K, N] column-major, as the row-wise kernel needs
+            scale_a=x.scale.reshape(-1, 1), scale_b=self.weight_scale.reshape(1, -1), bias=bias,
+            out_dtype=torch.bfloat16,
             use_fast_accum=True,  # measured on H100: same error (3.7 % vs fp32), ~15 % faster GEMM
         )  # fmt: skip
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
         # Let `fn` move the FP8 weight and its scale between devices but never change their dtypes: `.to(bf16)`
@@ -122,6 +136,12 @@ class FP8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"use_scaled_mm={self.use_scaled_mm}"
         )
+
+
+def takes_rows(linear: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether `linear` is an FP8 linear that runs its matmul in FP8 for inputs of `dtype`, so the kernel making
+    its input should quantize it (`Rows`) on the way out."""
+    return isinstance(linear, FP8Linear) and linear.runs_fp8(dtype)
 
 
 def quantize_linear_fp8(linear: nn.Linear, *, use_scaled_mm: bool = False) -> FP8Linear:

@@ -35,7 +35,7 @@ The modules, in the order a file passes through them:
 
 from .bundle import load_models, load_text_encoder
 from .compat import check_compatible
-from .dit import WAN_HEAD_DIM, Quantization, load_dit, read_dit_state_dict
+from .dit import WAN_HEAD_DIM, Quantization, load_dit, quantize_dit, read_dit_state_dict
 from .folders import COMPONENTS, TOKENIZER_FOLDERS, MissingModelFiles, ModelFiles, find_model_files
 from .layouts import WAN_1_3B
 from .plan import CheckpointInfo
@@ -58,6 +58,7 @@ __all__ = [
     "check_compatible",
     "find_model_files",
     "load_dit",
+    "quantize_dit",
     "load_models",
     "load_t5",
     "load_text_encoder",

@@ -3,8 +3,9 @@ made at load.
 
 The configuration comes from the tensor shapes, confirmed by a folder's config.json or the file's metadata where
 they say anything. quantization "auto" keeps the FP8 weights of a file as FP8 (`<m>.weight` float8 +
-`<m>.weight_scale` [out, 1] float32); "fp8" also quantizes the attention and FFN linears stored in higher
-precision; "off" dequantizes every FP8 weight. FP8 linears become `FP8Linear`.
+`<m>.weight_scale` [out, 1] float32); "fp8" also quantizes the self-attention q/k/v, cross-attention q and the
+FFN's first linear (whose inputs come quantized from the kernel before them) stored in higher precision; "off"
+dequantizes every FP8 weight. FP8 linears become `FP8Linear`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ Quantization = Literal["auto", "off", "fp8"]
 
 WAN_HEAD_DIM = 128  # every released Wan2.1/2.2 DiT uses 128-dim heads
 
-# Linears stored as FP8Linear when quantizing: attention projections (as IAMFlow's release) and the FFN (which the
-# release's name filter misses; quantizing it too is where most of the linear FLOPs are).
+# Linears a file may store in FP8 (kept as FP8Linear with "auto"): attention projections (as IAMFlow's release) and
+# the FFN (as ComfyUI's fp8_scaled files).
 _FP8_TARGET = re.compile(r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])")
+# Linears that quantization="fp8" makes FP8: those whose input the kernel before them quantizes in the same pass
+# (self-attention q, k, v and the FFN's first linear after the modulation, cross-attention q after its norm). The
+# others would need a kernel of their own to quantize their input, which costs what the FP8 GEMM saves: measured
+# on an H200, GELU + per-row quantization of the FFN's 8960-wide hidden rows takes 0.13-0.15 ms against 0.05 ms
+# for the GELU alone, and the FFN's second GEMM saves ~0.07 ms.
+_FP8_QUANTIZE = re.compile(r"blocks\.\d+\.(?:self_attn\.[qkv]|cross_attn\.q|ffn\.0)")
 
 _warned: set[str] = set()
 
@@ -131,11 +138,14 @@ def _describe(cfg: DiTConfig) -> str:
 
 
 def _fp8_modules(plan: Plan, expected: dict[str, tuple[int, ...]], quantization: str) -> set[str]:
-    targets = {k[: -len(".weight")] for k in expected if k.endswith(".weight") and _FP8_TARGET.fullmatch(k[:-7])}
+    linears = {k[: -len(".weight")] for k in expected if k.endswith(".weight")}
+    stored = {
+        m for m in linears if _FP8_TARGET.fullmatch(m) and m + ".weight" in plan.refs and plan.is_fp8(m + ".weight")
+    }
     if quantization == "fp8":
-        return targets
+        return stored | {m for m in linears if _FP8_QUANTIZE.fullmatch(m)}
     if quantization == "auto":
-        return {m for m in targets if m + ".weight" in plan.refs and plan.is_fp8(m + ".weight")}
+        return stored
     return set()
 
 
@@ -148,8 +158,8 @@ def read_dit_state_dict(
     path: a file (.safetensors, .pt, .pth) or a folder (Wan or diffusers). use_ema: prefer `generator_ema` over
     `generator` in training checkpoints. dtype: cast every floating tensor except FP8 weights and their scales
     (None keeps the stored dtypes). quantization: "auto" keeps FP8 weights of the file as FP8 (`<m>.weight` float8
-    + `<m>.weight_scale` [out, 1] float32) and dequantizes everything else; "fp8" also quantizes the attention and
-    FFN linears that are stored in higher precision; "off" dequantizes all FP8 weights.
+    + `<m>.weight_scale` [out, 1] float32) and dequantizes everything else; "fp8" also quantizes the self-attention
+    q/k/v, cross-attention q and FFN-in linears stored in higher precision; "off" dequantizes all FP8 weights.
     Returns (config detected from the shapes, state dict, info). Raises CheckpointError for unusable files,
     weights with NaN or inf included.
     """
@@ -185,18 +195,18 @@ def load_dit(
     lora: a PEFT LoRA file or folder, merged as W += lora_scale * alpha / rank * B @ A (alpha from
     `adapter_config.json`, else `.alpha` keys, else alpha = rank). quantization: see `read_dit_state_dict`; FP8
     linears become `FP8Linear`. fp8_matmul: run those as W8A8 FP8 matmuls (`torch._scaled_mm`, CUDA compute
-    capability 8.9+); None picks the faster path, today the dequantized one (see below).
+    capability 8.9+, bf16 compute), each input quantized per token by the kernel that makes it; False runs them
+    with dequantized weights; None (default) picks FP8 matmuls where the GPU has them.
     The model is returned in eval mode without gradients; `model.load_info` says what was read.
     """
     cfg, state, info = read_dit_state_dict(
         path, lora=lora, lora_scale=lora_scale, dtype=dtype, device=device, quantization=quantization,
         use_ema=use_ema,
     )  # fmt: skip
-    # None = the faster path: measured on an H100 (torch 2.11, eager), the per-token activation quantization costs
-    # more than the FP8 GEMM saves (FFN 8960->1536 at 4680 tokens: 0.77 ms vs 0.29 ms dequantized, 0.17 ms bf16).
-    use_scaled_mm = bool(fp8_matmul)
-    if fp8_matmul and not scaled_mm_supported(device):
+    supported = scaled_mm_supported(device)
+    if fp8_matmul and not supported:
         _warn_once(f"fp8_matmul needs a CUDA GPU with compute capability 8.9+; {device} runs FP8 dequantized")
+    use_scaled_mm = supported and fp8_matmul is not False
     with parameters_on_meta():
         model = CausalWanDiT(cfg)
     model.requires_grad_(False)
@@ -216,3 +226,17 @@ def _swap_fp8(model: nn.Module, name: str, use_scaled_mm: bool) -> None:
         linear.in_features, linear.out_features, linear.bias is not None, device="meta", use_scaled_mm=use_scaled_mm
     )
     setattr(parent, child, fp8.requires_grad_(False))
+
+
+def quantize_dit(model: CausalWanDiT, *, fp8_matmul: bool | None = None) -> CausalWanDiT:
+    """Quantize a loaded DiT in place as `quantization="fp8"` does at load: the linears whose inputs are quantized by
+    the kernel before them become `FP8Linear` (per-output-channel scales), FP8 matmuls as `load_dit`'s `fp8_matmul`.
+    For models built in memory (benchmarks, tests); files go through `load_dit`. Returns the model."""
+    use_scaled_mm = scaled_mm_supported(model.device) and fp8_matmul is not False
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and _FP8_QUANTIZE.fullmatch(name):
+            parent_name, _, child = name.rpartition(".")
+            fp8 = FP8Linear.from_linear(module, use_scaled_mm=use_scaled_mm).requires_grad_(False)
+            setattr(model.get_submodule(parent_name), child, fp8)
+    model.release_graphs()
+    return model
