@@ -167,7 +167,11 @@ _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream a GPU's archive copies run on: the copy engine moves frames while the SMs sample."""
+    """The side stream a GPU's archive copies run on: the copy engine moves frames while the SMs sample. "cuda" is
+    the current GPU, so it names the same stream as "cuda:N" (tensors always report their index)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
     if device not in _copy_streams:
         _copy_streams[device] = torch.cuda.Stream(device)
     return _copy_streams[device]

@@ -114,7 +114,7 @@ class WanBlock(nn.Module):
         eps = self.norm3.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
         attn, cross_attn, (ffn_in, gelu, ffn_out) = self.self_attn, self.cross_attn, self.ffn
-        # FP8 linears that run FP8 matmuls get their input quantized by the kernel that makes it (one pass).
+        # FP8 linears that run FP8 matmuls get their input quantized by the kernel that makes it, in the same pass.
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
         if takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype):
             h = Rows(*fused.modulate_fp8(x, shift1, scale1, frames, eps))
@@ -132,8 +132,9 @@ class WanBlock(nn.Module):
             h = Rows(*fused.modulate_fp8(x, shift2, scale2, frames, eps))
         else:
             h = fused.modulate(x, shift2, scale2, frames, eps, dtype)
-        h = ffn_in(h)
-        y = ffn_out(Rows(*fused.gelu_fp8(h)) if takes_rows(ffn_out, dtype) else gelu(h))
+        # The GELU stays a kernel of its own: fused with a per-row FP8 quantization of its 8960-wide rows it takes
+        # 0.13-0.15 ms against 0.05 ms (H200), more than an FP8 second linear saves; FP8 files' ffn.2 quantizes alone.
+        y = ffn_out(gelu(ffn_in(h)))
         return fused.gated_residual(x, y, gate2, frames)
 
 

@@ -262,12 +262,6 @@ def affine_norm_fp8(
     return rows_fp8(affine_norm.__wrapped__(x, weight, bias, eps, torch.float32))
 
 
-@_fusable
-def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GELU (tanh approximation, as Wan's FFN) in float32, to FP8 rows: the input of the FFN's second linear."""
-    return rows_fp8(F.gelu(x.float(), approximate="tanh"))
-
-
 # --- VAE -------------------------------------------------------------------------------------------------------
 @_fusable
 def channel_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
