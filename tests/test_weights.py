@@ -538,3 +538,20 @@ def test_a_file_of_several_components_is_surveyed_in_table_order():
     names = ["first_stage_model.decoder.middle.0.residual.0.gamma", "model.diffusion_model.head.modulation"]
     found = [(layout.component, layout.name, prefix) for layout, prefix in survey(names)]
     assert found == [("dit", "wan", "model.diffusion_model."), ("vae", "wan", "first_stage_model.")]
+
+
+def test_stream_error_of_the_fp8_benchmark():
+    """`bench dit --quantization fp8` measures the FP8 DiT against bf16 over a stream: zero for a model against
+    itself; small and bounded for the quantized model (tiny DiT on CPU, dequantized FP8 weights)."""
+    from iamflow_core.bench.dit_chunk import build_model, stream_error
+    from iamflow_core.config import CacheConfig
+    from iamflow_core.weights import quantize_dit
+
+    reference = build_model("cpu", torch.float32, TINY_DIT)
+    same = stream_error(reference, reference, CacheConfig(), 32, 32, chunks=2)
+    assert same == {"forward_rel_err": 0.0, "stream_rel_err": [0.0, 0.0]}
+    fp8 = quantize_dit(build_model("cpu", torch.float32, TINY_DIT))
+    assert sum(isinstance(m, FP8Linear) for m in fp8.modules()) == 2 * 5
+    error = stream_error(reference, fp8, CacheConfig(), 32, 32, chunks=3)
+    assert 0 < error["forward_rel_err"] < 0.05 and len(error["stream_rel_err"]) == 3
+    assert 0 < max(error["stream_rel_err"]) < 0.05

@@ -3,8 +3,9 @@
     python -m iamflow_core bench dit [--backends sdpa,flash3] [--memory-frames 0 3] [--quantization off fp8]
 
 Random weights (compute does not depend on the values), bf16, steady state (sink and window already full).
-`--quantization fp8` adds rows with the attention and FFN linears as FP8 matmuls (as `--quantization fp8` of the
-CLI) and a row with their error against bf16: one forward, and the denoised latents of a 10-chunk stream.
+`--quantization fp8` adds rows with the DiT quantized as the CLI's `--quantization fp8` does (self-attention q/k/v,
+cross-attention q and FFN-in as FP8 matmuls) and a row with its error against bf16: one forward, and the denoised
+latents of a 10-chunk stream.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     parser.add_argument("--no-compile", action="store_true", help="eager elementwise kernels (no torch.compile)")
     parser.add_argument(
         "--quantization", nargs="+", choices=["off", "fp8"], default=["off"],
-        help="fp8: also time the attention and FFN linears as FP8 matmuls, and measure their error against bf16",
+        help="fp8: also time the DiT as the CLI's --quantization fp8 makes it, and measure its error against bf16",
     )  # fmt: skip
     args = parser.parse_args(argv)
     fused.enable(not args.no_compile)

@@ -53,8 +53,7 @@ def build_models(
     quantization: str = "off",
 ):  # fmt: skip
     """Full-size DiT, umT5 and VAE with random weights; attention resolved as the CLI does ('auto': FA3 on Hopper
-    when installed, else SDPA); quantization "fp8" quantizes the DiT's attention and FFN linears as the CLI's
-    `--quantization fp8` does."""
+    when installed, else SDPA); quantization "fp8" quantizes the DiT as the CLI's `--quantization fp8` does."""
     from ..presets import tiny_tokenizer
 
     torch.manual_seed(0)
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     )  # fmt: skip
     parser.add_argument(
         "--quantization", nargs="+", choices=["off", "fp8"], default=["off"],
-        help="DiT linears: off (bf16) or fp8 (attention and FFN as FP8 matmuls, as the CLI's); one set of rows each",
+        help="DiT linears: off (bf16) or fp8 (FP8 matmuls, as the CLI's --quantization fp8); one set of rows each",
     )  # fmt: skip
     parser.add_argument(
         "--pictures",
