@@ -17,6 +17,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,24 @@ class TextEncoder:
         return torch.nn.functional.pad(out, (0, 0, 0, self.text_len - used))
 
 
+@contextmanager
+def visiting(module: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """`module` with its weights copied to `device` for the block; afterwards it holds its own tensors again, where
+    they were. Nothing is copied back (the weights do not change), so a visit costs one copy, not two: for umT5-XXL
+    the 11 GB back to host memory."""
+    home = [(m, name, p, p.data) for m in module.modules() for name, p in m._parameters.items() if p is not None]
+    buffers = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    module.to(device)
+    try:
+        yield module
+    finally:
+        for m, name, param, data in home:
+            param.data = data
+            m._parameters[name] = param
+        for m, name, buffer in buffers:
+            m._buffers[name] = buffer
+
+
 class OffloadedTextEncoder:
     """A `TextEncoder` that lives on the CPU and visits `device` only to encode (on one GPU this frees the ~11 GB of
     umT5-XXL for the DiT). Same `encode` contract; outputs come back on `device`. Thread-safe."""
@@ -357,9 +376,5 @@ class OffloadedTextEncoder:
         self._lock = threading.Lock()
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        with self._lock:
-            self.encoder.to(self.compute_device)
-            try:
-                return self.encoder.encode(prompts)
-            finally:
-                self.encoder.to("cpu")
+        with self._lock, visiting(self.encoder.encoder, self.compute_device):
+            return self.encoder.encode(prompts)

@@ -237,3 +237,23 @@ def test_dtype_and_input_checks(spiece_dir):
     small = UMT5Encoder(T5Config(vocab_size=50, dim=16, dim_attn=16, dim_ffn=32, num_heads=2, num_layers=1))
     with pytest.raises(ValueError, match="100 tokens but the encoder embeds only 50"):
         TextEncoder(small, spiece_dir)
+
+
+def test_an_offloaded_encoder_visits_its_device_without_copying_back(spiece_dir):
+    """The offloaded text encoder's weights go to the GPU for an encode and come back as the very host tensors they
+    were (no 11-GB copy back); "meta" stands in for the GPU here."""
+    from iamflow_core.text_encoder import OffloadedTextEncoder, visiting
+
+    module = tiny_encoder()
+    before = {name: (t.data_ptr(), t.clone()) for name, t in module.state_dict().items()}
+    params = dict(module.named_parameters())
+    with visiting(module, "meta"):
+        assert all(t.device.type == "meta" for t in module.state_dict().values())
+    assert dict(module.named_parameters()) == params  # the same Parameter objects
+    for name, t in module.state_dict().items():
+        assert t.device.type == "cpu" and t.data_ptr() == before[name][0] and torch.equal(t, before[name][1])
+    text = TextEncoder(tiny_encoder(), load_umt5_tokenizer(spiece_dir))
+    expected = text.encode(["a red fox"])
+    offloaded = OffloadedTextEncoder(text, "cpu")
+    assert torch.equal(offloaded.encode(["a red fox"]), expected)
+    assert text.device.type == "cpu"
