@@ -18,6 +18,7 @@ from iamflow_core.models import fused
 from iamflow_core.models.dit import CausalWanDiT
 from iamflow_core.models.fp8 import FP8Linear, Rows, quantize_linear_fp8, quantize_rows_fp8, scaled_mm_supported
 from iamflow_core.weights import (
+    CheckpointError,
     load_dit,
     load_t5,
     load_vae,
@@ -555,3 +556,60 @@ def test_stream_error_of_the_fp8_benchmark():
     error = stream_error(reference, fp8, CacheConfig(), 32, 32, chunks=3)
     assert 0 < error["forward_rel_err"] < 0.05 and len(error["stream_rel_err"]) == 3
     assert 0 < max(error["stream_rel_err"]) < 0.05
+
+
+# --- loading side by side -------------------------------------------------------------------------------------------
+
+
+def test_parameters_on_meta_acts_only_in_its_thread():
+    """umT5 loads on a thread while the DiT is built on meta: a model built elsewhere meanwhile gets real tensors."""
+    import threading
+
+    from iamflow_core.weights.build import parameters_on_meta
+
+    original = nn.Module.register_parameter
+    inside, built = threading.Event(), {}
+
+    def elsewhere() -> None:
+        inside.wait(timeout=30)
+        built["device"] = nn.Linear(2, 2).weight.device.type
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    with parameters_on_meta():
+        inside.set()
+        thread.join(timeout=30)
+        with parameters_on_meta():  # nests
+            assert nn.Linear(2, 2).weight.device.type == "meta"
+        assert nn.Linear(2, 2).weight.device.type == "meta"
+    assert built == {"device": "cpu"}
+    assert nn.Linear(2, 2).weight.device.type == "cpu" and nn.Module.register_parameter is original
+
+
+def test_a_failing_dit_is_reported_without_waiting_for_the_text_encoder(monkeypatch, tmp_path):
+    """The text encoder loads on a thread: a DiT that fails to load is reported while umT5 is still being read."""
+    import threading
+
+    from iamflow_core.weights import bundle
+    from iamflow_core.weights.folders import ModelFiles
+
+    release, started = threading.Event(), threading.Event()
+
+    def slow_text_encoder(*args):
+        started.set()
+        release.wait(timeout=60)
+        return "text encoder"
+
+    def broken_dit(path, **kwargs):
+        started.wait(timeout=60)
+        raise CheckpointError(f"{path}: not a checkpoint")
+
+    monkeypatch.setattr(bundle, "load_text_encoder", slow_text_encoder)
+    monkeypatch.setattr(bundle, "load_dit", broken_dit)
+    files = ModelFiles(dit=tmp_path / "dit.safetensors", text_encoder=tmp_path / "t5.safetensors", vae=None)
+    try:
+        with pytest.raises(CheckpointError, match="not a checkpoint"):
+            bundle.load_models(files, device="cpu")
+        assert not release.is_set()  # reported while the text encoder was still loading
+    finally:
+        release.set()

@@ -6,6 +6,7 @@ checkpoint is checked against (`meta_shapes`), and `assign` gives it the loaded 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,23 +17,38 @@ import torch.nn as nn
 from .plan import CheckpointInfo
 from .reading import CheckpointError
 
+_register = nn.Module.register_parameter
+_on_meta = threading.local()  # per thread: inside parameters_on_meta (models load on threads side by side)
+_patch_lock = threading.Lock()
+_patch_users = 0
+
+
+def _register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _register(module, name, param)
+    if param is not None and getattr(_on_meta, "depth", 0):
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Create parameters on the meta device (no memory, no init); buffers stay real, because non-persistent
-    buffers (latent statistics, position tables) are not in checkpoints and must be computed at construction."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
+    buffers (latent statistics, position tables) are not in checkpoints and must be computed at construction.
+    Only in this thread: `nn.Module.register_parameter` is patched while any thread is inside, and the patch acts
+    for the threads inside only."""
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            nn.Module.register_parameter = _register_on_meta
+        _patch_users += 1
+    _on_meta.depth = getattr(_on_meta, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _on_meta.depth -= 1
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                nn.Module.register_parameter = _register
 
 
 def meta_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -18,6 +21,8 @@ from .vae import load_vae
 
 if TYPE_CHECKING:
     from ..text_encoder import TextEncoder
+
+T = TypeVar("T")
 
 
 def load_text_encoder(files: ModelFiles, device: str | torch.device, dtype: torch.dtype) -> TextEncoder:
@@ -39,15 +44,35 @@ def load_text_encoder(files: ModelFiles, device: str | torch.device, dtype: torc
     return TextEncoder(encoder, tokenizer, device=device)
 
 
+def _in_background(fn: Callable[..., T], *args, name: str) -> Future[T]:
+    """fn(*args) on a daemon thread with the caller's current GPU, its result or error in the future: the loads run
+    side by side, and a failing one is reported at once, without waiting for the others to finish reading."""
+    future: Future[T] = Future()
+    gpu = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def work() -> None:
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(e)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future
+
+
 def load_models(
     files: ModelFiles, *, device: str = "cuda:0", vae_device: str | None = None, text_device: str | None = None,
     dtype: torch.dtype = torch.bfloat16, quantization: str = "auto", attention: str = "auto",
 ) -> tuple[CausalWanDiT, TextEncoder, WanVAE | None]:  # fmt: skip
     """Load the DiT (with LoRA), the text encoder and the VAE onto their devices; files that load but do not fit each
-    other (another text width, other latent channels) are one `CheckpointError` naming both."""
+    other (another text width, other latent channels) are one `CheckpointError` naming both. umT5 (11 GB, the
+    longest read) loads on a thread while the DiT and the VAE load here."""
+    text_encoder = _in_background(load_text_encoder, files, text_device or device, dtype, name="iamflow-load-umt5")
     dit = load_dit(files.dit, lora=files.lora, dtype=dtype, device=device, quantization=quantization)
     dit.attention_backend = resolve_backend(attention)
-    text_encoder = load_text_encoder(files, text_device or device, dtype)
     vae = load_vae(files.vae, dtype=dtype, device=vae_device or device) if files.vae else None
+    text_encoder = text_encoder.result()
     check_compatible(dit, text_encoder, vae)
     return dit, text_encoder, vae
