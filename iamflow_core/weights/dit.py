@@ -203,10 +203,7 @@ def load_dit(
         path, lora=lora, lora_scale=lora_scale, dtype=dtype, device=device, quantization=quantization,
         use_ema=use_ema,
     )  # fmt: skip
-    supported = scaled_mm_supported(device)
-    if fp8_matmul and not supported:
-        _warn_once(f"fp8_matmul needs a CUDA GPU with compute capability 8.9+; {device} runs FP8 dequantized")
-    use_scaled_mm = supported and fp8_matmul is not False
+    use_scaled_mm = _fp8_matmuls(device, fp8_matmul)
     with parameters_on_meta():
         model = CausalWanDiT(cfg)
     model.requires_grad_(False)
@@ -218,25 +215,34 @@ def load_dit(
     return model
 
 
-def _swap_fp8(model: nn.Module, name: str, use_scaled_mm: bool) -> None:
+def _fp8_matmuls(device: torch.device | str, fp8_matmul: bool | None) -> bool:
+    """Whether FP8 linears on `device` run FP8 matmuls: where the GPU has them, unless fp8_matmul is False."""
+    supported = scaled_mm_supported(device)
+    if fp8_matmul and not supported:
+        _warn_once(f"fp8_matmul needs a CUDA GPU with compute capability 8.9+; {device} runs FP8 dequantized")
+    return supported and fp8_matmul is not False
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    linear = getattr(parent, child)
+    setattr(model.get_submodule(parent_name), child, module.requires_grad_(False))
+
+
+def _swap_fp8(model: nn.Module, name: str, use_scaled_mm: bool) -> None:
+    linear = model.get_submodule(name)
     fp8 = FP8Linear(
         linear.in_features, linear.out_features, linear.bias is not None, device="meta", use_scaled_mm=use_scaled_mm
     )
-    setattr(parent, child, fp8.requires_grad_(False))
+    _replace(model, name, fp8)
 
 
 def quantize_dit(model: CausalWanDiT, *, fp8_matmul: bool | None = None) -> CausalWanDiT:
     """Quantize a loaded DiT in place as `quantization="fp8"` does at load: the linears whose inputs are quantized by
     the kernel before them become `FP8Linear` (per-output-channel scales), FP8 matmuls as `load_dit`'s `fp8_matmul`.
     For models built in memory (benchmarks, tests); files go through `load_dit`. Returns the model."""
-    use_scaled_mm = scaled_mm_supported(model.device) and fp8_matmul is not False
+    use_scaled_mm = _fp8_matmuls(model.device, fp8_matmul)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and _FP8_QUANTIZE.fullmatch(name):
-            parent_name, _, child = name.rpartition(".")
-            fp8 = FP8Linear.from_linear(module, use_scaled_mm=use_scaled_mm).requires_grad_(False)
-            setattr(model.get_submodule(parent_name), child, fp8)
+            _replace(model, name, FP8Linear.from_linear(module, use_scaled_mm=use_scaled_mm))
     model.release_graphs()
     return model
