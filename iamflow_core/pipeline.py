@@ -84,6 +84,10 @@ class Prompts:
     def cross(self, segment: int) -> CrossKV:
         return self._get(segment)[1]
 
+    def host_text(self, segment: int) -> torch.Tensor:
+        """The segment's umT5 states as kept on the CPU: host-side math on them does not wait for the GPU."""
+        return self.states[self.rows[segment]]
+
 
 @dataclass
 class _Run:
@@ -354,7 +358,7 @@ class StreamingPipeline:
         start = run.start_of(i)
         switching = i in run.plan.switch_chunks
         if switching:
-            old, new = run.prompts.text(segment - 1), run.prompts.text(segment)
+            old, new = run.prompts.host_text(segment - 1), run.prompts.host_text(segment)
             change = Switch(start, old, new, run.prompts.cross(segment),
                             lambda z, first, cross: self._context_pass(run, z, first, cross))  # fmt: skip
             with fused.eager():  # a recache pass has a shape of its own, run once per switch

@@ -37,7 +37,7 @@ class Switch:
     """A prompt switch at the chunk starting at `start_frame`."""
 
     start_frame: int
-    old_text: torch.Tensor  # [text_len, text_dim] umT5 states of the prompt that ends
+    old_text: torch.Tensor  # [text_len, text_dim] umT5 states of the prompt that ends (on the CPU)
     new_text: torch.Tensor  # ... and of the prompt that begins
     cross: CrossKV  # the new prompt's cross-attention K/V
     context_pass: ContextPass

@@ -9,7 +9,7 @@ from iamflow_core.cache import sparse_select
 from iamflow_core.memory.archive import ArchivedFrame, evict, greedy_cover
 from iamflow_core.memory.identity import IdentityMemory
 from iamflow_core.memory.pacing import VerdictPacing
-from iamflow_core.memory.scoring import entity_token_weights
+from iamflow_core.memory.scoring import entity_token_weights, text_query
 from iamflow_core.models.attention import attention
 from iamflow_core.pipeline import StreamingPipeline
 from iamflow_core.presets import tiny_models, tiny_tokenizer
@@ -341,3 +341,16 @@ def test_a_refresh_takes_every_frame_from_the_gpu_and_none_from_host_memory(mode
     assert sum("refreshed" in e.memory for e in events) == len(refreshes) // 2 > 0
     assert all(on_device == n for _, _, on_device, n in refreshes)
     assert any(on_device < n for refreshing, _, on_device, n in calls if not refreshing)  # a switch brings back
+
+
+def test_the_text_query_leaves_padding_out_and_weighs_entity_tokens():
+    from iamflow_core.models.dit import CrossKV
+
+    k = torch.randn(2, 1, 5, 3, 4)
+    cross = CrossKV(k, torch.zeros_like(k))
+    text = torch.cat([torch.randn(3, 8), torch.zeros(2, 8)])  # 3 real tokens, 2 padding
+    torch.testing.assert_close(text_query(cross, text), k[:, :, :3].mean(2))
+    weights = torch.tensor([1.0, 3.0, 1.0, 9.0, 9.0])  # padding stays out whatever its weight
+    expected = (k[:, :, 0] + 3 * k[:, :, 1] + k[:, :, 2]) / 5
+    torch.testing.assert_close(text_query(cross, text, weights), expected)
+    torch.testing.assert_close(text_query(cross, torch.zeros(5, 8)), k.mean(2))  # all padding: every slot

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.dit import CrossKV
 from ..story.entities import EntityRegistry
 from ..verify import NEUTRAL, Verdict, Verifier
 from .archive import Archive, ArchivedFrame, HostValues, greedy_cover, to_device
@@ -101,6 +102,7 @@ class IdentityMemory:
         # archived this chunk (their host copies may still be on the way). A refresh copies only these.
         self._segment: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._query: tuple[CrossKV, int, torch.Tensor] | None = None  # the text query of the conditioning in force
 
     @property
     def late_verdicts(self) -> int:
@@ -204,12 +206,17 @@ class IdentityMemory:
                 weights = entity_token_weights(
                     ctx.tokenizer, ctx.prompt, phrases, ctx.text.shape[0], ENTITY_TOKEN_WEIGHT
                 )
+                if weights is not None and ctx.cross.k.is_cuda:  # once per prompt, without waiting for the GPU
+                    weights = weights.pin_memory().to(ctx.cross.k.device, non_blocking=True)
             self._weights[ctx.segment] = weights
         return self._weights[ctx.segment]
 
     def _text_scores(self, ctx: StepContext, frames: tuple[int, ...]) -> HostValues:
         """The frames' text scores, queued on the GPU behind the chunk: the loop does not wait for them."""
-        query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device), self._token_weights(ctx))
+        if self._query is None or self._query[0] is not ctx.cross or self._query[1] != ctx.segment:
+            query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device), self._token_weights(ctx))
+            self._query = (ctx.cross, ctx.segment, query)  # one per prompt (per chunk while a soft switch blends)
+        query = self._query[2]
         descriptors = []
         for f in frames:
             k, position = ctx.cache.frame_keys(f)

@@ -23,8 +23,7 @@ def text_query(cross: CrossKV, text: torch.Tensor, weights: torch.Tensor | None 
     on the tokens naming an entity); zero-state rows get weight 0 whatever is given.
     """
     real = (text.float().abs().sum(-1) > 0).float()
-    if real.sum() == 0:
-        real = torch.ones_like(real)
+    real = torch.where(real.any(), real, torch.ones_like(real))  # on the device: no sync on the sampler's path
     w = real * (weights.to(real.device, real.dtype) if weights is not None else 1.0)
     w = w / w.sum().clamp_min(1e-8)
     return torch.einsum("lbthd,t->lbhd", cross.k.float(), w)

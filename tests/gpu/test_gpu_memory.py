@@ -62,3 +62,36 @@ def test_the_identity_memory_gives_the_same_video_with_copies_in_turn(monkeypatc
     assert len(overlapped) == len(blocking)
     for a, b in zip(overlapped, blocking):
         assert np.array_equal(a, b)
+
+
+def test_the_identity_memory_never_waits_for_the_gpu_between_switches(monkeypatch):
+    """Within a prompt the memory's per-chunk work (text scores, frame choice, archive copies, refreshes) only
+    queues GPU work: a hidden sync would let the GPU run dry before every chunk (it cost 2-GPU renders ~15 %)."""
+    from iamflow_core.memory.identity import IdentityMemory
+    from iamflow_core.story import plan_chunks
+    from tests.test_memory import RETURN_REGISTRY, RETURN_STORY
+
+    dit, text_encoder, vae = tiny_models(device="cuda")
+    config = sampler_config(IAMFLOW, height=64, width=96)
+    switches = plan_chunks(RETURN_STORY, chunk_frames=config.cache.chunk_frames).switch_chunks
+    checked = []
+
+    def no_sync(hook):
+        def run(self, ctx):
+            if ctx.chunk == 0 or ctx.chunk in switches:
+                return hook(self, ctx)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return hook(self, ctx)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                checked.append(ctx.chunk)
+
+        return run
+
+    monkeypatch.setattr(IdentityMemory, "before_chunk", no_sync(IdentityMemory.before_chunk))
+    monkeypatch.setattr(IdentityMemory, "after_chunk", no_sync(IdentityMemory.after_chunk))
+    policy = build_memory(IAMFLOW, RETURN_REGISTRY)
+    events = list(StreamingPipeline(dit, text_encoder, vae, compile_kernels=False).run(RETURN_STORY, config, policy))
+    assert len(checked) == 2 * (len(events) - 1 - len(switches))
+    assert any("archived" in e.memory for e in events) and any("refreshed" in e.memory for e in events)
