@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CacheConfig
+from .devices import to_device_async
 
 # rotate(k [layers, B, n*T, H, D], per-frame temporal deltas) -> k rotated in time by those deltas
 Rotate = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -145,6 +146,7 @@ class KVCache:
         self._memory: _Memory | None = None
         self._sink_origin: torch.Tensor | None = None  # sink keys at their own positions, once they need moving
         self._global_frames: list[int] = []
+        self._sparse_index: tuple[torch.Tensor, torch.Tensor] | None = None  # `frame_index` of this chunk's context
         self._query_frames: tuple[int, ...] = ()
         self._rotate: Rotate | None = None  # the last forward's, for blending into the sink (`cfg.sink_ema`)
 
@@ -207,6 +209,7 @@ class KVCache:
         # Queried frames are never sink frames once a shift exists (the first chunk has none): absolute positions.
         self.layout = ChunkLayout(_merge(ranges), query, tuple(context), tuple(frames))
         self._global_frames = self._global_frame_offsets(frames)
+        self._sparse_index = None
         self._rotate = rotate
         self._query_frames = tuple(frames)
         return self.layout
@@ -292,7 +295,10 @@ class KVCache:
             k = torch.cat([self.k[layer, :, s:e] for s, e in self.layout.ranges], dim=1)
             v = torch.cat([self.v[layer, :, s:e] for s, e in self.layout.ranges], dim=1)
         if q is not None and 0 < self.cfg.sparse_topk < len(self._global_frames):
-            k, v = sparse_select(q, k, v, self._global_frames, self.tokens_per_frame, self.cfg.sparse_topk)
+            if self._sparse_index is None:  # once per chunk, for every layer
+                self._sparse_index = frame_index(self._global_frames, k.shape[1] // self.tokens_per_frame, k.device)
+            k, v = sparse_select(q, k, v, self._global_frames, self.tokens_per_frame, self.cfg.sparse_topk,
+                                 self._sparse_index)  # fmt: skip
         return k, v
 
     def commit(self) -> None:
@@ -381,20 +387,30 @@ class KVCache:
         return self.k[:, :, start:end], position
 
 
+def frame_index(global_frames: Sequence[int], frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context's candidate frame offsets (`global_frames`) and the other offsets of its `frames` frames, as
+    index tensors on `device`, copied there without waiting for the GPU."""
+    chosen = set(global_frames)
+    rest = [i for i in range(frames) if i not in chosen]
+    return (to_device_async(torch.tensor(list(global_frames), dtype=torch.long), device),
+            to_device_async(torch.tensor(rest, dtype=torch.long), device))  # fmt: skip
+
+
 def sparse_select(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, global_frames: list[int], tokens_per_frame: int, topk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, global_frames: Sequence[int], tokens_per_frame: int, topk: int,
+    index: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Sparse memory activation: per head, keep the `topk` of the candidate frames (at frame offsets
     `global_frames` of the context) whose mean key best matches the mean query; keep every other frame.
 
     q: [B, Lq, H, D]; k, v: [B, F*T, H, D]. Returns k, v [B, (F - n + topk)*T, H, D] where n = len(global_frames);
-    the selected frames differ per head (attention treats heads independently).
+    the selected frames differ per head (attention treats heads independently). index: `frame_index` of
+    global_frames already on the device (the cache makes it once per chunk), else made here.
     """
     b, _, h, d = k.shape
     frames = k.shape[1] // tokens_per_frame
     kf, vf = k.view(b, frames, tokens_per_frame, h, d), v.view(b, frames, tokens_per_frame, h, d)
-    cand = torch.tensor(global_frames, device=k.device)
-    rest = torch.tensor([i for i in range(frames) if i not in set(global_frames)], device=k.device, dtype=torch.long)
+    cand, rest = index if index is not None else frame_index(global_frames, frames, k.device)
     scores = torch.einsum("bhd,bnhd->bhn", q.float().mean(1), kf[:, cand].float().mean(2))
     pick = cand[scores.topk(topk, dim=-1).indices.sort(dim=-1).values]  # [B, H, topk] frame offsets
     index = pick.permute(0, 2, 1)[:, :, None, :, None].expand(b, topk, tokens_per_frame, h, d)

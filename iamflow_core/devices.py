@@ -62,3 +62,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if kind == "mps":
         return torch.device("mps")
     return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+
+
+def to_device_async(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: a small host-made value (indices, angles, weights)
+    goes through pinned memory with a non-blocking copy, queued behind the work before it. A plain `.to("cuda")`
+    of pageable memory waits for every kernel queued so far, and the GPU then runs dry while the host catches up."""
+    device = torch.device(device)
+    if device.type == "cuda" and not x.is_cuda:
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

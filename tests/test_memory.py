@@ -83,6 +83,18 @@ def test_sparse_select_keeps_each_heads_best_candidate_frames():
     assert k_s[0, 0, 0, 0] == 5.0 and k_s[0, 0, 1, 1] == 5.0  # each head kept its own frame
 
 
+def test_sparse_select_with_its_index_made_once_gives_the_same_frames():
+    from iamflow_core.cache import frame_index
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 6 * 2, 2, 8), torch.randn(1, 6 * 2, 2, 8)
+    cand, rest = frame_index([1, 3, 4], 6, k.device)
+    assert cand.tolist() == [1, 3, 4] and rest.tolist() == [0, 2, 5]
+    made_here = sparse_select(q, k, v, [1, 3, 4], tokens_per_frame=2, topk=2)
+    given = sparse_select(q, k, v, [1, 3, 4], tokens_per_frame=2, topk=2, index=(cand, rest))
+    assert all(torch.equal(a, b) for a, b in zip(made_here, given))
+
+
 def test_sparse_activation_runs_in_the_pipeline():
     dit, te, _ = tiny_models()
     story = Story((Segment("a woman reads", 3.0), Segment("a man walks", 3.0)), seed=2)

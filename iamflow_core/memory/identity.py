@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import to_device_async
 from ..models.dit import CrossKV
 from ..story.entities import EntityRegistry
 from ..verify import NEUTRAL, Verdict, Verifier
@@ -206,8 +207,8 @@ class IdentityMemory:
                 weights = entity_token_weights(
                     ctx.tokenizer, ctx.prompt, phrases, ctx.text.shape[0], ENTITY_TOKEN_WEIGHT
                 )
-                if weights is not None and ctx.cross.k.is_cuda:  # once per prompt, without waiting for the GPU
-                    weights = weights.pin_memory().to(ctx.cross.k.device, non_blocking=True)
+                if weights is not None:  # once per prompt, without waiting for the GPU
+                    weights = to_device_async(weights, ctx.cross.k.device)
             self._weights[ctx.segment] = weights
         return self._weights[ctx.segment]
 

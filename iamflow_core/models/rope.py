@@ -13,17 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
+from ..devices import to_device_async
+
 
 def _inv_freq(dim: int, theta: float) -> torch.Tensor:
     # Explicitly on the host: models are often built under `with torch.device("cuda")`.
     return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without a device sync (pinned, non-blocking) when the target is a GPU."""
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 class RopeTables:
@@ -57,8 +52,8 @@ class RopeTables:
         if height > self.max_positions or width > self.max_positions:
             raise ValueError(f"latent grid {height}x{width} exceeds the RoPE table of {self.max_positions} positions")
         angles = torch.tensor(list(frame_positions), dtype=torch.float64, device="cpu")[:, None] * self._inv_t
-        cos_t = _to_device(angles.cos().float(), device)
-        sin_t = _to_device(angles.sin().float(), device)
+        cos_t = to_device_async(angles.cos().float(), device)
+        sin_t = to_device_async(angles.sin().float(), device)
         cos_h, sin_h, cos_w, sin_w = self._spatial_tables(device)
         if not spatial:
             cos_h, sin_h, cos_w, sin_w = (torch.ones_like(cos_h), torch.zeros_like(sin_h),

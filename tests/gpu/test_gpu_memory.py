@@ -95,3 +95,22 @@ def test_the_identity_memory_never_waits_for_the_gpu_between_switches(monkeypatc
     events = list(StreamingPipeline(dit, text_encoder, vae, compile_kernels=False).run(RETURN_STORY, config, policy))
     assert len(checked) == 2 * (len(events) - 1 - len(switches))
     assert any("archived" in e.memory for e in events) and any("refreshed" in e.memory for e in events)
+
+
+def test_sparse_activation_picks_frames_without_waiting_for_the_gpu():
+    """MemFlow's sparse activation runs at every layer of every forward (outside CUDA graphs): its frame indices go
+    to the GPU once per chunk without a sync (they were two blocking copies per layer), and pick the same frames."""
+    from iamflow_core.cache import frame_index, sparse_select
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 2, 16, device="cuda")
+    k, v = torch.randn(1, 6 * 4, 2, 16, device="cuda"), torch.randn(1, 6 * 4, 2, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        index = frame_index([0, 2, 3], 6, k.device)
+        fast = sparse_select(q, k, v, [0, 2, 3], tokens_per_frame=4, topk=2, index=index)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    plain = sparse_select(q, k, v, [0, 2, 3], tokens_per_frame=4, topk=2)  # indices made here (with a sync)
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
