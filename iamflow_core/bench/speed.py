@@ -1,7 +1,7 @@
 """End-to-end speed of the story pipeline at full size with random weights (compute does not depend on values).
 
     python -m iamflow_core bench speed [--story FILE] [--memory none memflow identity iamflow] [--gpus 1 2]
-        [--preset-model causal-forcing-frame-2step] [--pictures 0 2] [--quantization off fp8]
+        [--preset-model causal-forcing-frame-2step] [--pictures 0 2] [--quantization off fp8] [--trace 7]
 
 `identity` is IAMFlow's memory with the default story's entity registry and soft transitions, without the
 verifier; `iamflow` adds the asynchronous verifier (a random Qwen3-VL-2B-shaped model on the VAE's GPU), so the
@@ -38,7 +38,7 @@ from ..models.vae import WanVAE
 from ..pipeline import StreamingPipeline
 from ..render import render_story
 from ..settings import IAMFLOW, LONGLIVE, MEMFLOW, build_memory, sampler_config
-from ..story import Segment, Story, load_stories
+from ..story import Segment, Story, load_stories, plan_chunks
 from ..text_encoder import TextEncoder
 from ..weights import quantize_dit
 from .stories import DEFAULT_REGISTRY, DEFAULT_STORY
@@ -139,12 +139,17 @@ def _picture_ms(models, story: Story, config, settings, registry) -> float:
     return round(1000 * (times[0] - times[1]) / len(registry.references), 1)
 
 
+# The traced window starts here: mid-prompt (the default story switches every 13 chunks), well past the warm-up.
+TRACE_FIRST = 30
+
+
 def run_case(
     models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None, verifier_queue: int = 4,
-    model: ModelPreset | None = None, pictures: int = 0,
+    model: ModelPreset | None = None, pictures: int = 0, trace: int = 0, trace_dir: Path | None = None,
 ) -> dict:  # fmt: skip
     """One row: `story` rendered with memory `memory_mode` and the streaming preset `model` (default LongLive's);
-    identity rows with `pictures` reference pictures per entity."""
+    identity rows with `pictures` reference pictures per entity; with `trace` > 0, a profiler window over that many
+    steady chunks of another render (`bench.trace`), its Chrome trace kept in `trace_dir` if given."""
     dit, _, vae = models
     devices = sorted({str(dit.device), str(vae.device)})
     settings = CASES[memory_mode]
@@ -186,6 +191,15 @@ def run_case(
         row["verifier"] = {"queue": verifier_queue, **verifier.stats(), "late_chunks": policy.late_verdicts}
     memory = build_memory(settings, registry, verifier)
     row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(models, story, config, memory, profile_chunks)
+    if trace:
+        from .trace import traced_render
+
+        name = f"trace_{memory_mode}_{len(devices)}gpu_{row['quantization']}.json"
+        saved = Path(trace_dir) / name if trace_dir is not None else None
+        chunks = plan_chunks(story, chunk_frames=config.cache.chunk_frames).num_chunks
+        first = max(1, min(TRACE_FIRST, chunks - trace))  # a shorter --story: its last chunks
+        memory = build_memory(settings, registry, verifier)
+        row["trace"] = traced_render(models, story, config, memory, first, trace, saved)
     if verifier is not None:
         verifier.close()
     return row
@@ -212,6 +226,12 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         help="DiT linears: off (bf16) or fp8 (FP8 matmuls, as the CLI's --quantization fp8); one set of rows each",
     )  # fmt: skip
     parser.add_argument(
+        "--trace", type=int, default=0, metavar="N",
+        help=f"profile N steady chunks (from chunk {TRACE_FIRST}) of one more render per row: each GPU's busy share, "
+        "the DiT GPU's idle gaps and what each thread ran in them, the top kernels",
+    )  # fmt: skip
+    parser.add_argument("--trace-dir", help="keep each traced window's Chrome trace here (open it in Perfetto)")
+    parser.add_argument(
         "--pictures",
         nargs="+",
         type=int,
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         help="identity rows: random reference pictures per entity, one row per count (e.g. 0 2)",
     )
     args = parser.parse_args(argv)
+    if args.trace < 0 or args.trace > 20:
+        parser.error(f"--trace {args.trace}: give 1 to 20 chunks to profile (0, the default, profiles none)")
     if not torch.cuda.is_available():
         raise SystemExit("the speed benchmark needs a CUDA GPU")
     story = _story(args.story)
@@ -242,7 +264,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
                 for pictures in args.pictures if CASES[memory_mode].mode == "identity" else [0]:
                     row = run_case(
                         models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue,
-                        model_preset(args.preset_model), pictures,
+                        model_preset(args.preset_model), pictures, args.trace, args.trace_dir,
                     )  # fmt: skip
                     yield json.dumps(row)
             del models

@@ -1,0 +1,111 @@
+"""Where steady chunks spend their time on each GPU: a `torch.profiler` window over a few chunks of a render.
+
+`traced_render` renders a story as the CLI does, profiles chunks [first, first + count) and stops the render after
+them; `summarize` turns the profiler's trace into numbers: each device's busy share of the window, the idle gaps of
+the DiT's GPU with what every thread ran meanwhile (a gap with no GPU work queued is the host being late: a device
+sync, a lock, the GIL), and the kernels that take the most time. `bench speed --trace N` adds this to each row.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..pipeline import StreamingPipeline
+from ..render import render_story
+
+_GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+_HOST_WORK = ("cpu_op", "cuda_runtime", "user_annotation", "python_function")
+
+
+def summarize(trace: dict[str, Any], dit_device: int, gaps: int = 5, min_gap_us: float = 500.0) -> dict[str, Any]:
+    """Numbers from a Chrome trace (`torch.profiler` export): per device, its busy share of its own span; the
+    `gaps` longest idle gaps (≥ `min_gap_us`) on `dit_device` with the host work that overlapped each, per thread;
+    the top kernels per device."""
+    spans = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    work: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for e in spans:
+        if e.get("cat") in _GPU_WORK and e.get("args", {}).get("device") is not None:
+            work[int(e["args"]["device"])].append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]))
+    host = [e for e in spans if e.get("cat") in _HOST_WORK]
+    names = {e["tid"]: e["args"]["name"] for e in trace.get("traceEvents", [])
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and "tid" in e}  # fmt: skip
+    devices, idle = {}, []
+    for device, items in sorted(work.items()):
+        items.sort()
+        start, end = items[0][0], max(e for _, e, _ in items)
+        busy, reached = 0.0, start
+        for s, e, name in items:
+            if s > reached and device == dit_device and s - reached >= min_gap_us:
+                idle.append((s - reached, reached, s, name))
+            busy += max(0.0, e - max(s, reached))
+            reached = max(reached, e)
+        kernels: dict[str, float] = defaultdict(float)
+        for s, e, name in items:
+            kernels[name[:80]] += e - s
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
+        devices[f"cuda:{device}"] = {
+            "span_ms": round((end - start) / 1e3, 1), "busy_pct": round(100 * busy / max(end - start, 1e-9), 1),
+            "top_kernels_ms": {name: round(us / 1e3, 1) for name, us in top},
+        }  # fmt: skip
+    first = min((items[0][0] for items in work.values()), default=0.0)
+    report = []
+    for length, s, e, before in sorted(idle, reverse=True)[:gaps]:
+        threads: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for h in host:
+            overlap = min(e, h["ts"] + h["dur"]) - max(s, h["ts"])
+            if overlap > 0:
+                threads[str(names.get(h["tid"], h["tid"]))][h["name"][:60]] += overlap
+        report.append({
+            "ms": round(length / 1e3, 2), "at_ms": round((s - first) / 1e3, 1), "before": before[:60],
+            "threads": {t: {n: round(us / 1e3, 2) for n, us in sorted(ops.items(), key=lambda kv: -kv[1])[:3]}
+                        for t, ops in threads.items()},
+        })  # fmt: skip
+    return {"devices": devices, "dit_idle_gaps": report,
+            "dit_idle_ms": round(sum(g[0] for g in idle) / 1e3, 1)}  # fmt: skip
+
+
+def traced_render(
+    models, story, config, memory, first: int, count: int, save_to: Path | None = None
+) -> dict[str, Any]:  # fmt: skip
+    """Render `story` (as `render_story` does, no file) with a profiler over chunks [first, first + count), stop
+    after them, and `summarize` the window. save_to: also keep the Chrome trace there (open it in Perfetto)."""
+    dit = models[0]
+    if dit.device.type != "cuda":
+        raise ValueError(f"a traced render profiles GPU kernels; the DiT is on {dit.device}")
+    stop, state = threading.Event(), {}
+
+    def on_chunk(event, record) -> None:
+        if event.index == first - 1:  # the window starts with the next chunk's work
+            state["profiler"] = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
+            state["profiler"].__enter__()
+        elif event.index == first + count - 1 and "profiler" in state:
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
+            state["profiler"].__exit__(None, None, None)
+            stop.set()
+
+    if first < 1 or count < 1:
+        raise ValueError(f"trace window first={first}, count={count}: the first chunk is 1 or later, count 1 or more")
+    try:
+        render_story(StreamingPipeline(*models), story, config, memory, on_chunk=on_chunk, cancel=stop,
+                     keep_frames=False, keep_latents=False)  # fmt: skip
+    finally:
+        if "profiler" in state and not stop.is_set():  # the story ended inside the window
+            state["profiler"].__exit__(None, None, None)
+    if "profiler" not in state:
+        raise ValueError(f"the story has fewer than {first} chunks; no trace window")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(save_to) if save_to is not None else Path(tmp) / "trace.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state["profiler"].export_chrome_trace(str(path))
+        summary = summarize(json.loads(path.read_text()), dit.device.index or 0)
+    return {"window": [first, first + count], **summary}

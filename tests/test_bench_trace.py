@@ -1,0 +1,56 @@
+"""The trace summary of `bench speed --trace`: busy shares, the DiT GPU's idle gaps and who ran in them (the GPU run
+itself is a benchmark; these check the arithmetic on a hand-made trace, and the refusals)."""
+
+import pytest
+
+from iamflow_core.bench import speed
+from iamflow_core.bench.trace import summarize, traced_render
+from iamflow_core.presets import tiny_models
+
+
+def _span(cat, name, ts, dur, **extra):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": extra.pop("tid", 7), **extra}
+
+
+TRACE = {
+    "traceEvents": [
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "sampler"}},
+        _span("kernel", "flash_attn", 0, 4000, args={"device": 0}),
+        _span("kernel", "gemm", 4000, 2000, args={"device": 0}),
+        # 3 ms idle on the DiT GPU, while the sampler waits on an event and a worker launches
+        _span("cuda_runtime", "cudaEventSynchronize", 5500, 3000),
+        _span("cpu_op", "aten::conv3d", 6500, 1000, tid=9),
+        _span("kernel", "gemm", 9000, 1000, args={"device": 0}),
+        _span("kernel", "conv", 1000, 2000, args={"device": 1}),
+        _span("kernel", "conv", 2000, 2000, args={"device": 1}),  # overlaps the one before: counted once
+        _span("gpu_memcpy", "Memcpy DtoH", 9000, 1000, args={"device": 1}),
+    ]
+}
+
+
+def test_the_summary_gives_busy_shares_gaps_and_who_ran_in_them():
+    summary = summarize(TRACE, dit_device=0)
+    assert summary["devices"]["cuda:0"] == {
+        "span_ms": 10.0, "busy_pct": 70.0, "top_kernels_ms": {"flash_attn": 4.0, "gemm": 3.0},
+    }  # fmt: skip
+    assert summary["devices"]["cuda:1"]["busy_pct"] == pytest.approx(100 * 4 / 9, abs=0.1)  # 3 + 1 ms of 9
+    assert summary["dit_idle_ms"] == 3.0
+    (gap,) = summary["dit_idle_gaps"]
+    assert gap["ms"] == 3.0 and gap["at_ms"] == 6.0 and gap["before"] == "gemm"
+    assert gap["threads"] == {"sampler": {"cudaEventSynchronize": 2.5}, "9": {"aten::conv3d": 1.0}}
+
+
+def test_short_gaps_are_left_out():
+    assert summarize(TRACE, dit_device=0, min_gap_us=3500)["dit_idle_gaps"] == []
+
+
+def test_a_traced_render_needs_the_dit_on_a_gpu():
+    dit, te, vae = tiny_models()
+    with pytest.raises(ValueError, match="GPU kernels; the DiT is on cpu"):
+        traced_render((dit, te, vae), None, None, None, 30, 7)
+
+
+def test_the_trace_option_is_checked_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        list(speed.main(["--trace", "99"]))
+    assert "--trace 99: give 1 to 20 chunks" in capsys.readouterr().err
