@@ -227,10 +227,11 @@ class AsyncVerifier(_Runner):
             return len(self._queue) + (self._running is not None)
 
     def stats(self) -> dict[str, float]:
-        """Jobs scored and dropped so far, and the mean seconds per scored job."""
+        """Jobs scored and dropped so far, the seconds spent scoring and their mean per scored job."""
         with self._cond:
             mean = self._seconds / self._scored if self._scored else 0.0
-            return {"scored": self._scored, "dropped": self._dropped, "mean_job_s": round(mean, 3)}
+            return {"scored": self._scored, "dropped": self._dropped, "seconds": round(self._seconds, 3),
+                    "mean_job_s": round(mean, 3)}  # fmt: skip
 
     def close(self, wait: float = 5.0) -> None:
         """Stop the worker: the running job may finish (up to `wait` seconds); waiting jobs get neutral verdicts."""

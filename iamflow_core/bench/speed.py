@@ -84,6 +84,22 @@ def _verifier(memory_mode: str, vlm_dir: Path | None, device: str, queue: int):
     return AsyncVerifier(FrameVerifier(vlm_dir, device=device, max_new_tokens=16), max_queue=queue)
 
 
+def _drain(verifier, limit: float = 120.0) -> tuple[float, dict]:
+    """Wait (at most `limit` s) for the warm-up's verifier jobs, so the timed render starts with an idle verifier as
+    a user's story does; the seconds waited and the verifier's counts then."""
+    t0 = time.perf_counter()
+    while verifier.pending() and time.perf_counter() - t0 < limit:
+        time.sleep(0.05)
+    return round(time.perf_counter() - t0, 1), verifier.stats()
+
+
+def _jobs_since(before: dict, after: dict) -> dict:
+    """The verifier's jobs scored and dropped between two `stats()`, and their mean seconds."""
+    scored, dropped = after["scored"] - before["scored"], after["dropped"] - before["dropped"]
+    seconds = after["seconds"] - before["seconds"]
+    return {"scored": scored, "dropped": dropped, "mean_job_s": round(seconds / scored, 3) if scored else None}
+
+
 def _warm_up(models, story: Story, config, memory) -> float:
     """Compiles the fused kernels for these shapes (not timed); a full window before the switch (4 chunks of 3
     frames, 21 of 1 frame-wise), so the warm-up also compiles the full recache. Returns its seconds."""
@@ -165,6 +181,7 @@ def run_case(
         picture_ms = _picture_ms(models, story, config, settings, registry)
     verifier = _verifier(memory_mode, vlm_dir, str(vae.device), verifier_queue)
     warmup_s = _warm_up(models, story, config, build_memory(settings, registry, verifier))
+    drain_s, before = _drain(verifier) if verifier is not None else (None, None)
     for d in devices:
         torch.cuda.reset_peak_memory_stats(d)
     policy = build_memory(settings, registry, verifier)
@@ -188,7 +205,8 @@ def run_case(
                    archive_limit_mb=settings.archive_limit_mb)  # fmt: skip
     if verifier is not None:
         # late_chunks: frames chosen on text alone because the verdict came too late (dropped jobs included)
-        row["verifier"] = {"queue": verifier_queue, **verifier.stats(), "late_chunks": policy.late_verdicts}
+        row["verifier"] = {"queue": verifier_queue, **_jobs_since(before, verifier.stats()),
+                           "late_chunks": policy.late_verdicts, "warmup_drain_s": drain_s}  # fmt: skip
     memory = build_memory(settings, registry, verifier)
     row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(models, story, config, memory, profile_chunks)
     if trace:

@@ -1,6 +1,10 @@
-"""The trace summary of `bench speed --trace`: busy shares, the DiT GPU's idle gaps and who ran in them (the GPU run
-itself is a benchmark; these check the arithmetic on a hand-made trace, and the refusals)."""
+"""What `bench speed` computes besides timing (the GPU runs themselves are benchmarks): the `--trace` summary on a
+hand-made trace (busy shares, the DiT GPU's idle gaps and who ran in them), its refusals, and the verifier's jobs
+counted for the timed render only."""
 
+import time
+
+import numpy as np
 import pytest
 
 from iamflow_core.bench import speed
@@ -54,3 +58,24 @@ def test_the_trace_option_is_checked_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         list(speed.main(["--trace", "99"]))
     assert "--trace 99: give 1 to 20 chunks" in capsys.readouterr().err
+
+
+def test_the_verifier_counts_are_those_of_the_timed_render():
+    from iamflow_core.verify import AsyncVerifier, Verdict
+
+    class Slow:
+        def score(self, frames, prompt, entities, check_attributes=False):
+            time.sleep(0.05)
+            return Verdict((0.5,) * len(frames), {})
+
+    frames = np.zeros((1, 4, 4, 3), np.uint8)
+    with AsyncVerifier(Slow(), max_queue=4) as verifier:
+        for key in range(3):  # the warm-up's jobs
+            verifier.submit(key, frames, "p", [])
+        waited, before = speed._drain(verifier)
+        assert verifier.pending() == 0 and before["scored"] == 3 and waited >= 0.1
+        verifier.submit("timed", frames, "p", [])
+        verifier.result("timed", timeout=5)
+        counts = speed._jobs_since(before, verifier.stats())
+    assert counts["scored"] == 1 and counts["dropped"] == 0 and counts["mean_job_s"] >= 0.05
+    assert speed._jobs_since(before, before) == {"scored": 0, "dropped": 0, "mean_job_s": None}
