@@ -27,9 +27,8 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -58,6 +57,15 @@ STORY_SUFFIXES = (".json", ".jsonl", ".txt")
 # 30 min. A dead rank cannot hang it: torchrun ends every rank when one dies.
 BARRIER_TIMEOUT = timedelta(hours=24)
 MAX_ID_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Say:
+    """Where the batch command's lines go (the CLI prints them): `out` the progress and the summary, `err` a stop,
+    the failures and the smoke-test notice."""
+
+    out: Callable[[str], None]
+    err: Callable[[str], None]
 
 
 class BatchError(ValueError):
@@ -441,14 +449,14 @@ def _story_record(renderer: _Renderer | None, item: BatchStory, state: str, out:
 
 
 def _render_share(
-    args: argparse.Namespace, rank: Rank, out: Path, share: Sequence[BatchStory], states: Sequence[str]
+    args: argparse.Namespace, rank: Rank, out: Path, share: Sequence[BatchStory], states: Sequence[str], say: Say
 ) -> tuple[int | None, list[dict]]:
     """Render this rank's stories one after another, each recorded in its manifest as it ends. (exit status of a
     stop or None, the records)."""
     to_render = [s for s in share if s.story is not None and states[s.index] in ("none", "partial")]
     prefix = f"rank {rank.rank} " if rank.world > 1 else ""
     progress = _Progress(len(share), sum(s.frames for s in to_render), prefix)
-    print(f"{prefix}{len(share)} stories, {len(to_render)} to render ({progress.frames_left} frames)", flush=True)
+    say.out(f"{prefix}{len(share)} stories, {len(to_render)} to render ({progress.frames_left} frames)")
     renderer = _Renderer(args, to_render, out) if to_render else None
     progress.start = time.perf_counter()  # the ETA counts rendering, not loading
     path, records = rank_manifest(out, rank.rank, rank.world), []
@@ -462,12 +470,12 @@ def _render_share(
                     frames = stops[-1][1].frames_written if stops else 0
                     record = {**manifest_record(item, "stopped", frames), "rank": rank.rank}
                     manifest.write(json.dumps(record) + "\n")
-                    print(_stopped_line(stop, item, frames, progress, out, path), file=sys.stderr)
+                    say.err(_stopped_line(stop, item, frames, progress, out, path))
                     return exit_code(stop), [*records, record]
                 records.append({**record, "rank": rank.rank})
                 manifest.write(json.dumps(records[-1]) + "\n")
                 manifest.flush()  # written as it goes: a kill loses no finished story
-                print(progress.story(records[-1], item.frames), flush=True)
+                say.out(progress.story(records[-1], item.frames))
     finally:
         if renderer is not None:
             renderer.close()
@@ -482,22 +490,21 @@ def _stopped_line(stop: BaseException, item: BatchStory, frames: int, progress: 
     )
 
 
-def _finish(rank: Rank, out: Path, records: Sequence[dict], start: float) -> int:
+def _finish(rank: Rank, out: Path, records: Sequence[dict], start: float, say: Say) -> int:
     """The summary line; rank 0 speaks for the batch (its records are the merged ones): 1 if any story failed."""
     counts = {s: sum(r["status"] == s for r in records) for s in ("done", "skipped", "failed")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing"
     took = _duration(time.perf_counter() - start)
     if rank.rank != 0:
-        print(f"rank {rank.rank}: {summary} in {took}; rank 0 merges the manifests", flush=True)
+        say.out(f"rank {rank.rank}: {summary} in {took}; rank 0 merges the manifests")
         return 0
-    print(f"batch: {summary} of {len(records)} stories in {took}; manifest: {out / MANIFEST}", flush=True)
+    say.out(f"batch: {summary} of {len(records)} stories in {took}; manifest: {out / MANIFEST}")
     failed = [r["id"] for r in records if r["status"] == "failed"]
     if failed:
         shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
-        print(
+        say.err(
             f"error: {len(failed)} of {len(records)} stories failed ({shown}); each one's error is in "
-            f"{out / MANIFEST}; fix them and rerun (finished stories are skipped)",
-            file=sys.stderr,
+            f"{out / MANIFEST}; fix them and rerun (finished stories are skipped)"
         )
         return 1
     return 0
@@ -517,14 +524,15 @@ def _seeded(story: Story | None, seed: int) -> Story | None:
     return None if story is None else dataclasses.replace(story, seed=seed)
 
 
-def run(args: argparse.Namespace) -> int:
-    """The batch command, in steps; its exit status."""
+def run(args: argparse.Namespace, say: Say) -> int:
+    """The batch command, in steps; its exit status. Its progress and summary lines go to `say` (the CLI prints
+    them)."""
     start = time.perf_counter()
     # 1. This process: its rank and devices; the flags and stories checked before anything loads.
     rank = Rank.from_env()
     _check_flags(args)
     if args.preset == "tiny" and rank.rank == 0:
-        print(runs.SMOKE_TEST, file=sys.stderr)
+        say.err(runs.SMOKE_TEST)
     assign_devices(args, rank)
     runs.check_devices(args)
     runs.memory_settings(args)  # a bad memory flag fails here
@@ -543,11 +551,11 @@ def run(args: argparse.Namespace) -> int:
         share = [stories[i] for i in shard(weights, rank.world)[rank.rank]]
         barrier()
         # 3. Story after story, each in this rank's manifest as it ends.
-        code, records = _render_share(args, rank, out, share, states)
+        code, records = _render_share(args, rank, out, share, states, say)
         if code is not None:
             return code
         # 4. Rank 0 merges the manifests once every rank is done.
         barrier()
         if rank.world > 1 and rank.rank == 0:
             records = merge_manifests(out, rank.world, stories)
-    return _finish(rank, out, records, start)
+    return _finish(rank, out, records, start, say)

@@ -332,6 +332,14 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_out(line: str) -> None:
+    print(line, flush=True)  # a line at a time: progress read live, also through a pipe
+
+
+def _print_err(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iamflow_core", description="IAMFlow streaming long video")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -361,12 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         module = {"dit": "dit_chunk", "vae": "vae_decode"}.get(args.which, args.which)
         bench = importlib.import_module(f"iamflow_core.bench.{module}")
         for line in bench.main(args.rest):
-            print(line, flush=True)
+            _print_out(line)
         return 0
     if args.command == "eval":
         try:
             for line in evaluate.run(args):
-                print(line, flush=True)
+                _print_out(line)
         except (ValueError, OSError) as e:  # evaluate.EvalError is a ValueError
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -376,9 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():
             if args.command == "batch":
+                from .batch import Say
                 from .batch import run as batch
 
-                return batch(args)
+                return batch(args, Say(out=_print_out, err=_print_err))
             return generate(args)
     except (StoryError, RegistryError, CheckpointError, MissingModelFiles, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
