@@ -23,6 +23,7 @@ import torch
 from .cache import KVCache
 from .config import CacheConfig, SamplerConfig
 from .decode import Decoder, Pending
+from .devices import to_device_async
 from .memory import MemoryPolicy, NoMemory, StepContext
 from .models import fused
 from .models.dit import CausalWanDiT, CrossKV
@@ -70,7 +71,7 @@ class Prompts:
     def _get(self, segment: int) -> tuple[torch.Tensor, CrossKV]:
         row = self.rows[segment]
         if row not in self._cache:
-            text = self.states[row].to(self.dit.device, non_blocking=True)
+            text = to_device_async(self.states[row], self.dit.device)  # pageable .to(cuda) would wait for the GPU
             with torch.no_grad(), fused.eager():  # once per prompt: not worth a compile
                 cross = self.dit.encode_text(text[None])
             self._cache = {r: v for r, v in self._cache.items() if r == self.rows[max(segment - 1, 0)]}
