@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..devices import resolve_device
 from ..models.rope import RopeTables
 from .scoring import frame_descriptor
 
@@ -169,9 +170,7 @@ _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 def copy_stream(device: torch.device) -> torch.cuda.Stream:
     """The side stream a GPU's archive copies run on: the copy engine moves frames while the SMs sample. "cuda" is
     the current GPU, so it names the same stream as "cuda:N" (tensors always report their index)."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
+    device = resolve_device(device)
     if device not in _copy_streams:
         _copy_streams[device] = torch.cuda.Stream(device)
     return _copy_streams[device]
