@@ -67,6 +67,13 @@ def greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) -> 
     return config
 
 
+def end_tokens(config: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end a greedy answer: the generation config's `eos_token_id` (one or a list), else the
+    tokenizer's end token."""
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    return {int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos]) if t is not None}
+
+
 def free_model(model: Any, device: torch.device) -> None:
     del model
     gc.collect()

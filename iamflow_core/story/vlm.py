@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.graphs import graphs_allowed
 from ..verify import NEUTRAL, Verdict, check_frames
 from .entities import Entity
-from .hf import chat_prompt, check_model_folder, free_model, greedy_config, resolve_dtype
+from .greedy import GreedyDecoder, Unsupported
+from .hf import chat_prompt, check_model_folder, end_tokens, free_model, greedy_config, resolve_dtype
 from .jsonish import parse_json_answer
 
 logger = logging.getLogger(__name__)
@@ -164,6 +166,7 @@ class FrameVerifier:
         self.max_new_tokens, self.short_side = max_new_tokens, short_side
         self._model = self._load_model()
         self._inputs = _load_inputs(self.model_dir, self._model.config)
+        self._greedy = self._fast_decoder()
 
     def _load_model(self) -> Any:
         from transformers import AutoModelForImageTextToText
@@ -172,7 +175,18 @@ class FrameVerifier:
         logger.info("verifier VLM loaded from %s on %s (%s)", self.model_dir, self.device, self.dtype)
         return model.to(self.device).eval()
 
+    def _fast_decoder(self) -> Any:
+        """The CUDA-graph decoder of `greedy.py` for a Qwen3-VL on a GPU (None: transformers' `generate`)."""
+        if self.device.type != "cuda" or not graphs_allowed():
+            return None
+        try:
+            return GreedyDecoder(self._model, greedy_config(self._model, 16, self._inputs.tokenizer.pad_token_id))
+        except Unsupported as e:
+            logger.info("verifier answers through transformers' generate (%s)", e)
+            return None
+
     def unload(self) -> None:
+        self._greedy = None
         if self._model is not None:
             model, self._model = self._model, None
             free_model(model, self.device)
@@ -199,11 +213,10 @@ class FrameVerifier:
         need = 16 + 6 * num_frames + (48 * len(entities) if check_attributes else 0)
         return max(self.max_new_tokens, need)
 
-    @torch.inference_mode()
-    def answer(self, frames: np.ndarray, prompt: str, entities: Sequence[Entity], check_attributes: bool) -> str:
-        """The VLM's raw answer text for these frames (greedy decoding)."""
-        if self._model is None:
-            raise RuntimeError("the verifier VLM was unloaded; create a new FrameVerifier")
+    def request(
+        self, frames: np.ndarray, prompt: str, entities: Sequence[Entity], check_attributes: bool
+    ) -> tuple[dict[str, torch.Tensor], Any]:
+        """The model inputs for these frames (on the model's device) and the greedy generation config."""
         images = resize_frames(frames, self.short_side)
         instruction = verifier_instruction(len(images), prompt, entities, check_attributes)
         text = chat_prompt(
@@ -215,8 +228,24 @@ class FrameVerifier:
         }
         config = greedy_config(self._model, self.token_budget(len(images), entities, check_attributes),
                                self._inputs.tokenizer.pad_token_id)  # fmt: skip
+        return batch, config
+
+    @torch.inference_mode()
+    def answer(self, frames: np.ndarray, prompt: str, entities: Sequence[Entity], check_attributes: bool) -> str:
+        """The VLM's raw answer text for these frames (greedy decoding)."""
+        if self._model is None:
+            raise RuntimeError("the verifier VLM was unloaded; create a new FrameVerifier")
+        batch, config = self.request(frames, prompt, entities, check_attributes)
+        tokenizer = self._inputs.tokenizer
+        if self._greedy is not None:
+            try:
+                tokens = self._greedy.generate(batch, config.max_new_tokens, end_tokens(config, tokenizer))[0]
+                return tokenizer.decode(tokens, skip_special_tokens=True)
+            except Unsupported as e:  # found at the first answer: every later one goes through generate
+                logger.warning("verifier: CUDA-graph decoding does not cover this model (%s); using generate", e)
+                self._greedy = None
         out = self._model.generate(**batch, generation_config=config)
-        return self._inputs.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 class _Inputs:

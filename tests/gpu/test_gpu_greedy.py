@@ -1,0 +1,85 @@
+"""The verifier's and the extractor's CUDA-graph decoding gives transformers' greedy answers, while another thread
+keeps the GPU busy (as the VAE decoder does in a render), and captures a graph once per batch size and length."""
+
+import threading
+
+import pytest
+import torch
+
+from iamflow_core.story.greedy import GreedyDecoder
+from iamflow_core.story.hf import end_tokens, greedy_config
+from iamflow_core.story.llm import EntityExtractor
+from iamflow_core.story.vlm import FrameVerifier
+
+from .._tiny_qwen import frames, tiny_qwen_folders
+from ..test_greedy import NORA, _generate_all, _loud
+
+pytestmark = pytest.mark.gpu
+
+
+class _Busy:
+    """Another thread launching matmuls on the GPU until stopped."""
+
+    def __enter__(self):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        x = torch.randn(2048, 2048, device="cuda")
+        with torch.cuda.stream(torch.cuda.Stream()):
+            while not self.stop.is_set():
+                x = torch.tanh(x @ x)
+                torch.cuda.current_stream().synchronize()
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def test_the_verifier_decodes_with_cuda_graphs_and_answers_as_generate():
+    verifier = FrameVerifier(tiny_qwen_folders().vlm, device="cuda", dtype="fp32", max_new_tokens=24, short_side=64)
+    _loud(verifier._model)
+    decoder = verifier._greedy
+    assert decoder is not None and decoder.graphs_on
+    tokenizer = verifier._inputs.tokenizer
+    with _Busy():
+        for seed, check, captures in ((1, False, 1), (2, False, 1), (3, True, 2)):
+            batch, config = verifier.request(frames(3, 48, 80, seed=seed), "Nora reads in a cafe.", [NORA], check)
+            expected = _generate_all(verifier._model, batch, config)
+            assert decoder.generate(batch, config.max_new_tokens, end_tokens(config, tokenizer)) == expected
+            assert len(expected[0]) >= 16
+            # one graph per cache length: the second answer replays the first one's, the attribute check (a longer
+            # answer, a longer cache) captures its own
+            assert decoder.captures == captures
+    batch, config = verifier.request(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False)
+    expected = tokenizer.decode(_generate_all(verifier._model, batch, config)[0], skip_special_tokens=True)
+    assert verifier.answer(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False) == expected
+    verifier.unload()
+
+
+def test_the_extractor_decodes_a_padded_batch_with_cuda_graphs():
+    extractor = EntityExtractor(tiny_qwen_folders().llm, device="cuda", dtype="fp32", max_new_tokens=24)
+    assert extractor._greedy is not None
+    tokenizer = extractor._tokenizer
+    prompts = ["Nora reads a red notebook in a cafe; list the entities.", "A fox.", "Rain over an old harbour town"]
+    batch = dict(tokenizer(prompts, return_tensors="pt", padding=True).to("cuda"))
+    config = greedy_config(extractor._model, 24, tokenizer.pad_token_id)
+    with _Busy():
+        got = extractor._greedy.generate(batch, 24, end_tokens(config, tokenizer))
+    assert got == _generate_all(extractor._model, batch, config)
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    assert len(extractor.generate_answers(conversations, 24)) == 3
+    extractor.unload()
+
+
+def test_bf16_answers_start_as_generates_do():
+    """In bf16 the step's kernels differ from transformers' (other rounding): the answers agree on their start."""
+    verifier = FrameVerifier(tiny_qwen_folders().vlm, device="cuda", max_new_tokens=16, short_side=64)
+    _loud(verifier._model)
+    batch, config = verifier.request(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False)
+    expected = _generate_all(verifier._model, batch, config)[0]
+    got = GreedyDecoder(verifier._model, config).generate(batch, config.max_new_tokens, end_tokens(config, None))[0]
+    assert got[:4] == expected[:4]
+    verifier.unload()

@@ -1,0 +1,97 @@
+"""The verifier's own greedy decoding (`story.greedy`) against transformers' `generate`, on tiny random Qwen3 and
+Qwen3-VL models with weights large enough that every position and every layer changes the answer."""
+
+import pytest
+import torch
+
+from iamflow_core.story.entities import Entity
+from iamflow_core.story.greedy import GreedyDecoder, Unsupported
+from iamflow_core.story.hf import end_tokens, greedy_config
+from iamflow_core.story.vlm import FrameVerifier
+
+from ._tiny_qwen import frames, tiny_qwen_folders
+
+NORA = Entity(1, "Nora", "person", ("short black curls", "beige sweater"))
+
+
+def _loud(model: torch.nn.Module, seed: int = 1) -> None:
+    """Random weights whose layers outweigh the (tied) embedding: the default init, or embeddings as large as the
+    layers, answers every prompt with one repeated token."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and p.dim() >= 2:
+                p.normal_(0, 0.1 if p.shape[0] > 100_000 else p[0].numel() ** -0.5)
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    v = FrameVerifier(tiny_qwen_folders().vlm, max_new_tokens=24, short_side=64)
+    _loud(v._model)
+    yield v
+    v.unload()
+
+
+def _generate(model, batch, config) -> list[int]:
+    return _generate_all(model, batch, config)[0]
+
+
+def _generate_all(model, batch, config) -> list[list[int]]:
+    """transformers' greedy answers, each cut at its first end token."""
+    eos = end_tokens(config, None)
+    answers = []
+    for out in model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :].tolist():
+        answers.append(out[: next((i for i, t in enumerate(out) if t in eos), len(out))])
+    return answers
+
+
+@pytest.mark.parametrize("check, n", [(False, 3), (True, 2)])
+def test_vlm_answers_match_generate(verifier, check, n):
+    batch, config = verifier.request(frames(n, 48, 80, seed=n), "Nora reads in a cafe.", [NORA], check)
+    expected = _generate(verifier._model, batch, config)
+    decoder = GreedyDecoder(verifier._model, config, graphs=False)
+    got = decoder.generate(batch, config.max_new_tokens, end_tokens(config, verifier._inputs.tokenizer))[0]
+    assert len(expected) >= 16 and len(set(expected)) > 4  # a real answer, not one repeated token
+    assert got == expected
+
+
+def test_the_text_position_after_the_images_matters(verifier, monkeypatch):
+    """The check above is sensitive to M-RoPE: one position off and the answer changes."""
+    batch, config = verifier.request(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False)
+    expected = _generate(verifier._model, batch, config)
+    decoder = GreedyDecoder(verifier._model, config, graphs=False)
+    [right] = decoder.next_positions(batch)
+    assert right < batch["input_ids"].shape[1]  # images span fewer positions than their tokens
+    monkeypatch.setattr(decoder, "next_positions", lambda b: [right + 1])
+    eos = end_tokens(config, verifier._inputs.tokenizer)
+    assert decoder.generate(batch, config.max_new_tokens, eos)[0] != expected
+
+
+def test_llm_answers_match_generate_for_a_left_padded_batch():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_qwen_folders().llm
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    prompts = ["Nora reads a red notebook in a cafe; list the entities.", "A fox.", "Rain over an old harbour town"]
+    batch = dict(tokenizer(prompts, return_tensors="pt", padding=True))
+    assert not batch["attention_mask"].all()  # rows of different lengths: padding on the left
+    config = greedy_config(model, 20, tokenizer.pad_token_id)
+    expected = _generate_all(model, batch, config)
+    decoder = GreedyDecoder(model, config, graphs=False)
+    assert decoder.generate(batch, 20, end_tokens(config, tokenizer)) == expected
+    assert all(len(e) >= 10 for e in expected) and len({tuple(e) for e in expected}) == 3
+    # the same decoder again, one prompt (smaller buffers in use): the row's answer is the same
+    single = dict(tokenizer(prompts[1:2], return_tensors="pt"))
+    assert decoder.generate(single, 20, end_tokens(config, tokenizer)) == _generate_all(model, single, config)
+
+
+def test_settings_it_does_not_reproduce_are_refused(verifier):
+    config = greedy_config(verifier._model, 16, None)
+    config.repetition_penalty = 1.2
+    with pytest.raises(Unsupported, match="repetition_penalty"):
+        GreedyDecoder(verifier._model, config, graphs=False)
+    batch, config = verifier.request(frames(3, 48, 80), "x", [], False)
+    two = {k: torch.cat([v, v]) if k in ("input_ids", "attention_mask") else v for k, v in batch.items()}
+    with pytest.raises(Unsupported, match="images in a batch"):
+        GreedyDecoder(verifier._model, config, graphs=False).generate(two, 16, {0})
