@@ -15,7 +15,8 @@ and decodes the answers itself, for a batch of left-padded prompts:
   CUDA graph per batch size and cache length, on a stream of high priority (its short kernels get SMs before the
   queued blocks of the VAE's or the DiT's long ones);
 - the step's inputs (tokens, positions, cache slot) live on the GPU and each replay advances them, so the host
-  launches one graph per token and reads the tokens back every `CHECK_EVERY` tokens to stop at the end of the answers.
+  launches one graph per `STEPS` tokens (fewer trips through the GIL, which the sampler's and the VAE's threads
+  want too) and reads the tokens back after each to stop at the end of the answers.
 
 The math is transformers' (float32 RMSNorm statistics, rotate-half RoPE at the text position, the same scaling and
 masking), so greedy answers match `generate`'s exactly in float32 (the CPU tests run the same step eagerly, the GPU
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 CACHE_STEP = 256  # cache lengths are rounded up to this, so a few graphs serve every answer
-CHECK_EVERY = 8  # tokens between two looks for the end of the answer
+STEPS = 8  # tokens per graph replay; the answers are read back after each (a few tokens past the end are wasted)
 
 
 class Unsupported(Exception):
@@ -167,21 +168,25 @@ class GreedyDecoder:
         self._slot.add_(1)
         self._step.add_(1)
 
+    def _block(self, rows: int, length: int) -> None:
+        for _ in range(STEPS):
+            self._step_once(rows, length)
+
     def _graph(self, rows: int, length: int) -> torch.cuda.CUDAGraph | None:
         graph = self._graphs.get((rows, length))
         if graph is not None or not self.graphs_on:
             return graph
-        # The capture's real step (lazy per-stream library state) writes a throwaway entry at the cache's last slot
-        # and the first answer token; both are written again before they are read.
-        self._slot.fill_(length - 1)
+        # The capture's real run (lazy per-stream library state) writes throwaway entries into the cache's last
+        # `STEPS` slots and the first answer tokens; decoding writes each slot and token again before reading it.
+        self._slot.fill_(length - STEPS)
         self._step.zero_()
-        self._step_once(rows, length)
-        self._slot.fill_(length - 1)
+        self._block(rows, length)
+        self._slot.fill_(length - STEPS)
         self._step.zero_()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the sampler and the VAE keep working in their threads meanwhile
         with torch.cuda.graph(graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"):
-            self._step_once(rows, length)
+            self._block(rows, length)
         self._pool = graph.pool()
         self._graphs[(rows, length)] = graph
         self.captures += 1
@@ -228,8 +233,8 @@ class GreedyDecoder:
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != len(self.text.layers):
             raise Unsupported(f"prefill cache {type(cache).__name__} has no per-layer keys and values")
-        length = -(-(prompt + max_new_tokens) // CACHE_STEP) * CACHE_STEP
-        self._buffers(rows, length, -(-max_new_tokens // CACHE_STEP) * CACHE_STEP)
+        length = -(-(prompt + max_new_tokens + STEPS) // CACHE_STEP) * CACHE_STEP  # room for a last block's overrun
+        self._buffers(rows, length, -(-(max_new_tokens + STEPS) // CACHE_STEP) * CACHE_STEP)
         graph = self._graph(rows, length)  # captured before the prompt's entries are written
         for layer, k_cache, v_cache in zip(layers, self._k, self._v):
             k_cache[:rows, :, :prompt].copy_(layer.keys)
@@ -247,14 +252,12 @@ class GreedyDecoder:
         self._step.fill_(1)
         made = 1
         while True:
-            tokens = self._tokens[:rows, :made].tolist()  # waits for this stream only
+            tokens = [row[:max_new_tokens] for row in self._tokens[:rows, :made].tolist()]  # waits for this stream
             ends = [next((i for i, t in enumerate(row) if t in eos), None) for row in tokens]
-            if made == max_new_tokens or all(e is not None for e in ends):
+            if made >= max_new_tokens or all(e is not None for e in ends):
                 return [row if e is None else row[:e] for row, e in zip(tokens, ends)]
-            todo = min(CHECK_EVERY if made > 1 else CHECK_EVERY - 1, max_new_tokens - made)
-            for _ in range(todo):
-                if graph is not None:
-                    graph.replay()
-                else:
-                    self._step_once(rows, length)
-            made += todo
+            if graph is not None:
+                graph.replay()
+            else:
+                self._block(rows, length)
+            made += STEPS
