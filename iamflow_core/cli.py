@@ -348,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks (full-size models, random weights)")
     bench.add_argument(
         "which",
-        choices=["speed", "start", "batch", "dit", "vae", "agents"],
+        choices=["speed", "start", "batch", "dit", "vae", "agents", "pacing"],
         help="speed: the whole pipeline; start: what a user waits for; batch: the batch renderer on 1 and N GPUs "
-        "and the eval; dit: one chunk; vae: one chunk's decode; agents: LLM/VLM",
+        "and the eval; dit: one chunk; vae: one chunk's decode; agents: LLM/VLM; pacing: which verifier jobs pay "
+        "off at a given pace (CPU)",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     from .evaluate import cli as evaluate

@@ -217,6 +217,7 @@ class _Map:
     recorded: tuple[tuple[int, int], ...]  # MemFlow: (chunk, latent frame) of each recording
     corrections: tuple[tuple[int, tuple[str, ...]], ...]
     late_verdicts: int
+    verdicts_used: int
     peak_mb: float | None
     seconds_per_chunk: float = 0.75  # of the model that made the video (0.25 s with one latent frame per chunk)
 
@@ -305,6 +306,7 @@ def _read_map(story_map: dict) -> _Map:
         recorded=tuple((i, c["recorded_frame"]) for i, c in enumerate(chunks) if c.get("recorded_frame") is not None),
         corrections=tuple((int(k), tuple(v)) for k, v in (memory.get("corrections") or {}).items()),
         late_verdicts=int(memory.get("late_verdicts") or 0),
+        verdicts_used=int(memory.get("verdicts_used") or 0),
         peak_mb=memory.get("peak_archive_mb"),
         seconds_per_chunk=_seconds_per_chunk(story_map),
     )
@@ -796,6 +798,8 @@ def _identity_summary(view: _Map) -> list[str]:
         lines += _switch_lines(view, switch)
     for entity_id, attributes in view.corrections:
         lines.append(f"the verifier corrected {_name(view, entity_id)}: {', '.join(attributes) or 'no attributes'}")
+    if view.verdicts_used:
+        lines.append(f"{_plural(view.verdicts_used, 'chunk')} chose a frame with the verifier's scores")
     if view.late_verdicts:
         lines.append(f"{_plural(view.late_verdicts, 'chunk')} chose a frame on text alone: the verifier was late")
     return lines + [_archive_line(view)]

@@ -2,8 +2,9 @@
 
 A `Scorer` (the VLM in `story/vlm.py`, or anything with its `score` method) looks at a chunk's frames and gives a
 `Verdict`: one score per frame in [0, 1] and, on request, corrected attributes per entity ID. A `Verifier` runs a
-scorer for the memory: `AsyncVerifier` on one worker thread behind a bounded queue (`submit` never blocks, a full
-queue drops its oldest job, `result` waits at most `timeout` seconds), `ImmediateVerifier` on the caller's thread
+scorer for the memory: `AsyncVerifier` on one worker thread behind a bounded queue (`submit` never blocks, the
+worker takes attribute checks first and then the newest job, a full queue drops its oldest job, `result` waits at
+most `timeout` seconds), `ImmediateVerifier` on the caller's thread
 (the "no async" ablation). Any failure gives a neutral verdict: the verifier can make memory selection better,
 never stop a run. Nothing here imports a model library.
 """
@@ -157,9 +158,13 @@ class AsyncVerifier(_Runner):
     """A `Verifier` that scores frames on one worker thread. `submit` never blocks; `result` waits at most `timeout`
     seconds.
 
-    When `max_queue` jobs are waiting, submitting another drops the oldest waiting one; its key gets a neutral verdict
-    with a note. Verdicts are kept (they are small) and can still be read after `close`. `stats()` counts the jobs
-    scored and dropped and the time spent scoring."""
+    The worker takes the oldest waiting attribute check first (its corrections fix the registry whenever they come),
+    else the newest job: the memory chooses a chunk's frame a few chunks after submitting it, so with a VLM slower
+    than the sampler the oldest plain job is the one whose verdict would come too late, and the newest the one that
+    can still be used. When `max_queue` jobs are waiting, submitting another drops the oldest waiting one that is not
+    an attribute check (the oldest check if all are); its key gets a neutral verdict with a note. Verdicts are kept
+    (they are small) and can still be read after `close`. `stats()` counts the jobs scored and dropped and the time
+    spent scoring."""
 
     def __init__(self, verifier: Scorer, *, max_queue: int = 4, timeout: float = 30.0) -> None:
         if max_queue < 1 or timeout < 0:
@@ -186,7 +191,8 @@ class AsyncVerifier(_Runner):
             self._cond.notify_all()
 
     def _drop_oldest(self) -> None:
-        old_key, old = self._queue.popitem(last=False)
+        old_key = next((k for k, j in self._queue.items() if not j.check_attributes), next(iter(self._queue)))
+        old = self._queue.pop(old_key)
         note = f"dropped: the verifier queue was full ({self.max_queue} jobs waiting)"
         # Expected whenever the VLM is slower than the sampler: counted in stats(), not warned about per chunk.
         logger.debug("verifier job %r %s; neutral scores", old_key, note)
@@ -243,13 +249,17 @@ class AsyncVerifier(_Runner):
             self._cond.notify_all()
         self._thread.join(timeout=wait)
 
+    def _next_key(self) -> Hashable:
+        """The oldest waiting attribute check, else the newest waiting job (see the class docstring)."""
+        return next((k for k, j in self._queue.items() if j.check_attributes), next(reversed(self._queue)))
+
     def _work(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
-                _, self._running = self._queue.popitem(last=False)
+                self._running = self._queue.pop(self._next_key())
             start = time.perf_counter()
             verdict = _run_job(self.verifier, self._running)
             with self._cond:

@@ -212,6 +212,8 @@ def test_visual_scores_steer_the_frame_choice_and_correct_attributes(models):
     assert verifier.jobs[4][3] is True and verifier.jobs[5][3] is False  # attributes checked on a prompt's first chunk
     assert all(f.frame % 3 == 2 for f in memory.archive)  # the frame the verifier liked best, every time
     assert memory.registry.entity(2).attributes == ("grey hoodie", "white sneakers")
+    assert memory.verdicts_used == len(memory.archive) > 0 and memory.late_verdicts == 0
+    assert memory.story_map()["verdicts_used"] == memory.verdicts_used
 
 
 def test_memory_settings_validate():

@@ -163,14 +163,20 @@ def clip_of(value, n=3):
     return np.full((n, 4, 4, 3), value, dtype=np.uint8)
 
 
-def test_async_runs_jobs_in_order_on_one_worker_thread():
-    scorer = FakeScorer()
+def test_async_runs_attribute_checks_first_then_the_newest_job_on_one_worker_thread():
+    """With the worker busy, jobs pile up; it then takes the checks (oldest first), then the plain jobs newest
+    first: the memory chooses a chunk's frame a few chunks after submitting it, so the newest verdict is still used."""
+    gate = threading.Event()
+    scorer = FakeScorer(gate)
     with AsyncVerifier(scorer, max_queue=8) as runner:
-        for i in range(5):
-            runner.submit(("p0", i), clip_of(51 * i), f"chunk {i}", [NORA], check_attributes=i == 0)
-        verdicts = [runner.result(("p0", i)) for i in range(5)]
+        runner.submit("busy", clip_of(0), "running", [])
+        wait_until_running(runner)
+        for i in range(1, 6):
+            runner.submit(("p0", i), clip_of(51 * (i - 1)), f"chunk {i}", [NORA], check_attributes=i % 2 == 0)
+        gate.set()
+        verdicts = [runner.result(("p0", i)) for i in range(1, 6)]
         assert runner.pending() == 0
-    assert scorer.order == [f"chunk {i}" for i in range(5)]
+    assert scorer.order == ["running", "chunk 2", "chunk 4", "chunk 5", "chunk 3", "chunk 1"]
     assert scorer.threads == {"iamflow-verifier"}
     assert [v.scores[0] for v in verdicts] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
 
@@ -221,9 +227,24 @@ def test_full_queue_drops_the_oldest_waiting_job():
         gate.set()
         assert all(runner.result(k).ok for k in (0, 2, 3))
         stats = runner.stats()
-    assert scorer.order == ["running", "job 2", "job 3"]
+    assert scorer.order == ["running", "job 3", "job 2"]  # the newest first
     assert stats["scored"] == 3 and stats["dropped"] == 1 and stats["mean_job_s"] >= 0.0
     assert runner.started(2)  # done
+
+
+def test_a_full_queue_drops_a_plain_job_before_an_attribute_check():
+    gate = threading.Event()
+    scorer = FakeScorer(gate)
+    with AsyncVerifier(scorer, max_queue=2, timeout=5) as runner:
+        runner.submit(0, clip_of(255), "running", [])
+        wait_until_running(runner)
+        runner.submit("check", clip_of(255), "first chunk", [NORA], check_attributes=True)
+        for key in (1, 2):
+            runner.submit(key, clip_of(255), f"job {key}", [])
+        assert "queue was full" in runner.result(1, wait=False).note  # the plain job went, the older check stayed
+        gate.set()
+        assert runner.result("check").ok and runner.result(2).ok
+    assert scorer.order == ["running", "first chunk", "job 2"]
 
 
 def test_worker_survives_exceptions(caplog):

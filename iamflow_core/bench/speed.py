@@ -204,9 +204,11 @@ def run_case(
         row.update(pictures=len(registry.references), picture_prepare_ms=picture_ms,
                    archive_limit_mb=settings.archive_limit_mb)  # fmt: skip
     if verifier is not None:
-        # late_chunks: frames chosen on text alone because the verdict came too late (dropped jobs included)
+        # late_chunks: frames chosen on text alone because the verdict came too late; used_chunks: chosen with the
+        # verifier's scores (the rest had a dropped job's neutral verdict)
         row["verifier"] = {"queue": verifier_queue, **_jobs_since(before, verifier.stats()),
-                           "late_chunks": policy.late_verdicts, "warmup_drain_s": drain_s}  # fmt: skip
+                           "late_chunks": policy.late_verdicts, "used_chunks": policy.verdicts_used,
+                           "warmup_drain_s": drain_s}  # fmt: skip
     memory = build_memory(settings, registry, verifier)
     row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(models, story, config, memory, profile_chunks)
     if trace:

@@ -110,6 +110,11 @@ class IdentityMemory:
         """Chunks whose frame was chosen on text alone because their verdict came too late."""
         return self.pacing.late_verdicts if self.pacing is not None else 0
 
+    @property
+    def verdicts_used(self) -> int:
+        """Chunks whose frame was chosen with the verifier's scores (its verdict came in time)."""
+        return self.pacing.verdicts_used if self.pacing is not None else 0
+
     # policy hooks ------------------------------------------------------------------------------------------------
     def start(self, ctx: StepContext) -> None:
         require_memory_segment(ctx, self.max_frames, "max_frames")
@@ -328,5 +333,6 @@ class IdentityMemory:
             "peak_archive_mb": round(self.archive.peak_bytes / 2**20, 1),
             "corrections": {str(k): v for k, v in self.corrections.items()},
             "late_verdicts": self.late_verdicts,
+            "verdicts_used": self.verdicts_used,
             "events": self.timeline,
         }

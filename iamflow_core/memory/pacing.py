@@ -40,6 +40,7 @@ class VerdictPacing:
         self._submitted: dict[int, threading.Event] = {}  # set once a chunk's frames went to the verifier
         self._late: list[int] = []
         self.late_verdicts = 0
+        self.verdicts_used = 0  # frame choices made with the verifier's scores
 
     def tick(self) -> None:
         """Once per chunk: keeps the sampler's pace."""
@@ -85,6 +86,7 @@ class VerdictPacing:
             self._late.append(chunk)
             self.late_verdicts += 1
             return None
+        self.verdicts_used += verdict.ok  # a dropped or failed job's neutral verdict carries no scores
         return verdict
 
     def late_verdicts_ready(self) -> Iterator[Verdict]:
