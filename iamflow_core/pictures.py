@@ -218,6 +218,7 @@ class _Map:
     corrections: tuple[tuple[int, tuple[str, ...]], ...]
     late_verdicts: int
     verdicts_used: int
+    verifier_skipped: int
     peak_mb: float | None
     seconds_per_chunk: float = 0.75  # of the model that made the video (0.25 s with one latent frame per chunk)
 
@@ -307,6 +308,7 @@ def _read_map(story_map: dict) -> _Map:
         corrections=tuple((int(k), tuple(v)) for k, v in (memory.get("corrections") or {}).items()),
         late_verdicts=int(memory.get("late_verdicts") or 0),
         verdicts_used=int(memory.get("verdicts_used") or 0),
+        verifier_skipped=int(memory.get("verifier_skipped") or 0),
         peak_mb=memory.get("peak_archive_mb"),
         seconds_per_chunk=_seconds_per_chunk(story_map),
     )
@@ -799,9 +801,12 @@ def _identity_summary(view: _Map) -> list[str]:
     for entity_id, attributes in view.corrections:
         lines.append(f"the verifier corrected {_name(view, entity_id)}: {', '.join(attributes) or 'no attributes'}")
     if view.verdicts_used:
-        lines.append(f"{_plural(view.verdicts_used, 'chunk')} chose a frame with the verifier's scores")
+        lines.append(f"{_plural(view.verdicts_used, 'chunk')} chose a frame with scores from the verifier")
     if view.late_verdicts:
         lines.append(f"{_plural(view.late_verdicts, 'chunk')} chose a frame on text alone: the verifier was late")
+    if view.verifier_skipped:
+        lines.append(f"{_plural(view.verifier_skipped, 'chunk')} chose a frame on text alone without asking the "
+                     "verifier: its answer could not have come in time")  # fmt: skip
     return lines + [_archive_line(view)]
 
 

@@ -175,6 +175,7 @@ class AsyncVerifier(_Runner):
         self._running: _Job | None = None
         self._closed = False
         self._scored, self._dropped, self._seconds = 0, 0, 0.0
+        self._recent: float | None = None  # moving average of the plain (no attribute check) jobs' seconds
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="iamflow-verifier", daemon=True)
         self._thread.start()
@@ -232,6 +233,11 @@ class AsyncVerifier(_Runner):
         with self._cond:
             return len(self._queue) + (self._running is not None)
 
+    def recent_job_seconds(self) -> float | None:
+        """How long a plain job (no attribute check) has taken lately; None before the first."""
+        with self._cond:
+            return self._recent
+
     def stats(self) -> dict[str, float]:
         """Jobs scored and dropped so far, the seconds spent scoring and their mean per scored job."""
         with self._cond:
@@ -263,8 +269,11 @@ class AsyncVerifier(_Runner):
             start = time.perf_counter()
             verdict = _run_job(self.verifier, self._running)
             with self._cond:
+                seconds = time.perf_counter() - start
                 self._scored += 1
-                self._seconds += time.perf_counter() - start
+                self._seconds += seconds
+                if not self._running.check_attributes:
+                    self._recent = seconds if self._recent is None else 0.7 * self._recent + 0.3 * seconds
                 # A job resubmitted under the same key while this one ran is newer; keep its slot.
                 if self._running.key not in self._queue:
                     self._results[self._running.key] = verdict

@@ -8,7 +8,7 @@ import torch
 from iamflow_core.cache import sparse_select
 from iamflow_core.memory.archive import ArchivedFrame, evict, greedy_cover
 from iamflow_core.memory.identity import IdentityMemory
-from iamflow_core.memory.pacing import VerdictPacing
+from iamflow_core.memory.pacing import PROBE_EVERY, VerdictPacing
 from iamflow_core.memory.scoring import entity_token_weights, text_query
 from iamflow_core.models.attention import attention
 from iamflow_core.pipeline import StreamingPipeline
@@ -288,8 +288,39 @@ def test_the_loop_does_not_wait_for_a_verdict_whose_job_has_not_started(models):
         _, memory = _run(models, MemorySettings(verifier_wait=0.2), verifier=verifier)
         gate.set()
     decided = [(key, timeout) for key, timeout in waits if timeout is not None]
-    assert len(decided) > 3 and all(timeout == 0.0 for _, timeout in decided)
-    assert memory.late_verdicts == len(decided)
+    # the prompts' attribute checks queue behind the stuck job; plain jobs are not even sent (they would queue too)
+    assert len(decided) >= 2 and all(timeout == 0.0 for _, timeout in decided)
+    assert memory.late_verdicts == len(decided) and memory.jobs_skipped > 0
+
+
+def test_plain_jobs_go_to_the_verifier_only_when_their_verdict_can_count():
+    class Verifier:
+        busy, recent = 0, None
+
+        def pending(self):
+            return self.busy
+
+        def recent_job_seconds(self):
+            return self.recent
+
+    verifier = Verifier()
+    pacing = VerdictPacing(verifier, None)
+    assert pacing.worth_scoring(False)  # no pace known yet
+    pacing.chunk_seconds, pacing._last_chunk_at = 0.3, time.perf_counter()
+    verifier.recent = 0.1
+    assert pacing.worth_scoring(False)  # fits in the ~0.3 s left before the frame choice
+    verifier.recent = 1.0  # slower than that: skipped, but one in PROBE_EVERY goes to keep the job time known
+    assert [pacing.worth_scoring(False) for _ in range(PROBE_EVERY)] == [False] * (PROBE_EVERY - 1) + [True]
+    assert pacing.worth_scoring(True)  # an attribute check always goes
+    verifier.busy, verifier.recent = 1, 0.01
+    assert not pacing.worth_scoring(False)  # it would wait behind another job
+    verifier.busy, verifier.recent, pacing._deciding = 0, 0.1, True
+    assert not pacing.worth_scoring(False)  # frames handed over at their frame choice: only the 15-ms wait is left
+    pacing._deciding = False
+    pacing.expect(7)
+    pacing.skip(7)
+    assert pacing.verdict(7, lambda: None) is None  # chosen on text alone, at once, and not counted late
+    assert pacing.late_verdicts == 0 and pacing.jobs_skipped == 1
 
 
 def test_verifier_wait_is_validated():

@@ -220,14 +220,16 @@ def test_summary_lines_hold_no_python_repr():
     corrected["memory"]["events"] = [{"evicted": summary(1, 0, 0, [1])}]
     corrected["memory"]["late_verdicts"] = 2
     corrected["memory"]["verdicts_used"] = 5
+    corrected["memory"]["verifier_skipped"] = 7
     for story_map in [*maps, corrected]:
         for line in story_map_summary(story_map):
             assert not REPEATING.search(line), line
     lines = story_map_summary(corrected)
     assert "the verifier corrected the young man (#2): grey hoodie" in lines
     assert any("1 of them later dropped" in line for line in lines)
-    assert "5 chunks chose a frame with the verifier's scores" in lines
+    assert "5 chunks chose a frame with scores from the verifier" in lines
     assert "2 chunks chose a frame on text alone: the verifier was late" in lines
+    assert any(line.startswith("7 chunks chose a frame on text alone without asking the verifier") for line in lines)
 
 
 def test_summary_without_registry_says_frames_are_chosen_by_relevance():

@@ -8,9 +8,11 @@ end of chunk c + 1, as the identity memory does with the default window (12 late
 chunks of history). Every 13th chunk opens a prompt and asks for an attribute check. The stand-in VLM takes
 `--job-ms` per job. Times run `--scale` times faster than given, so a run takes seconds, on a CPU.
 
-Per worker order it prints the frame choices made with the verifier's scores, the jobs scored and dropped, and the
-attribute checks scored: `current` (checks first, then the newest job; a full queue drops plain jobs first) and
-`fifo` (oldest first, the oldest dropped: the order before, for comparison). Measured job times are in the README.
+For two policies it prints the frame choices made with the verifier's scores, the jobs skipped, scored and dropped,
+and the attribute checks scored: `current` (a plain job is sent only when its verdict can still count,
+`VerdictPacing.worth_scoring`; the worker takes checks first, then the newest job; a full queue drops plain jobs
+first) and `before` (every chunk sent, oldest job first, the oldest dropped), for comparison. Measured job times
+are in the README.
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ class _Fifo(AsyncVerifier):
         self._cond.notify_all()
 
 
-def simulate(chunk_s: float, job_s: float, submit_at: float, chunks: int, order: str, queue: int = 4) -> dict:
+def simulate(chunk_s: float, job_s: float, submit_at: float, chunks: int, policy: str, queue: int = 4) -> dict:
     """One run at real-time `chunk_s` and `job_s` (already scaled); the counts of what paid off."""
     scorer = _Sleeper(job_s)
-    verifier = (_Fifo if order == "fifo" else AsyncVerifier)(scorer, max_queue=queue)
+    verifier = (_Fifo if policy == "before" else AsyncVerifier)(scorer, max_queue=queue)
     pacing = VerdictPacing(verifier, None)
     frames = np.zeros((3, 4, 4, 3), np.uint8)
     used = 0
@@ -66,9 +68,12 @@ def simulate(chunk_s: float, job_s: float, submit_at: float, chunks: int, order:
             pacing.tick()
             pacing.expect(c)
             time.sleep(chunk_s * submit_at)
-            if c >= 1:
-                verifier.submit(c - 1, frames, "prompt", [], check_attributes=(c - 1) % PROMPT_CHUNKS == 0)
+            check = (c - 1) % PROMPT_CHUNKS == 0
+            if c >= 1 and (policy == "before" or pacing.worth_scoring(check)):
+                verifier.submit(c - 1, frames, "prompt", [], check_attributes=check)
                 pacing.submitted(c - 1)
+            elif c >= 1:
+                pacing.skip(c - 1)
             time.sleep(max(0.0, chunk_s - (time.perf_counter() - start)))
             if c >= 1:
                 verdict = pacing.verdict(c - 1, lambda: None)
@@ -76,8 +81,8 @@ def simulate(chunk_s: float, job_s: float, submit_at: float, chunks: int, order:
         while verifier.pending():
             time.sleep(job_s / 10)
         stats = verifier.stats()
-    return {"order": order, "frame_choices": chunks - 1, "with_scores": used, "scored": stats["scored"],
-            "dropped": stats["dropped"], "checks": len(range(0, chunks - 1, PROMPT_CHUNKS)),
+    return {"policy": policy, "frame_choices": chunks - 1, "with_scores": used, "skipped": pacing.jobs_skipped,
+            "scored": stats["scored"], "dropped": stats["dropped"], "checks": len(range(0, chunks - 1, PROMPT_CHUNKS)),
             "checks_scored": scorer.checks}  # fmt: skip
 
 
@@ -102,6 +107,6 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         parser.error(f"--submit-at {args.submit_at:g}: give a share of a chunk from 0 to 1")
     yield (f"# chunk {args.chunk_ms:g} ms, job {args.job_ms:g} ms, frames in at {args.submit_at:g} of the next chunk, "
            f"{args.chunks} chunks, queue {args.queue}, {args.scale:g}x real time")  # fmt: skip
-    for order in ("current", "fifo"):
+    for policy in ("current", "before"):
         yield json.dumps(simulate(args.chunk_ms / 1e3 / args.scale, args.job_ms / 1e3 / args.scale, args.submit_at,
-                                  args.chunks, order, args.queue))  # fmt: skip
+                                  args.chunks, policy, args.queue))  # fmt: skip

@@ -205,10 +205,10 @@ def run_case(
                    archive_limit_mb=settings.archive_limit_mb)  # fmt: skip
     if verifier is not None:
         # late_chunks: frames chosen on text alone because the verdict came too late; used_chunks: chosen with the
-        # verifier's scores (the rest had a dropped job's neutral verdict)
+        # verifier's scores; skipped_chunks: not sent, as their verdict could not have come in time
         row["verifier"] = {"queue": verifier_queue, **_jobs_since(before, verifier.stats()),
                            "late_chunks": policy.late_verdicts, "used_chunks": policy.verdicts_used,
-                           "warmup_drain_s": drain_s}  # fmt: skip
+                           "skipped_chunks": policy.jobs_skipped, "warmup_drain_s": drain_s}  # fmt: skip
     memory = build_memory(settings, registry, verifier)
     row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(models, story, config, memory, profile_chunks)
     if trace:

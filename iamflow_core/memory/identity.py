@@ -111,6 +111,11 @@ class IdentityMemory:
         return self.pacing.late_verdicts if self.pacing is not None else 0
 
     @property
+    def jobs_skipped(self) -> int:
+        """Chunks not sent to the verifier: their verdict could not have come before their frame was chosen."""
+        return self.pacing.jobs_skipped if self.pacing is not None else 0
+
+    @property
     def verdicts_used(self) -> int:
         """Chunks whose frame was chosen with the verifier's scores (its verdict came in time)."""
         return self.pacing.verdicts_used if self.pacing is not None else 0
@@ -156,14 +161,18 @@ class IdentityMemory:
         ctx.info["archive_mb"] = round(self.archive.nbytes / 2**20, 1)
 
     def on_frames(self, chunk: int, frames: np.ndarray) -> None:
-        """The chunk's frames are on the host: send them to the verifier (one pixel frame per latent frame)."""
+        """The chunk's frames are on the host: send them to the verifier (one pixel frame per latent frame) if its
+        verdict can still count (`VerdictPacing.worth_scoring`)."""
         if self.pacing is None or chunk not in self._chunks:
             return
         info = self._chunks[chunk]
         picks = frames[_last_frame_of_each_latent(frames.shape[0], info.latent_frames, info.temporal_factor)]
         entities = [self.registry.entity(i) for i in self._entities(info.segment)] if self.registry else []
+        check = info.first_of_segment and bool(entities)
+        if not self.pacing.worth_scoring(check):
+            self.pacing.skip(chunk)
+            return
         try:
-            check = info.first_of_segment and bool(entities)
             self.pacing.verifier.submit(chunk, picks, info.prompt, entities, check_attributes=check)
         finally:
             self.pacing.submitted(chunk)
@@ -334,5 +343,6 @@ class IdentityMemory:
             "corrections": {str(k): v for k, v in self.corrections.items()},
             "late_verdicts": self.late_verdicts,
             "verdicts_used": self.verdicts_used,
+            "verifier_skipped": self.jobs_skipped,
             "events": self.timeline,
         }
