@@ -4,6 +4,7 @@
 import logging
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -163,14 +164,21 @@ def clip_of(value, n=3):
     return np.full((n, 4, 4, 3), value, dtype=np.uint8)
 
 
+@contextmanager
+def busy_runner(max_queue: int):
+    """An AsyncVerifier whose worker is scoring job 0 ("running") until the gate opens: (runner, gate, scorer)."""
+    gate = threading.Event()
+    scorer = FakeScorer(gate)
+    with AsyncVerifier(scorer, max_queue=max_queue, timeout=5) as runner:
+        runner.submit(0, clip_of(255), "running", [])
+        wait_until_running(runner)
+        yield runner, gate, scorer
+
+
 def test_async_runs_attribute_checks_first_then_the_newest_job_on_one_worker_thread():
     """With the worker busy, jobs pile up; it then takes the checks (oldest first), then the plain jobs newest
     first: the memory chooses a chunk's frame a few chunks after submitting it, so the newest verdict is still used."""
-    gate = threading.Event()
-    scorer = FakeScorer(gate)
-    with AsyncVerifier(scorer, max_queue=8) as runner:
-        runner.submit("busy", clip_of(0), "running", [])
-        wait_until_running(runner)
+    with busy_runner(max_queue=8) as (runner, gate, scorer):
         for i in range(1, 6):
             runner.submit(("p0", i), clip_of(51 * (i - 1)), f"chunk {i}", [NORA], check_attributes=i % 2 == 0)
         gate.set()
@@ -211,11 +219,7 @@ def test_timeout_gives_a_neutral_verdict_and_a_warning(caplog):
 
 
 def test_full_queue_drops_the_oldest_waiting_job():
-    gate = threading.Event()
-    scorer = FakeScorer(gate)
-    with AsyncVerifier(scorer, max_queue=2, timeout=5) as runner:
-        runner.submit(0, clip_of(255), "running", [])
-        wait_until_running(runner)
+    with busy_runner(max_queue=2) as (runner, gate, scorer):
         start = time.perf_counter()
         for key in (1, 2, 3):
             runner.submit(key, clip_of(255), f"job {key}", [])
@@ -233,11 +237,7 @@ def test_full_queue_drops_the_oldest_waiting_job():
 
 
 def test_a_full_queue_drops_a_plain_job_before_an_attribute_check():
-    gate = threading.Event()
-    scorer = FakeScorer(gate)
-    with AsyncVerifier(scorer, max_queue=2, timeout=5) as runner:
-        runner.submit(0, clip_of(255), "running", [])
-        wait_until_running(runner)
+    with busy_runner(max_queue=2) as (runner, gate, scorer):
         runner.submit("check", clip_of(255), "first chunk", [NORA], check_attributes=True)
         for key in (1, 2):
             runner.submit(key, clip_of(255), f"job {key}", [])
