@@ -27,6 +27,7 @@ raise `Unsupported`, and the caller falls back to `generate`. `IAMFLOW_CUDA_GRAP
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -207,6 +208,11 @@ class GreedyDecoder:
         image_tokens = int((ids == config.image_token_id).sum())
         spans = sum(max(int(t), int(h) // merge, int(w) // merge) for t, h, w in grids.tolist())
         return [int(real[0]) - image_tokens + spans]
+
+    def on_stream(self) -> AbstractContextManager:
+        """Run the caller's work (the inputs' upload) on the decoder's stream. On a GPU shared with the sampler the
+        default stream holds the sampler's queued chunk, and an upload there would wait for all of it."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     @torch.inference_mode()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos: set[int]) -> list[list[int]]:

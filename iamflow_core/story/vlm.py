@@ -235,15 +235,17 @@ class FrameVerifier:
         """The VLM's raw answer text for these frames (greedy decoding)."""
         if self._model is None:
             raise RuntimeError("the verifier VLM was unloaded; create a new FrameVerifier")
-        batch, config = self.request(frames, prompt, entities, check_attributes)
-        tokenizer = self._inputs.tokenizer
-        if self._greedy is not None:
+        tokenizer, greedy = self._inputs.tokenizer, self._greedy
+        if greedy is not None:
             try:
-                tokens = self._greedy.generate(batch, config.max_new_tokens, end_tokens(config, tokenizer))[0]
+                with greedy.on_stream():  # the inputs go up on the decoder's stream, not behind the sampler's chunk
+                    batch, config = self.request(frames, prompt, entities, check_attributes)
+                    tokens = greedy.generate(batch, config.max_new_tokens, end_tokens(config, tokenizer))[0]
                 return tokenizer.decode(tokens, skip_special_tokens=True)
             except Unsupported as e:  # found at the first answer: every later one goes through generate
                 logger.warning("verifier: CUDA-graph decoding does not cover this model (%s); using generate", e)
                 self._greedy = None
+        batch, config = self.request(frames, prompt, entities, check_attributes)
         out = self._model.generate(**batch, generation_config=config)
         return tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
