@@ -175,7 +175,7 @@ class AsyncVerifier(_Runner):
         self._running: _Job | None = None
         self._closed = False
         self._scored, self._dropped, self._seconds = 0, 0, 0.0
-        self._recent: float | None = None  # moving average of the plain (no attribute check) jobs' seconds
+        self._recent: float | None = None  # recent plain (no attribute check) jobs' seconds: see recent_job_seconds
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="iamflow-verifier", daemon=True)
         self._thread.start()
@@ -234,7 +234,9 @@ class AsyncVerifier(_Runner):
             return len(self._queue) + (self._running is not None)
 
     def recent_job_seconds(self) -> float | None:
-        """How long a plain job (no attribute check) has taken lately; None before the first."""
+        """How long a plain job (no attribute check) has taken lately; None before the first. A moving average that
+        believes a faster job at once: a first job that also set the model up (a CUDA-graph capture) must not make
+        the memory think for long that jobs cannot keep up."""
         with self._cond:
             return self._recent
 
@@ -273,7 +275,8 @@ class AsyncVerifier(_Runner):
                 self._scored += 1
                 self._seconds += seconds
                 if not self._running.check_attributes:
-                    self._recent = seconds if self._recent is None else 0.7 * self._recent + 0.3 * seconds
+                    slower = self._recent is not None and seconds > self._recent
+                    self._recent = 0.7 * self._recent + 0.3 * seconds if slower else seconds
                 # A job resubmitted under the same key while this one ran is newer; keep its slot.
                 if self._running.key not in self._queue:
                     self._results[self._running.key] = verdict

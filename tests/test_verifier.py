@@ -189,6 +189,26 @@ def test_async_runs_attribute_checks_first_then_the_newest_job_on_one_worker_thr
     assert [v.scores[0] for v in verdicts] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
 
 
+def test_the_recent_job_time_believes_a_faster_job_at_once_and_a_slower_one_gradually():
+    class Timed(FakeScorer):
+        def score(self, clip, prompt, entities, check_attributes=False):
+            time.sleep(float(prompt))
+            return super().score(clip, prompt, entities, check_attributes)
+
+    with AsyncVerifier(Timed(), max_queue=8) as runner:
+        assert runner.recent_job_seconds() is None
+        times = []
+        for key, seconds in enumerate(("0.3", "0.01", "0.3")):
+            runner.submit(key, clip_of(9), seconds, [])
+            runner.result(key)
+            times.append(runner.recent_job_seconds())
+        runner.submit("check", clip_of(9), "0.3", [NORA], check_attributes=True)
+        runner.result("check")
+        assert runner.recent_job_seconds() == times[-1]  # attribute checks (longer answers) do not count
+    assert times[0] >= 0.3 and times[1] < 0.1  # the first job (a setup, say) is forgotten at the next faster one
+    assert 0.05 < times[2] < 0.25  # one slow job moves it part of the way
+
+
 def test_submit_copies_frames():
     gate = threading.Event()
     with AsyncVerifier(FakeScorer(gate)) as runner:
