@@ -294,7 +294,12 @@ def generate(args: argparse.Namespace) -> int:
     stories = _stories(args)
     targets = _targets(args, stories, size)
     # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
+    t0 = time.perf_counter()
     registries = _with_references(args, runs.registries(args, stories, settings), settings)
+    if args.llm and not args.registry and settings.mode == "identity":  # the wait before the models load, said
+        found = sum(len(r.entities) for r in registries if r is not None)
+        print(f"entities: {found} found by the LLM in {sum(len(s.prompts) for s in stories)} prompts "
+              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)  # fmt: skip
     start_image = _start_image(args)
     dit, text_encoder, vae = runs.build_models(args)
     timeline = _Timeline(args.timeline)

@@ -135,7 +135,7 @@ def test_generate_from_a_comfyui_models_folder(tmp_path):
     assert read_video_frame_count(out) == 45  # 4 chunks = 12 latent frames = 1 + 4 * 11
 
 
-def test_iamflow_mode_with_llm_and_vlm_folders(tmp_path):
+def test_iamflow_mode_with_llm_and_vlm_folders(tmp_path, capsys):
     """Entity extraction (tiny Qwen3) before sampling and asynchronous verification (tiny Qwen3-VL) through the CLI.
     Random weights answer nonsense: the run must degrade to a valid, empty registry and neutral scores."""
     from ._tiny_qwen import tiny_qwen_folders
@@ -144,6 +144,7 @@ def test_iamflow_mode_with_llm_and_vlm_folders(tmp_path):
     out = tmp_path / "v.mp4"
     argv = ["generate", "--preset", "tiny", "--out", str(out), "--device", "cpu", "--vae-device", "cpu"]
     assert cli.main([*argv, "--llm", str(qwen.llm), "--vlm", str(qwen.vlm)]) == 0
+    assert "entities: 0 found by the LLM in 3 prompts (" in capsys.readouterr().err  # the wait before loading, said
     story_map = json.loads(out.with_suffix(".story.json").read_text())
     assert story_map["registry"]["source"] == "llm"
     assert len(story_map["chunks"]) == 12 and read_video_frame_count(out) == 141
