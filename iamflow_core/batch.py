@@ -347,13 +347,18 @@ class _Renderer:
     """The models, loaded once, and what rendering one story needs: the sampler config, the memory settings, the
     verifier and the stories' entity registries."""
 
-    def __init__(self, args: argparse.Namespace, items: Sequence[BatchStory], out: Path) -> None:
+    def __init__(self, args: argparse.Namespace, items: Sequence[BatchStory], out: Path, say: Say) -> None:
         self.args, self.out = args, out
         self.settings = runs.memory_settings(args)
         size = runs.video_size(args)
         self.config = sampler_config(self.settings, size.height, size.width, model_preset(args.preset_model))
         # Entities first: the LLM is loaded once and gone before the DiT comes.
+        t0 = time.perf_counter()
         self.registries = _batch_registries(args, items, self.settings)
+        stories, found = [i.story for i in items], [self.registries[i.index] for i in items]
+        extracted = runs.extraction_line(args, self.settings, stories, found, time.perf_counter() - t0)
+        if extracted:
+            say.out(extracted)
         dit, text_encoder, vae = runs.build_models(args)
         self.pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
         self.verifier = runs.make_verifier(args, self.settings)
@@ -457,7 +462,7 @@ def _render_share(
     prefix = f"rank {rank.rank} " if rank.world > 1 else ""
     progress = _Progress(len(share), sum(s.frames for s in to_render), prefix)
     say.out(f"{prefix}{len(share)} stories, {len(to_render)} to render ({progress.frames_left} frames)")
-    renderer = _Renderer(args, to_render, out) if to_render else None
+    renderer = _Renderer(args, to_render, out, say) if to_render else None
     progress.start = time.perf_counter()  # the ETA counts rendering, not loading
     path, records = rank_manifest(out, rank.rank, rank.world), []
     try:

@@ -296,10 +296,9 @@ def generate(args: argparse.Namespace) -> int:
     # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
     t0 = time.perf_counter()
     registries = _with_references(args, runs.registries(args, stories, settings), settings)
-    if args.llm and not args.registry and settings.mode == "identity":  # the wait before the models load, said
-        found = sum(len(r.entities) for r in registries if r is not None)
-        print(f"entities: {found} found by the LLM in {sum(len(s.prompts) for s in stories)} prompts "
-              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)  # fmt: skip
+    extracted = runs.extraction_line(args, settings, stories, registries, time.perf_counter() - t0)
+    if extracted:  # the wait before the models load, said
+        print(extracted, file=sys.stderr)
     start_image = _start_image(args)
     dit, text_encoder, vae = runs.build_models(args)
     timeline = _Timeline(args.timeline)

@@ -109,6 +109,18 @@ def registries(args: argparse.Namespace, stories: list[Story], settings: MemoryS
         extractor.unload()  # free its memory before the DiT needs it
 
 
+def extraction_line(
+    args: argparse.Namespace, settings: MemorySettings, stories: list[Story], registries: list, seconds: float
+) -> str | None:
+    """What the LLM found and how long it took (the wait before the models load), or None when it did not run."""
+    if not args.llm or args.registry or settings.mode != "identity":
+        return None
+    found = sum(len(r.entities) for r in registries if isinstance(r, EntityRegistry))
+    prompts = sum(len(s.prompts) for s in stories)
+    where = f" of {len(stories)} stories" if len(stories) > 1 else ""
+    return f"entities: {found} found by the LLM in {prompts} prompts{where} ({seconds:.1f} s)"
+
+
 def make_verifier(args: argparse.Namespace, settings: MemorySettings):
     if not args.vlm or settings.mode != "identity":
         return None

@@ -1,5 +1,6 @@
 """The command line on the tiny preset, interrupted runs, and user errors."""
 
+import argparse
 import json
 
 import pytest
@@ -148,3 +149,19 @@ def test_iamflow_mode_with_llm_and_vlm_folders(tmp_path, capsys):
     story_map = json.loads(out.with_suffix(".story.json").read_text())
     assert story_map["registry"]["source"] == "llm"
     assert len(story_map["chunks"]) == 12 and read_video_frame_count(out) == 141
+
+
+def test_the_extraction_line_says_what_the_llm_found_and_how_long_it_took():
+    from iamflow_core.runs import extraction_line
+    from iamflow_core.settings import MemorySettings
+
+    from .test_memory import RETURN_REGISTRY, RETURN_STORY
+
+    args = argparse.Namespace(llm="Qwen3-4B-Instruct-2507", registry=None)
+    identity, stories = MemorySettings(mode="identity"), [RETURN_STORY, RETURN_STORY]
+    line = extraction_line(args, identity, stories, [RETURN_REGISTRY, None], 1.234)
+    assert line == "entities: 3 found by the LLM in 6 prompts of 2 stories (1.2 s)"
+    assert extraction_line(args, identity, stories[:1], [RETURN_REGISTRY], 0.5).endswith("in 3 prompts (0.5 s)")
+    assert extraction_line(args, MemorySettings(mode="none"), stories, [None, None], 0.1) is None  # no LLM ran
+    given = argparse.Namespace(llm="Qwen3-4B-Instruct-2507", registry="story.registry.json")
+    assert extraction_line(given, identity, stories, [RETURN_REGISTRY] * 2, 0.1) is None  # the registry was given
