@@ -1,6 +1,8 @@
 """The verifier's own greedy decoding (`story.greedy`) against transformers' `generate`, on tiny random Qwen3 and
 Qwen3-VL models with weights large enough that every position and every layer changes the answer."""
 
+import logging
+
 import pytest
 import torch
 
@@ -84,6 +86,18 @@ def test_llm_answers_match_generate_for_a_left_padded_batch():
     # the same decoder again, one prompt (smaller buffers in use): the row's answer is the same
     single = dict(tokenizer(prompts[1:2], return_tensors="pt"))
     assert decoder.generate(single, 20, end_tokens(config, tokenizer)) == _generate_all(model, single, config)
+
+
+def test_a_failed_capture_decodes_step_by_step_with_one_warning(verifier, caplog):
+    """On this CPU build a CUDA graph cannot be made at all: the same answer comes back, step by step."""
+    batch, config = verifier.request(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False)
+    decoder = GreedyDecoder(verifier._model, config, graphs=False)
+    decoder.graphs_on = True  # as on a GPU whose capture fails
+    with caplog.at_level(logging.WARNING):
+        got = decoder.generate(batch, config.max_new_tokens, end_tokens(config, verifier._inputs.tokenizer))[0]
+        decoder.generate(batch, config.max_new_tokens, end_tokens(config, verifier._inputs.tokenizer))
+    assert got == _generate(verifier._model, batch, config)
+    assert caplog.text.count("CUDA graph capture failed") == 1 and not decoder.graphs_on and decoder.captures == 0
 
 
 def test_settings_it_does_not_reproduce_are_refused(verifier):

@@ -74,7 +74,7 @@ def _check(model: Any, text: Any, generation_config: Any) -> None:
 def _norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     """The model's RMSNorm as one fused kernel (`F.rms_norm`) where the module shows its weight and epsilon."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if weight is None or eps is None:
+    if weight is None or eps is None or not hasattr(F, "rms_norm"):  # F.rms_norm: torch 2.4 on
         return norm(x)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -184,10 +184,15 @@ class GreedyDecoder:
         self._block(rows, length)
         self._slot.fill_(length - STEPS)
         self._step.zero_()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the sampler and the VAE keep working in their threads meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"):
-            self._block(rows, length)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the sampler and the VAE keep working in their threads meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"):
+                self._block(rows, length)
+        except RuntimeError as error:  # the same answers, step by step: slower, never wrong
+            logger.warning("CUDA graph capture failed; decoding answers step by step from now on: %s", error)
+            self.graphs_on = False
+            return None
         self._pool = graph.pool()
         self._graphs[(rows, length)] = graph
         self.captures += 1
