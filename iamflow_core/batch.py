@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,6 +43,7 @@ from .model_presets import model_preset
 from .outputs import check_output, output_files
 from .pipeline import StreamingPipeline
 from .render import render_story
+from .runs import Say
 from .settings import build_memory, sampler_config
 from .stops import exit_code, stop_name
 from .story import Story, StoryError, load_stories, plan_chunks, read_story_lines
@@ -57,15 +58,6 @@ STORY_SUFFIXES = (".json", ".jsonl", ".txt")
 # 30 min. A dead rank cannot hang it: torchrun ends every rank when one dies.
 BARRIER_TIMEOUT = timedelta(hours=24)
 MAX_ID_CHARS = 200
-
-
-@dataclass(frozen=True)
-class Say:
-    """Where the batch command's lines go (the CLI prints them): `out` the progress and the summary, `err` a stop,
-    the failures and the smoke-test notice."""
-
-    out: Callable[[str], None]
-    err: Callable[[str], None]
 
 
 class BatchError(ValueError):
@@ -348,7 +340,7 @@ class _Renderer:
     verifier and the stories' entity registries."""
 
     def __init__(self, args: argparse.Namespace, items: Sequence[BatchStory], out: Path, say: Say) -> None:
-        self.args, self.out = args, out
+        self.args, self.out, self.say = args, out, say
         self.settings = runs.memory_settings(args)
         size = runs.video_size(args)
         self.config = sampler_config(self.settings, size.height, size.width, model_preset(args.preset_model))
@@ -379,9 +371,9 @@ class _Renderer:
         memory = build_memory(self.settings, registry, self.verifier)
         result = render_story(
             self.pipe, item.story, self.config, memory, out_path=target, keep_frames=False, keep_latents=False,
-            on_stop=runs.on_stop(target, item.story, registry, stops),
+            on_stop=runs.on_stop(target, item.story, registry, stops, self.say),
         )  # fmt: skip
-        runs.write_story_map(target, item.story, registry, result)
+        self.say.out(runs.write_story_map(target, item.story, registry, result))
         return manifest_record(item, "done", result.frames_written, wall_s=round(result.timings["wall"], 2))
 
 

@@ -312,7 +312,7 @@ def generate(args: argparse.Namespace) -> int:
     try:
         for story, registry, target in zip(stories, registries, targets):
             memory = build_memory(settings, registry, verifier)
-            on_stop = runs.on_stop(target, story, registry, stops)
+            on_stop = runs.on_stop(target, story, registry, stops, runs.Say(out=_print_out, err=_print_err))
             result = _render(
                 pipe, story, config, memory, target, on_stop, on_chunk=timeline.chunk, start_image=start_image,
             )  # fmt: skip
@@ -320,7 +320,7 @@ def generate(args: argparse.Namespace) -> int:
             wall = result.timings["wall"]
             fps = result.frames_written / wall if wall else 0.0
             print(f"{target}: {result.frames_written} frames in {wall:.1f} s ({fps:.1f} video FPS)")
-            runs.write_story_map(target, story, registry, result)
+            _print_out(runs.write_story_map(target, story, registry, result))
             timeline.mark("story_map_written")
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP during a render: say where its frames are
         if not stops:
@@ -389,10 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():
             if args.command == "batch":
-                from .batch import Say
                 from .batch import run as batch
 
-                return batch(args, Say(out=_print_out, err=_print_err))
+                return batch(args, runs.Say(out=_print_out, err=_print_err))
             return generate(args)
     except (StoryError, RegistryError, CheckpointError, MissingModelFiles, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

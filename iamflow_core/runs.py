@@ -9,7 +9,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,26 +130,36 @@ def make_verifier(args: argparse.Namespace, settings: MemorySettings):
     return build_verifier(settings, FrameVerifier(args.vlm, device=args.vlm_device or args.vae_device))
 
 
-def write_story_map(target: Path, story: Story, registry: EntityRegistry | None, result: RenderResult) -> None:
-    """The story map next to the video: `video.story.json` and its picture `video.story.png`."""
+@dataclass(frozen=True)
+class Say:
+    """Where a command's lines go (the CLI prints them): `out` the results and progress, `err` the notices, stops
+    and failures."""
+
+    out: Callable[[str], None]
+    err: Callable[[str], None]
+
+
+def write_story_map(target: Path, story: Story, registry: EntityRegistry | None, result: RenderResult) -> str:
+    """The story map next to the video: `video.story.json` and its picture `video.story.png`; the line that says
+    where they are."""
     from .pictures import story_map_picture
 
     data = story_map(story, registry, result)
     target.with_suffix(".story.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     story_map_picture(data).save(target.with_suffix(".story.png"))
-    print(f"{target.with_suffix('.story.json')}: story map; picture: {target.with_suffix('.story.png')}")
+    return f"{target.with_suffix('.story.json')}: story map; picture: {target.with_suffix('.story.png')}"
 
 
-def on_stop(target: Path, story: Story, registry: EntityRegistry | None, stops: list):
+def on_stop(target: Path, story: Story, registry: EntityRegistry | None, stops: list, say: Say):
     """What the CLI does when a render stops early (a signal, Ctrl-C, a failed write): the story map of what was
     made; the render is remembered in `stops` for the line that says where the frames are."""
 
     def stopped(result: RenderResult, stop: BaseException) -> None:
         stops.append((target, result))
         try:
-            write_story_map(target, story, registry, result)
+            say.out(write_story_map(target, story, registry, result))
         except OSError as e:  # a full disk may refuse the map too; the frames are still where the message says
-            print(f"could not write the story map beside {target}: {e}", file=sys.stderr)
+            say.err(f"could not write the story map beside {target}: {e}")
 
     return stopped
 
