@@ -33,6 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..models.graphs import graphs_allowed
+from .hf import greedy_config
+
 logger = logging.getLogger(__name__)
 
 CACHE_STEP = 256  # cache lengths are rounded up to this, so a few graphs serve every answer
@@ -69,6 +72,18 @@ def _check(model: Any, text: Any, generation_config: Any) -> None:
     for name, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0), ("min_new_tokens", 0)):
         if getattr(generation_config, name, None) not in (None, neutral):
             raise Unsupported(f"generation setting {name}={getattr(generation_config, name)!r} is not reproduced")
+
+
+def fast_decoder(model: Any, device: torch.device, pad_token_id: int | None, what: str) -> GreedyDecoder | None:
+    """A `GreedyDecoder` for `model` when it runs on a GPU with CUDA graphs allowed, else None (transformers'
+    `generate`; the reason is logged). what: the model's role, for the log ("verifier VLM", "entity LLM")."""
+    if device.type != "cuda" or not graphs_allowed():
+        return None
+    try:
+        return GreedyDecoder(model, greedy_config(model, 16, pad_token_id))
+    except Unsupported as e:
+        logger.info("%s answers through transformers' generate (%s)", what, e)
+        return None
 
 
 def _norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -136,13 +151,11 @@ class GreedyDecoder:
         token, position = self._token[:rows], self._position[:rows]
         h = text.embed_tokens(token)  # [B, 1, D]
         rope = text.rotary_emb
-        freqs = position.float()[:, None] * rope.inv_freq.float()[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
+        freqs = position.float()[:, None] * rope.inv_freq.float()[None, :]  # [B, head_dim / 2]
         scaling = float(getattr(rope, "attention_scaling", 1.0))
-        half = freqs.shape[-1]
-        cos = (angles.cos() * scaling).to(self.dtype)[:, None, None]  # [B, 1, 1, head_dim]
-        sin = (angles.sin() * scaling).to(self.dtype)
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, None]
+        cos, sin = (freqs.cos() * scaling).to(self.dtype), (freqs.sin() * scaling).to(self.dtype)
+        cos = torch.cat((cos, cos), dim=-1)[:, None, None]  # [B, 1, 1, head_dim]
+        sin = torch.cat((-sin, sin), dim=-1)[:, None, None]  # signed for `_rope`'s roll
         reached = torch.arange(length, device=self.device) <= self._slot
         valid = (self._keep[:rows, :length] & reached)[:, None, None, :]
         groups = self.heads // self.kv_heads

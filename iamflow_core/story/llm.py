@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from ..models.graphs import graphs_allowed
 from .entities import KINDS, Entity, EntityRegistry, Mention
-from .greedy import GreedyDecoder, Unsupported
+from .greedy import Unsupported, fast_decoder
 from .hf import chat_prompt, check_model_folder, end_tokens, free_model, greedy_config, resolve_dtype
 from .jsonish import parse_json_answer
 
@@ -425,7 +424,7 @@ class EntityExtractor:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_new_tokens, self.retries, self.batch_size = max_new_tokens, retries, batch_size
         self._model, self._tokenizer = self._load()
-        self._greedy = self._fast_decoder()
+        self._greedy = fast_decoder(self._model, self.device, self._tokenizer.pad_token_id, "entity LLM")
 
     def _load(self) -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -437,16 +436,6 @@ class EntityExtractor:
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype, local_files_only=True)
         logger.info("entity LLM loaded from %s on %s (%s)", self.model_dir, self.device, self.dtype)
         return model.to(self.device).eval(), tokenizer
-
-    def _fast_decoder(self) -> Any:
-        """The CUDA-graph decoder of `greedy.py` for a Qwen3 on a GPU (None: transformers' `generate`)."""
-        if self.device.type != "cuda" or not graphs_allowed():
-            return None
-        try:
-            return GreedyDecoder(self._model, greedy_config(self._model, 16, self._tokenizer.pad_token_id))
-        except Unsupported as e:
-            logger.info("entity LLM answers through transformers' generate (%s)", e)
-            return None
 
     def unload(self) -> None:
         """Free the model's memory; `extract` cannot be called afterwards."""

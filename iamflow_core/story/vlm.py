@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.graphs import graphs_allowed
 from ..verify import NEUTRAL, Verdict, check_frames
 from .entities import Entity
-from .greedy import GreedyDecoder, Unsupported
+from .greedy import Unsupported, fast_decoder
 from .hf import chat_prompt, check_model_folder, end_tokens, free_model, greedy_config, resolve_dtype
 from .jsonish import parse_json_answer
 
@@ -166,7 +165,7 @@ class FrameVerifier:
         self.max_new_tokens, self.short_side = max_new_tokens, short_side
         self._model = self._load_model()
         self._inputs = _load_inputs(self.model_dir, self._model.config)
-        self._greedy = self._fast_decoder()
+        self._greedy = fast_decoder(self._model, self.device, self._inputs.tokenizer.pad_token_id, "verifier VLM")
 
     def _load_model(self) -> Any:
         from transformers import AutoModelForImageTextToText
@@ -174,16 +173,6 @@ class FrameVerifier:
         model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=self.dtype, local_files_only=True)
         logger.info("verifier VLM loaded from %s on %s (%s)", self.model_dir, self.device, self.dtype)
         return model.to(self.device).eval()
-
-    def _fast_decoder(self) -> Any:
-        """The CUDA-graph decoder of `greedy.py` for a Qwen3-VL on a GPU (None: transformers' `generate`)."""
-        if self.device.type != "cuda" or not graphs_allowed():
-            return None
-        try:
-            return GreedyDecoder(self._model, greedy_config(self._model, 16, self._inputs.tokenizer.pad_token_id))
-        except Unsupported as e:
-            logger.info("verifier answers through transformers' generate (%s)", e)
-            return None
 
     def unload(self) -> None:
         self._greedy = None
