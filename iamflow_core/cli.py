@@ -295,10 +295,11 @@ def generate(args: argparse.Namespace) -> int:
     targets = _targets(args, stories, size)
     # Entities first: a bad registry fails before any model loads, and the LLM is gone before the DiT comes.
     t0 = time.perf_counter()
-    registries = _with_references(args, runs.registries(args, stories, settings), settings)
+    registries = runs.registries(args, stories, settings)
     extracted = runs.extraction_line(args, settings, stories, registries, time.perf_counter() - t0)
     if extracted:  # the wait before the models load, said
         print(extracted, file=sys.stderr)
+    registries = _with_references(args, registries, settings)
     start_image = _start_image(args)
     dit, text_encoder, vae = runs.build_models(args)
     timeline = _Timeline(args.timeline)

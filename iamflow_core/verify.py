@@ -3,8 +3,8 @@
 A `Scorer` (the VLM in `story/vlm.py`, or anything with its `score` method) looks at a chunk's frames and gives a
 `Verdict`: one score per frame in [0, 1] and, on request, corrected attributes per entity ID. A `Verifier` runs a
 scorer for the memory: `AsyncVerifier` on one worker thread behind a bounded queue (`submit` never blocks, the
-worker takes attribute checks first and then the newest job, a full queue drops its oldest job, `result` waits at
-most `timeout` seconds), `ImmediateVerifier` on the caller's thread
+worker takes attribute checks first and then the newest job, a full queue drops its oldest plain job, `result`
+waits at most `timeout` seconds), `ImmediateVerifier` on the caller's thread
 (the "no async" ablation). Any failure gives a neutral verdict: the verifier can make memory selection better,
 never stop a run. Nothing here imports a model library.
 """
@@ -159,12 +159,12 @@ class AsyncVerifier(_Runner):
     seconds.
 
     The worker takes the oldest waiting attribute check first (its corrections fix the registry whenever they come),
-    else the newest job: the memory chooses a chunk's frame a few chunks after submitting it, so with a VLM slower
-    than the sampler the oldest plain job is the one whose verdict would come too late, and the newest the one that
-    can still be used. When `max_queue` jobs are waiting, submitting another drops the oldest waiting one that is not
-    an attribute check (the oldest check if all are); its key gets a neutral verdict with a note. Verdicts are kept
-    (they are small) and can still be read after `close`. `stats()` counts the jobs scored and dropped and the time
-    spent scoring."""
+    else the newest job: the memory chooses a chunk's frame soon after submitting it (by default at the end of the
+    next chunk), so with a VLM slower than the sampler the oldest plain job is the one whose verdict would come too
+    late, and the newest the one that can still be used. When `max_queue` jobs are waiting, submitting another drops
+    the oldest waiting one that is not an attribute check (the oldest check if all are); its key gets a neutral
+    verdict with a note. Verdicts are kept (they are small) and can still be read after `close`. `stats()` counts
+    the jobs scored and dropped and the time spent scoring."""
 
     def __init__(self, verifier: Scorer, *, max_queue: int = 4, timeout: float = 30.0) -> None:
         if max_queue < 1 or timeout < 0:

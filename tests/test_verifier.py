@@ -177,7 +177,7 @@ def busy_runner(max_queue: int):
 
 def test_async_runs_attribute_checks_first_then_the_newest_job_on_one_worker_thread():
     """With the worker busy, jobs pile up; it then takes the checks (oldest first), then the plain jobs newest
-    first: the memory chooses a chunk's frame a few chunks after submitting it, so the newest verdict is still used."""
+    first: the memory chooses a chunk's frame soon after submitting it, so the newest verdict is the one still used."""
     with busy_runner(max_queue=8) as (runner, gate, scorer):
         for i in range(1, 6):
             runner.submit(("p0", i), clip_of(51 * (i - 1)), f"chunk {i}", [NORA], check_attributes=i % 2 == 0)
