@@ -64,7 +64,8 @@ class LoadDiT(io.ComfyNode):
                 io.Combo.Input(
                     "attention", options=backends, default="auto",
                     tooltip="Attention kernel. auto: FlashAttention 3 when installed on a Hopper GPU, else PyTorch "
-                    "SDPA. A saved choice this machine lacks falls back to auto.",
+                    "SDPA. flash3_fp8: FA3's FP8 kernel for the self-attention (measured slower than flash3 at Wan's "
+                    "shapes; see the README). A saved choice this machine lacks falls back to auto.",
                 ),
                 device_input(0, "the DiT"),
             ],

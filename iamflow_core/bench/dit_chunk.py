@@ -4,8 +4,9 @@
 
 Random weights (compute does not depend on the values), bf16, steady state (sink and window already full).
 `--quantization fp8` adds rows with the DiT quantized as the CLI's `--quantization fp8` does (self-attention q/k/v,
-cross-attention q and FFN-in as FP8 matmuls) and a row with its error against bf16: one forward, and the denoised
-latents of a 10-chunk stream.
+cross-attention q and FFN-in as FP8 matmuls). Every FP8 row (FP8 matmuls, the `flash3_fp8` attention backend, both)
+also gets a row of its error against bf16 with 16-bit attention: one forward, and the denoised latents of a 10-chunk
+stream.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ..config import CacheConfig, DiTConfig
 from ..models import fused
-from ..models.attention import available_backends
+from ..models.attention import available_backends, precise
 from ..models.dit import CausalWanDiT
 from ..schedule import sigma
 from ..weights import quantize_dit
@@ -153,9 +154,18 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
                     **time_chunks(model, cache_cfg, args.height, args.width),
                 }
                 yield json.dumps(row)
-    if "fp8" in models:
-        reference = models.get("off") or build_model("cuda", torch.bfloat16)
-        for model in (reference, models["fp8"]):
-            model.attention_backend = backends[0]
-        error = stream_error(reference, models["fp8"], CacheConfig(), args.height, args.width)
-        yield json.dumps({"quantization": "fp8 vs bf16", "backend": backends[0], **error})
+    # Error rows: each other quantization and backend against bf16 with the first 16-bit backend, on models of the
+    # same seed (the same weights), so FP8 matmuls and FP8 attention are measured alone and together.
+    reference_backend = precise(backends[0])
+    others = [(q, b) for q in models for b in backends if q == "fp8" or b == "flash3_fp8"]
+    if others:
+        del models, model  # the timed models' graphs and caches go before the error runs
+        reference = build_model("cuda", torch.bfloat16)
+        reference.attention_backend = reference_backend
+        for quantization, backend in others:
+            other = build_model("cuda", torch.bfloat16)
+            other = quantize_dit(other) if quantization == "fp8" else other
+            other.attention_backend = backend
+            error = stream_error(reference, other, CacheConfig(), args.height, args.width)
+            yield json.dumps({"error_of": f"{quantization} {backend}", "against": f"off {reference_backend}", **error})
+            del other

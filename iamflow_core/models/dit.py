@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..cache import KVCache
 from ..config import DiTConfig
 from . import fused
-from .attention import attention
+from .attention import attention, precise
 from .fp8 import Rows, takes_rows
 from .fused import RMSNorm
 from .graphs import GraphRunner, graphs_allowed
@@ -88,7 +88,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor | Rows, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
         """x: [B, L, dim] in the compute dtype, or its FP8 `Rows` -> [B, L, dim]."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        return self.o(attention(q, k, v, backend).flatten(2))
+        return self.o(attention(q, k, v, precise(backend)).flatten(2))  # 512 text keys: cheap, kept in 16 bits
 
 
 class WanBlock(nn.Module):

@@ -262,6 +262,19 @@ def affine_norm_fp8(
     return rows_fp8(affine_norm.__wrapped__(x, weight, bias, eps, torch.float32))
 
 
+@_fusable
+def heads_fp8(x: torch.Tensor, centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] to e4m3 with one scale per batch row and head, amax / 448 over the head's tokens and channels
+    (the scales FA3's FP8 kernel takes). centre=True first subtracts the head's mean over the tokens, for keys: every
+    score of a query then moves by the same q·mean, so softmax is unchanged, and an offset the keys share no longer
+    takes the FP8 range (SageAttention's smoothing of K). Returns (x_fp8 [B, L, H, D], scale [B, H] float32)."""
+    x32 = x.float()
+    if centre:
+        x32 = x32 - x32.mean(dim=1, keepdim=True)
+    scale = x32.abs().amax(dim=(1, 3)).clamp(min=_MIN_AMAX) / FP8_MAX
+    return (x32 / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
 # --- VAE -------------------------------------------------------------------------------------------------------
 @_fusable
 def channel_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
