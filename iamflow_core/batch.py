@@ -351,7 +351,7 @@ class _Renderer:
         extracted = runs.extraction_line(args, self.settings, stories, found, time.perf_counter() - t0)
         if extracted:
             say.out(extracted)
-        dit, text_encoder, vae = runs.build_models(args, warm_for=self.config)
+        dit, text_encoder, vae = runs.build_models(args)
         self.pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
         self.verifier = runs.make_verifier(args, self.settings)
 

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import warmup
 from .cache import KVCache
 from .config import CacheConfig, SamplerConfig
 from .decode import Decoder, Pending
@@ -202,9 +201,8 @@ class StreamingPipeline:
         """
         # The preparation and the first chunk run without compiled kernels (`fused.eager`): the first frames come
         # in about a second, and compiling (or loading compiled kernels) waits for the second chunk.
-        config = config or SamplerConfig()
         with fused.eager():
-            run = self._prepare(story, config, memory or NoMemory(), texts, start_image)
+            run = self._prepare(story, config or SamplerConfig(), memory or NoMemory(), texts, start_image)
         pending: tuple[dict, Pending | None] | None = None
         try:
             for i in range(run.plan.num_chunks):
@@ -215,8 +213,6 @@ class StreamingPipeline:
                     made = self._chunk(run, i)
                 if pending is not None:  # the previous chunk is handed out while this one decodes
                     yield self._finish(pending)
-                if i == 2:  # chunk 1, decoded, compiled every kernel a steady chunk runs: the next run may warm them
-                    warmup.remember(self.dit, self.vae, config)
                 pending, run.in_flight = made, made[1]
                 if i == 0:  # the first frames as soon as they exist, not after the second chunk is made
                     finished, pending = pending, None

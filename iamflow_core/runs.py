@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 from collections.abc import Callable
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from . import warmup
 from .config import DTYPES, SamplerConfig, option_spec
 from .devices import resolve_device
 from .render import RenderResult, story_map
@@ -53,9 +51,8 @@ def memory_settings(args: argparse.Namespace) -> MemorySettings:
     return dataclasses.replace(PRESETS[args.memory], **given)
 
 
-def build_models(args: argparse.Namespace, warm_for: SamplerConfig | None = None):
-    """The models. warm_for: the first story's sampler config, whose kernels are traced while the text encoder loads
-    when an earlier run left them in the kernel cache (`warmup.warm_if_cached`)."""
+def build_models(args: argparse.Namespace):
+    """The models and the sampler's base config (video size)."""
     if str(args.device).startswith("cuda:"):  # the DiT's GPU becomes the current one, also for code that assumes it
         torch.cuda.set_device(torch.device(args.device))
     if args.preset == "tiny":
@@ -70,10 +67,9 @@ def build_models(args: argparse.Namespace, warm_for: SamplerConfig | None = None
             lora=args.lora,
         )  # fmt: skip
         text_device = "cpu" if args.offload_text_encoder else args.text_device
-        warm = None if warm_for is None else functools.partial(warmup.warm_if_cached, config=warm_for)
         dit, text_encoder, vae = load_models(
             files, device=args.device, vae_device=args.vae_device, text_device=text_device,
-            dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention, warm=warm,
+            dtype=DTYPES[args.dtype], quantization=args.quantization, attention=args.attention,
         )  # fmt: skip
     if args.offload_text_encoder:
         from .text_encoder import OffloadedTextEncoder

@@ -13,7 +13,7 @@ import torch
 from ..models.attention import resolve_backend
 from ..models.dit import CausalWanDiT
 from ..models.vae import WanVAE
-from .compat import CheckpointError, check_compatible
+from .compat import check_compatible
 from .dit import load_dit
 from .folders import MissingModelFiles, ModelFiles
 from .t5 import load_t5, read_embedded_tokenizer
@@ -62,29 +62,17 @@ def _in_background(fn: Callable[..., T], *args, name: str) -> Future[T]:
     return future
 
 
-def _fit(dit: CausalWanDiT, vae: WanVAE | None) -> bool:
-    try:
-        check_compatible(dit, None, vae)
-    except CheckpointError:
-        return False
-    return True
-
-
 def load_models(
     files: ModelFiles, *, device: str = "cuda:0", vae_device: str | None = None, text_device: str | None = None,
     dtype: torch.dtype = torch.bfloat16, quantization: str = "auto", attention: str = "auto",
-    warm: Callable[[CausalWanDiT, WanVAE | None], object] | None = None,
 ) -> tuple[CausalWanDiT, TextEncoder, WanVAE | None]:  # fmt: skip
     """Load the DiT (with LoRA), the text encoder and the VAE onto their devices; files that load but do not fit each
     other (another text width, other latent channels) are one `CheckpointError` naming both. umT5 (11 GB, the
-    longest read) loads on a thread while the DiT and the VAE load here, and then `warm(dit, vae)` runs (e.g.
-    `warmup.warm_if_cached`)."""
+    longest read) loads on a thread while the DiT and the VAE load here."""
     text_encoder = _in_background(load_text_encoder, files, text_device or device, dtype, name="iamflow-load-umt5")
     dit = load_dit(files.dit, lora=files.lora, dtype=dtype, device=device, quantization=quantization)
     dit.attention_backend = resolve_backend(attention)
     vae = load_vae(files.vae, dtype=dtype, device=vae_device or device) if files.vae else None
-    if warm is not None and _fit(dit, vae):  # files that do not fit are reported below, with the text encoder's
-        warm(dit, vae)
     text_encoder = text_encoder.result()
     check_compatible(dit, text_encoder, vae)
     return dit, text_encoder, vae

@@ -72,31 +72,3 @@ def test_the_first_chunk_comes_out_before_any_kernel_is_compiled():
         assert rest and counters["stats"]["unique_graphs"] > 0  # the later chunks run compiled kernels
     finally:
         fused.enable(False)
-
-
-def test_kernels_warmed_before_a_story_leave_its_chunks_nothing_to_trace(tmp_path, monkeypatch):
-    """A run that found its kernels in the cache traces them while the models load (`warmup.warm_if_cached`): the
-    story's chunks then trace nothing of their own but the keys the rolling window moves (`fused.apply_rope`)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from iamflow_core import warmup
-    from iamflow_core.models import fused
-
-    monkeypatch.setenv("IAMFLOW_CACHE_DIR", str(tmp_path))
-    dit, text_encoder, vae = tiny_models(device="cuda")
-    config = sampler_config(MemorySettings(mode="none"), height=64, width=96)
-    try:
-        torch._dynamo.reset()
-        assert warmup.warm_if_cached(dit, vae, config) is None  # nothing left by an earlier run: compile later
-        list(StreamingPipeline(dit, text_encoder, vae, compile_kernels=True).run(DEFAULT_STORY, config))
-        assert list((tmp_path / "warmed").iterdir())  # the story left its marker
-        torch._dynamo.reset()  # as a new process
-        counters.clear()
-        assert warmup.warm_if_cached(dit, vae, config) > 0
-        warmed = counters["stats"]["unique_graphs"]
-        assert warmed >= 6
-        list(StreamingPipeline(dit, text_encoder, vae, compile_kernels=True).run(DEFAULT_STORY, config))
-        assert counters["stats"]["unique_graphs"] - warmed <= 2, counters["stats"]  # apply_rope: static, symbolic
-    finally:
-        fused.enable(False)
