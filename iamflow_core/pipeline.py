@@ -213,6 +213,8 @@ class StreamingPipeline:
                     made = self._chunk(run, i)
                 if pending is not None:  # the previous chunk is handed out while this one decodes
                     yield self._finish(pending)
+                if i == 2:  # chunk 1, decoded, traced what a steady chunk runs: the next process loads the traces
+                    fused.save_traces()
                 pending, run.in_flight = made, made[1]
                 if i == 0:  # the first frames as soon as they exist, not after the second chunk is made
                     finished, pending = pending, None
@@ -229,6 +231,7 @@ class StreamingPipeline:
         finally:
             if run.decoder is not None:
                 run.decoder.close()
+            fused.save_traces()  # what later chunks traced (the rolling window's moves, a switch's shapes)
             self.dit.release_graphs()  # no GPU memory held between stories (ComfyUI keeps the model loaded)
 
     def _prepare(

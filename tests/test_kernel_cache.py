@@ -12,10 +12,13 @@ from iamflow_core.models import fused
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    import torch._dynamo
+
     for name in ("IAMFLOW_CACHE_DIR", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
-                 "IAMFLOW_COMPILE"):  # fmt: skip
+                 "IAMFLOW_COMPILE", "IAMFLOW_SAVE_TRACES"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
-    yield monkeypatch
+    with torch._dynamo.config.patch(caching_precompile=False):  # what enable() turns on goes back
+        yield monkeypatch
     fused.enable(False)
 
 
@@ -58,6 +61,54 @@ def test_compile_off_touches_nothing(clean_env, tmp_path):
     clean_env.setenv("IAMFLOW_COMPILE", "0")
     fused.enable(True)
     assert not fused.enabled() and not (tmp_path / "kernels").exists()
+
+
+def test_dynamo_traces_go_to_the_kernel_cache_unless_turned_off(clean_env, tmp_path):
+    import torch._dynamo
+
+    clean_env.setenv("IAMFLOW_CACHE_DIR", str(tmp_path / "kernels"))
+    fused.enable(True)
+    assert torch._dynamo.config.caching_precompile
+    torch._dynamo.config.caching_precompile = False
+    clean_env.setenv("IAMFLOW_SAVE_TRACES", "0")
+    fused.enable(True)
+    assert not torch._dynamo.config.caching_precompile
+
+
+def test_traces_are_saved_when_new_ones_were_made_and_a_failure_is_only_logged(clean_env, tmp_path, caplog):
+    from torch._dynamo.utils import counters
+
+    clean_env.setenv("IAMFLOW_CACHE_DIR", str(tmp_path / "kernels"))
+    saves = []
+    clean_env.setattr(torch.compiler, "save_cache_artifacts", lambda: saves.append(1))
+    fused.enable(True)
+    traced = counters["stats"]["unique_graphs"]
+    clean_env.setattr(fused, "_saved_graphs", traced)
+    try:
+        fused.save_traces()
+        assert saves == []  # nothing new traced
+        counters["stats"]["unique_graphs"] = traced + 1
+        fused.save_traces()
+        fused.save_traces()
+        assert saves == [1]
+
+        def fails():
+            raise RuntimeError("disk full")
+
+        clean_env.setattr(torch.compiler, "save_cache_artifacts", fails)
+        counters["stats"]["unique_graphs"] = traced + 2
+        with caplog.at_level(logging.WARNING, logger="iamflow_core.models.fused"):
+            fused.save_traces()
+        assert "not saved to the kernel cache (disk full)" in caplog.text
+    finally:
+        counters["stats"]["unique_graphs"] = traced
+
+
+def test_kept_traces_guard_their_arguments_not_the_modules_globals():
+    from types import SimpleNamespace
+
+    entries = [SimpleNamespace(is_global=False), SimpleNamespace(is_global=True)]
+    assert fused._tensor_guards_only(entries) == [True, False]
 
 
 def test_vae_conv_plans_are_timed_once_and_read_back_by_a_later_process(clean_env, tmp_path):

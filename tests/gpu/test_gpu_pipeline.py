@@ -72,3 +72,36 @@ def test_the_first_chunk_comes_out_before_any_kernel_is_compiled():
         assert rest and counters["stats"]["unique_graphs"] > 0  # the later chunks run compiled kernels
     finally:
         fused.enable(False)
+
+
+def test_a_second_process_loads_the_traces_instead_of_tracing(tmp_path):
+    """With warm caches a story's second chunk waited for Dynamo to trace every fused function again; the traces are
+    now kept in the kernel cache (`fused.save_traces`) and a later process loads them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json
+        from torch._dynamo.utils import counters
+        from iamflow_core.pipeline import StreamingPipeline
+        from iamflow_core.presets import DEFAULT_STORY, tiny_models
+        from iamflow_core.settings import MemorySettings, sampler_config
+        dit, te, vae = tiny_models(device="cuda")
+        config = sampler_config(MemorySettings(mode="none"), height=64, width=96)
+        list(StreamingPipeline(dit, te, vae, compile_kernels=True).run(DEFAULT_STORY, config))
+        made = {"traced": counters["stats"]["unique_graphs"], "loaded": counters["dynamo_cache"]["dynamo_cache_hit"]}
+        print(json.dumps(made))
+    """)
+    env = {**os.environ, "IAMFLOW_CACHE_DIR": str(tmp_path)}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "is dropped with caching_precompile" not in done.stderr  # no warning flood in the user's terminal
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"first process, second process: {runs}")
+    assert runs[0]["traced"] > 5 and runs[0]["loaded"] == 0
+    assert runs[1]["traced"] == 0 and runs[1]["loaded"] >= runs[0]["traced"] - 2
