@@ -104,6 +104,36 @@ def test_traces_are_saved_when_new_ones_were_made_and_a_failure_is_only_logged(c
         counters["stats"]["unique_graphs"] = traced
 
 
+def test_a_kept_trace_that_fails_is_traced_again_and_the_kept_ones_cleared(clean_env, tmp_path, caplog):
+    import torch._dynamo
+    from torch._dynamo.package import DynamoCache
+
+    clean_env.setenv("IAMFLOW_CACHE_DIR", str(tmp_path / "kernels"))
+    fused.enable(True)
+    kept = DynamoCache.path_prefix()
+    os.makedirs(kept)
+    made = []
+
+    def compile_(fn, **options):
+        made.append(options["options"])
+
+        def broken(*args):
+            raise AssertionError("")  # what a stale entry raised inside Dynamo
+
+        return broken if len(made) == 1 else fn
+
+    clean_env.setattr(torch, "compile", compile_)
+    clean_env.setattr(fused, "compiles", lambda x: True)  # a CPU tensor takes the compiled path here
+    add_one = fused._fusable(lambda x: x + 1)
+    with caplog.at_level(logging.WARNING, logger="iamflow_core.models.fused"):
+        assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))
+    assert "with a trace from the kernel cache failed (AssertionError" in caplog.text
+    assert made[0] is not None and made[1] is None  # traced afresh, without keeping traces
+    assert not torch._dynamo.config.caching_precompile and not os.path.exists(kept)
+    with pytest.raises(ValueError):  # with no kept trace to blame, a failure is the function's own
+        fused._fusable(lambda x: (_ for _ in ()).throw(ValueError("own")))(torch.zeros(2))
+
+
 def test_kept_traces_guard_their_arguments_not_the_modules_globals():
     from types import SimpleNamespace
 

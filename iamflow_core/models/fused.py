@@ -197,11 +197,40 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
         if not compiles(x):
             return fn(x, *args, **kwargs)
         if not compiled:
-            options = {"guard_filter_fn": _tensor_guards_only} if _traces_kept() else None
-            compiled.append(torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options))
-        return compiled[0](x, *args, **kwargs)
+            compiled.append(_compile(fn, dynamic))
+        try:
+            return compiled[0](x, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised below unless a kept trace may be the cause
+            if not _traces_kept():
+                raise
+            _drop_kept_traces(fn, e)
+            compiled[0] = _compile(fn, dynamic)
+            return compiled[0](x, *args, **kwargs)
 
     return run
+
+
+def _compile(fn: Callable, dynamic: bool | None) -> Callable:
+    options = {"guard_filter_fn": _tensor_guards_only} if _traces_kept() else None
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
+
+
+def _drop_kept_traces(fn: Callable, error: Exception) -> None:
+    """A kept trace failed to load or run (PyTorch's caching precompile is experimental: one stale entry failed
+    inside Dynamo on an H200): this process traces afresh, and the kept traces go, so the next one saves new ones."""
+    import shutil
+
+    import torch._dynamo
+
+    logger.warning("compiling %s with a trace from the kernel cache failed (%s: %s); tracing it again and clearing "
+                   "the kept traces", fn.__name__, type(error).__name__, error)  # fmt: skip
+    torch._dynamo.config.caching_precompile = False
+    try:
+        from torch._dynamo.package import DynamoCache
+
+        shutil.rmtree(DynamoCache.path_prefix(), ignore_errors=True)
+    except (ImportError, AttributeError):  # a torch whose internals moved: the entries stay
+        logger.debug("kept traces not cleared", exc_info=True)
 
 
 # --- DiT -------------------------------------------------------------------------------------------------------
