@@ -63,16 +63,27 @@ def test_compile_off_touches_nothing(clean_env, tmp_path):
     assert not fused.enabled() and not (tmp_path / "kernels").exists()
 
 
-def test_dynamo_traces_go_to_the_kernel_cache_unless_turned_off(clean_env, tmp_path):
+def test_dynamo_traces_are_kept_for_our_compiles_only_unless_turned_off(clean_env, tmp_path):
     import torch._dynamo
 
     clean_env.setenv("IAMFLOW_CACHE_DIR", str(tmp_path / "kernels"))
+    seen = []
+
+    def compile_(fn, **options):  # what PyTorch's setting is while our function is compiled and then runs
+        seen.append(("compile", torch._dynamo.config.caching_precompile, options["options"] is not None))
+        return lambda x: seen.append(("call", torch._dynamo.config.caching_precompile)) or fn(x)
+
+    clean_env.setattr(torch, "compile", compile_)
+    clean_env.setattr(fused, "compiles", lambda x: True)  # a CPU tensor takes the compiled path here
     fused.enable(True)
-    assert torch._dynamo.config.caching_precompile
-    torch._dynamo.config.caching_precompile = False
+    assert fused._traces_kept() and not torch._dynamo.config.caching_precompile  # other code compiles as before
+    assert torch.equal(fused._fusable(lambda x: x * 2)(torch.ones(2)), torch.full((2,), 2.0))
+    assert seen == [("compile", True, True), ("call", True)] and not torch._dynamo.config.caching_precompile
     clean_env.setenv("IAMFLOW_SAVE_TRACES", "0")
     fused.enable(True)
-    assert not torch._dynamo.config.caching_precompile
+    seen.clear()
+    fused._fusable(lambda x: x * 2)(torch.ones(2))
+    assert not fused._traces_kept() and seen == [("compile", False, False), ("call", False)]
 
 
 def test_traces_are_saved_when_new_ones_were_made_and_a_failure_is_only_logged(clean_env, tmp_path, caplog):
@@ -129,7 +140,7 @@ def test_a_kept_trace_that_fails_is_traced_again_and_the_kept_ones_cleared(clean
         assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))
     assert "with a trace from the kernel cache failed (AssertionError" in caplog.text
     assert made[0] is not None and made[1] is None  # traced afresh, without keeping traces
-    assert not torch._dynamo.config.caching_precompile and not os.path.exists(kept)
+    assert not fused._traces_kept() and not torch._dynamo.config.caching_precompile and not os.path.exists(kept)
     with pytest.raises(ValueError):  # with no kept trace to blame, a failure is the function's own
         fused._fusable(lambda x: (_ for _ in ()).throw(ValueError("own")))(torch.zeros(2))
 

@@ -70,10 +70,14 @@ def enable(flag: bool = True) -> None:
     if _enabled:
         import torch._dynamo
 
+        global _keep_traces
         folder = use_cache_dir()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        if folder is not None and _keeps_traces():
-            torch._dynamo.config.caching_precompile = True
+        _keep_traces = folder is not None and _keeps_traces()
+
+
+# Whether this module's compiled functions keep their Dynamo traces in the kernel cache (`enable`, `_keeping_traces`).
+_keep_traces = False
 
 
 def _keeps_traces() -> bool:
@@ -85,9 +89,38 @@ def _keeps_traces() -> bool:
 
 
 def _traces_kept() -> bool:
+    return _enabled and _keep_traces
+
+
+@contextmanager
+def _keeping_traces() -> Iterator[None]:
+    """PyTorch's caching precompile on for this module's own compiles, loads and saves only. It is a process-wide
+    setting that also drops guards on object identity from whatever compiles meanwhile, so in a shared process
+    (ComfyUI, other nodes compiling their models) it stays off otherwise: on while any of our threads is inside,
+    back to what it was after the last one leaves."""
+    global _keeping, _keeping_before
+    if not _traces_kept():
+        yield
+        return
     import torch._dynamo
 
-    return _enabled and getattr(torch._dynamo.config, "caching_precompile", False)
+    config = torch._dynamo.config
+    with _keeping_lock:  # on while any of our threads is inside; the value before comes back after the last
+        if _keeping == 0:
+            _keeping_before, config.caching_precompile = config.caching_precompile, True
+        _keeping += 1
+    try:
+        yield
+    finally:
+        with _keeping_lock:
+            _keeping -= 1
+            if _keeping == 0:
+                config.caching_precompile = _keeping_before
+
+
+_keeping_lock = threading.Lock()
+_keeping = 0  # threads inside `_keeping_traces`
+_keeping_before = False  # caching_precompile as it was before the first of them entered
 
 
 def _tensor_guards_only(entries) -> list[bool]:  # noqa: ANN001 - torch's GuardFilterEntry list
@@ -114,7 +147,7 @@ def save_traces() -> None:
         return
     _saved_graphs = traced
     try:
-        with _launch_lock:
+        with _launch_lock, _keeping_traces():
             torch.compiler.save_cache_artifacts()
     except Exception as e:  # noqa: BLE001 - an experimental PyTorch feature: the next process traces again
         logger.warning("Dynamo traces not saved to the kernel cache (%s); the next run traces them again", e)
@@ -199,7 +232,8 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
         if not compiled:
             compiled.append(_compile(fn, dynamic))
         try:
-            return compiled[0](x, *args, **kwargs)
+            with _keeping_traces():
+                return compiled[0](x, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised below unless a kept trace may be the cause
             if not _traces_kept():
                 raise
@@ -212,7 +246,8 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
 
 def _compile(fn: Callable, dynamic: bool | None) -> Callable:
     options = {"guard_filter_fn": _tensor_guards_only} if _traces_kept() else None
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
+    with _keeping_traces():  # the compiled function gets the package its traces are kept in
+        return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
 
 
 def _drop_kept_traces(fn: Callable, error: Exception) -> None:
@@ -220,11 +255,10 @@ def _drop_kept_traces(fn: Callable, error: Exception) -> None:
     inside Dynamo on an H200): this process traces afresh, and the kept traces go, so the next one saves new ones."""
     import shutil
 
-    import torch._dynamo
-
+    global _keep_traces
     logger.warning("compiling %s with a trace from the kernel cache failed (%s: %s); tracing it again and clearing "
                    "the kept traces", fn.__name__, type(error).__name__, error)  # fmt: skip
-    torch._dynamo.config.caching_precompile = False
+    _keep_traces = False
     try:
         from torch._dynamo.package import DynamoCache
 
