@@ -65,27 +65,23 @@ def use_cache_dir() -> Path | None:
 def enable(flag: bool = True) -> None:
     """Turn compiled kernels on (for CUDA tensors). The first calls of each shape compile (seconds), or load them
     from the kernel cache folder (`use_cache_dir`), together with Dynamo's traces of them (`save_traces`)."""
-    global _enabled
+    global _enabled, _keep_traces
     _enabled = flag and os.environ.get("IAMFLOW_COMPILE", "1") != "0"
     if _enabled:
         import torch._dynamo
 
-        global _keep_traces
         folder = use_cache_dir()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _keep_traces = folder is not None and _keeps_traces()
+        # Traces go to the kernel cache unless IAMFLOW_SAVE_TRACES=0, where this torch has PyTorch's (experimental)
+        # caching precompile.
+        _keep_traces = (
+            folder is not None and os.environ.get("IAMFLOW_SAVE_TRACES", "1") != "0"
+            and hasattr(torch._dynamo.config, "caching_precompile")
+        )  # fmt: skip
 
 
 # Whether this module's compiled functions keep their Dynamo traces in the kernel cache (`enable`, `_keeping_traces`).
 _keep_traces = False
-
-
-def _keeps_traces() -> bool:
-    """Whether Dynamo's traces go to the kernel cache: on unless `IAMFLOW_SAVE_TRACES=0`, where this torch has
-    PyTorch's (experimental) caching precompile."""
-    import torch._dynamo
-
-    return os.environ.get("IAMFLOW_SAVE_TRACES", "1") != "0" and hasattr(torch._dynamo.config, "caching_precompile")
 
 
 def _traces_kept() -> bool:
