@@ -173,21 +173,77 @@ def test_bad_inputs_raise(models):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("plan", ["conv3d", "taps"])
-def test_conv3d_as_2d_convs_equals_conv3d(channels_last, plan):
+@pytest.mark.parametrize("plan", ["conv3d", "taps", "stacked"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv3d_as_2d_convs_equals_conv3d(channels_last, plan, with_residual):
     from iamflow_core.models.vae import _PLANS, CausalConv3d
 
     torch.manual_seed(0)
     conv = CausalConv3d(6, 5, 3, padding=1)
     x = torch.randn(1, 6, 7, 9, 10)  # 5 output frames after the 2 past frames
+    residual = torch.randn(1, 5, 5, 9, 10) if with_residual else None
     if channels_last:
         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, 1, conv.padding)
-        got = _PLANS[plan](conv, x)
+        if with_residual:
+            expected += residual
+        got = _PLANS[plan](conv, x, residual)
     assert got.shape == expected.shape == (1, 5, 5, 9, 10)
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_the_stacked_taps_follow_a_changed_weight():
+    """The stacked kernel is derived from the conv's weight once and kept; loading new weights renews it."""
+    from iamflow_core.models.vae import CausalConv3d, _conv_by_stacked_taps
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 3, 3, padding=1)
+    x = torch.randn(1, 4, 6, 5, 5)
+    with torch.no_grad():
+        _conv_by_stacked_taps(conv, x)
+        conv.load_state_dict({"weight": torch.randn_like(conv.weight), "bias": conv.bias})
+        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, 1, conv.padding)
+        assert (_conv_by_stacked_taps(conv, x) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("mode", ["upsample2d", "upsample3d"])
+def test_spatial_upsampling_by_phase_kernels_equals_upsample_then_conv(layout, mode):
+    """The Resample runs its nearest 2x upsampling and 3x3 conv as four 2x2 phase kernels on the small frames; the
+    result is that of the checkpoint's modules run as written, channels-last when its input is (the GPU path)."""
+    from iamflow_core.models.vae import Resample, _per_frame
+
+    torch.manual_seed(0)
+    resample = Resample(8, mode).eval()
+    x = torch.randn(1, 8, 3, 5, 7).contiguous(memory_format=layout)
+    with torch.no_grad():
+        expected = _per_frame(resample.resample, x)  # nn.Upsample, then the Conv2d
+        got = resample._upsample_space(x)
+    assert got.shape == expected.shape == (1, 4, 3, 10, 14)
+    assert (got - expected).abs().max().item() <= 1e-5
+    if layout == torch.channels_last_3d:
+        assert got.is_contiguous(memory_format=layout)
+
+
+def test_the_norm_before_a_causal_conv_writes_the_past_frames_in_the_same_pass():
+    from iamflow_core.models import fused
+    from iamflow_core.models.vae import CausalConv3d, RMSNorm
+
+    torch.manual_seed(0)
+    norm, conv = RMSNorm(4), CausalConv3d(4, 3, 3, padding=1)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    conv.cache_slot = 0
+    x, past = torch.randn(1, 4, 3, 5, 5), torch.randn(1, 4, 2, 5, 5)
+    normed = torch.nn.functional.silu(norm(x))
+    assert torch.allclose(fused.channel_rms_silu(x, norm.gamma, norm.scale, past), torch.cat([past, normed], 2))
+    with torch.no_grad():
+        cache = [past]
+        got = conv(x, cache, norm=norm)
+        expected = torch.nn.functional.conv3d(torch.cat([past, normed], 2), conv.weight, conv.bias, 1, conv.padding)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert torch.allclose(cache[0], normed[:, :, -2:])  # the cache keeps the conv's input: the normed frames
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
@@ -215,6 +271,11 @@ def test_the_vae_benchmark_names_its_kernels_and_needs_a_gpu(monkeypatch):
     assert vae_decode.kind_of("vectorized_elementwise_kernel<8, CUDAFunctor_add<BFloat16>>") == "add"
     assert vae_decode.kind_of("Memcpy DtoD (Device -> Device)") == "copy / cat"
     assert vae_decode.kind_of("upsample_nearest2d_nhwc_out_frame") == "upsample"
+    key = ((1, 96, 14, 480, 832), torch.bfloat16, "cuda:0", True, (96, 96, 3, 3, 3))
+    plan = {"conv3d": 2.0, "taps": 1.5, "stacked": 1.7, "choice": "taps"}
+    assert (
+        vae_decode.plan_line(key, plan) == "96->96 3x3x3 on 14x480x832: taps (conv3d 2.00, taps 1.50, stacked 1.70 ms)"
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         list(vae_decode.main([]))
@@ -228,3 +289,60 @@ def test_the_fused_tap_sum_adds_the_taps_and_the_bias_per_channel():
     expected = a.float() + b.float() + c.float() + bias.float()[None, :, None, None]
     out = fused.tap_sum(a, b, c, bias)
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), expected, atol=0.05)
+    residual = torch.randn(4, 3, 5, 6, dtype=torch.bfloat16)
+    out = fused.tap_sum(a, b, c, bias, residual)
+    assert torch.allclose(out.float(), expected + residual.float(), atol=0.05)
+
+
+def test_steady_chunks_call_the_fused_kernels_with_the_signatures_of_the_first(monkeypatch):
+    """Every new shape or stride a compiled function meets costs a compile (about a second on a fresh machine). The
+    past frames a conv keeps must not carry strides of the chunk they came from: after the first steady chunk, the
+    decoder's fused kernels see nothing new."""
+    from iamflow_core.models import fused
+    from iamflow_core.models import vae as vae_module
+
+    signatures: set = set()
+
+    def recording(fn, dynamic):  # stands in for torch.compile: notes what each call would compile for
+        def run(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) or a is None]
+            signatures.add((fn.__name__, *((None,) if t is None else (t.shape, t.stride()) for t in tensors)))
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "compiles", lambda x: not fused.eager_now())
+    monkeypatch.setattr(fused, "_compile", recording)
+    # the GPU's conv plans, on the CPU: three 2D convs over the time taps, channels-last
+    monkeypatch.setattr(vae_module.CausalConv3d, "_tunable", lambda self, x: self.kernel_size[0] > 1)
+    monkeypatch.setattr(vae_module, "_conv_plan", lambda conv, x: "taps")
+    torch.manual_seed(0)
+    model = vae_module.WanVAE(CFG).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    state = model.new_decode_state()
+    z = torch.randn(1, CFG.z_dim, 3, 6, 8).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        with fused.eager():  # the pipeline's first chunk
+            model.decode_stream(z, state)
+        model.decode_stream(z, state)
+        first = set(signatures)
+        model.decode_stream(z, state)
+        model.decode_stream(z, state)
+    assert first and signatures == first
+
+
+def test_kernels_derived_from_weights_made_in_inference_mode():
+    """ComfyUI builds and runs models under `torch.inference_mode()`; its tensors have no version counter."""
+    from iamflow_core.models.vae import Resample, _per_frame
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        resample = Resample(8, "upsample2d").eval()
+        x = torch.randn(1, 8, 2, 5, 7)
+        assert resample.resample[1].weight.is_inference()
+        expected = _per_frame(resample.resample, x)
+        assert (resample._upsample_space(x) - expected).abs().max().item() <= 1e-5
+        assert (resample._upsample_space(x) - expected).abs().max().item() <= 1e-5  # kept kernels

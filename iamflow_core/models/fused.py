@@ -388,12 +388,33 @@ def channel_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Ten
 
 
 @_fusable
-def tap_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """a + b + c + bias per channel (dim 1), summed in float32: the three time taps of a conv computed as 2D convs.
-    One pass over the outputs, which at the decoder's full resolution are about a GB each."""
-    return (a.float() + b.float() + c.float() + bias.float().view(1, -1, 1, 1)).to(a.dtype)
+def tap_sum(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """a + b + c + bias per channel (dim 1) (+ residual), summed in float32: the three time taps of a conv computed
+    as 2D convs, and a residual block's shortcut. One pass over the outputs, which at the decoder's full resolution
+    are about a GB each."""
+    out = a.float() + b.float() + c.float() + bias.float().view(1, -1, 1, 1)
+    return (out if residual is None else out + residual.float()).to(a.dtype)
 
 
 @_fusable
-def channel_rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
-    return F.silu(channel_rms.__wrapped__(x, gamma, scale))
+def channel_rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, past: torch.Tensor | None = None):
+    """SiLU of `channel_rms`; with `past` ([B, C, P, H, W], a causal conv's cached input frames), those frames come
+    first along time (dim 2), written in the same pass instead of a concatenation afterwards."""
+    h = F.silu(channel_rms.__wrapped__(x, gamma, scale))
+    return h if past is None else torch.cat([past, h], dim=2)
+
+
+@_fusable
+def phase_interleave(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The output of a 2x nearest upsampling and a 3x3 conv, from the conv's four phase kernels run on the small
+    frames (`vae.Resample`). y: [N, 4 * O, H + 1, W + 1], phase (a, b) in channel block 2a + b -> [N, O, 2H, 2W];
+    output pixel (2i + a, 2j + b) is phase (a, b) at (i + a, j + b), plus the bias. Built in channels-last order
+    (the layout of the convs around it) in one pass."""
+    n, o4, h1, w1 = y.shape
+    o, h, w = o4 // 4, h1 - 1, w1 - 1
+    phases = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, o))  # [N, H + 1, W + 1, a, b, O]
+    rows = [torch.stack([phases[:, a : a + h, b : b + w, a, b] for b in (0, 1)], dim=3) for a in (0, 1)]
+    out = torch.stack(rows, dim=2).reshape(n, 2 * h, 2 * w, o)  # [N, H, a, W, b, O] -> [N, 2H, 2W, O]
+    return (out.float() + bias.float()).to(y.dtype).permute(0, 3, 1, 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,45 +76,88 @@ class RMSNorm(nn.Module):
 
 
 # cuDNN picks a slow kernel for some 3x3x3 conv shapes in bf16 (on an H100 the 96-channel convs at full
-# resolution ran at about a third of the speed of the 192-channel ones). The same conv as three 2D convs, one per
-# time tap, over views of the channels-last input, can be faster. `_conv_plan` times both once per shape on the GPU
-# and keeps the faster; the choice and its timings are in CONV_PLANS, and in `vae_conv_plans.json` of the kernel
-# cache folder (`fused.cache_dir()`), keyed by GPU, torch and cuDNN, so a later process decodes its first chunk
-# without timing anything. (One 2D conv over the three taps stacked along the channels was also tried: it never
-# won, on an H200, at any shape of the decoder.)
+# resolution ran at about a third of the speed of the 192-channel ones). The same conv can run as 2D convs over
+# views of the channels-last input: one per time tap ("taps"), or one over all frames with the taps stacked along
+# the output channels ("stacked", which pays off where few output channels leave cuDNN's tiles half empty, as in
+# the 3-channel head). `_conv_plan` times them once per shape on the GPU and keeps the fastest; the choice and its
+# timings are in CONV_PLANS, and in `vae_conv_plans.json` of the kernel cache folder (`fused.cache_dir()`), keyed by
+# GPU, torch and cuDNN, so a later process decodes its first chunk without timing anything. (One 2D conv over the
+# three taps stacked along the input channels was also tried: it never won, on an H200, at any shape.)
 CONV_PLANS: dict[tuple, dict[str, float | str]] = {}
 PLANS_FILE = "vae_conv_plans.json"
 _saved_plans: dict[str, dict[str, float | str]] | None = None  # the file's plans, read at the first lookup
 
 
-def _conv_by_taps(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+def _derived_weight(module: nn.Module, name: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`make(module.weight)`, kept on the module until the weight changes: a cast, a move or a load with `assign`
+    (its storage), or a write in place outside inference mode (its version counter; inference tensors, as ComfyUI
+    loads them, have none)."""
+    weight = module.weight
+    version = None if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, weight.dtype, weight.device)
+    kept = module.__dict__.get(name)
+    if kept is None or kept[0] != key:
+        kept = (key, make(weight.detach()))
+        module.__dict__[name] = kept  # not a buffer: never saved, never moved by .to()
+    return kept[1]
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B * T, C, H, W]: a view when x is channels-last (B = 1) or contiguous."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _sum_taps(conv: nn.Conv3d, taps: list[torch.Tensor], residual: torch.Tensor | None) -> torch.Tensor:
+    """The kt 2D conv outputs [N, O, H, W] of one conv, plus its bias and a residual [B, O, T, H, W]."""
+    if residual is not None:
+        residual = _frames(residual)
+    if len(taps) == 3 and conv.bias is not None and fused.compiles(taps[0]):
+        return fused.tap_sum(*taps, conv.bias, residual)  # one pass instead of a bias add and three sums
+    # in place: plain PyTorch would make float32 copies of outputs of up to a GB each
+    out = taps[0].clone() if conv.bias is None else taps[0] + conv.bias.view(1, -1, 1, 1)
+    for y in (*taps[1:], *(() if residual is None else (residual,))):
+        out.add_(y)
+    return out
+
+
+def _conv_by_taps(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """conv3d (kernel kt x kh x kw, stride 1, no time padding) as kt 2D convs summed. x: [B, C, T, H, W]."""
     kt = conv.weight.shape[2]
-    b, _, t = x.shape[:3]
-    frames = t - kt + 1
-    # [B, C, frames, H, W] -> [B * frames, C, H, W]: a view when x is channels-last (B = 1) or contiguous
-    taps = [
-        F.conv2d(x[:, :, tap : tap + frames].transpose(1, 2).flatten(0, 1), conv.weight[:, :, tap], None, 1,
-                 conv.padding[1:])
-        for tap in range(kt)
-    ]  # fmt: skip
-    if kt == 3 and conv.bias is not None and fused.compiles(x):
-        out = fused.tap_sum(*taps, conv.bias)  # one pass over the outputs instead of a bias add and two sums
-    else:  # in place: plain PyTorch would make float32 copies of outputs of up to a GB each
-        out = taps[0] if conv.bias is None else taps[0].add_(conv.bias.view(1, -1, 1, 1))
-        for y in taps[1:]:
-            out.add_(y)
-    return out.unflatten(0, (b, frames)).transpose(1, 2)
+    b, frames = x.shape[0], x.shape[2] - kt + 1
+    taps = [F.conv2d(_frames(x[:, :, k : k + frames]), conv.weight[:, :, k], None, 1, conv.padding[1:])
+            for k in range(kt)]  # fmt: skip
+    return _sum_taps(conv, taps, residual).unflatten(0, (b, frames)).transpose(1, 2)
 
 
-_PLANS = {"conv3d": lambda conv, x: F.conv3d(x, conv.weight, conv.bias, 1, conv.padding), "taps": _conv_by_taps}
+def _conv_by_stacked_taps(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The same conv as one 2D conv over every input frame with kt * O outputs (tap k in channel block k); output
+    frame t sums block k of input frame t + k."""
+    out_ch, kt = conv.weight.shape[0], conv.weight.shape[2]
+    b, frames = x.shape[0], x.shape[2] - kt + 1
+
+    def stack(w: torch.Tensor) -> torch.Tensor:  # [O, C, kt, kh, kw] -> [kt * O, C, kh, kw]
+        memory_format = torch.channels_last if w.is_cuda else torch.contiguous_format
+        return w.permute(2, 0, 1, 3, 4).flatten(0, 1).contiguous(memory_format=memory_format)
+
+    y = F.conv2d(_frames(x), _derived_weight(conv, "_stacked_taps", stack), None, 1, conv.padding[1:])
+    y = y.unflatten(0, (b, x.shape[2]))  # [B, T, kt * O, H, W]
+    taps = [y[:, k : k + frames, k * out_ch : (k + 1) * out_ch].flatten(0, 1) for k in range(kt)]
+    return _sum_taps(conv, taps, residual).unflatten(0, (b, frames)).transpose(1, 2)
+
+
+def _conv3d(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    out = F.conv3d(x, conv.weight, conv.bias, 1, conv.padding)
+    return out if residual is None else out.add_(residual)
+
+
+_PLANS = {"conv3d": _conv3d, "taps": _conv_by_taps, "stacked": _conv_by_stacked_taps}
 
 
 def _plan_file_key(key: tuple, device: torch.device) -> str:
     """A plan's key in the file: the shape key with what decides the timings (the GPU, torch, cuDNN)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    # "taps 2": the tap sums fused with the bias (timings of the unfused sums are not reused)
-    return f"{gpu} | torch {torch.__version__} | cudnn {torch.backends.cudnn.version()} | taps 2 | {key[:2]} {key[3:]}"
+    # "taps 3": three plans, the tap sums fused with the bias (timings of earlier plan sets are not reused)
+    return f"{gpu} | torch {torch.__version__} | cudnn {torch.backends.cudnn.version()} | taps 3 | {key[:2]} {key[3:]}"
 
 
 def _plans_path():
@@ -194,22 +238,43 @@ class CausalConv3d(nn.Conv3d):
         self.keeps_past_frames = self.time_pad > 0
         self.cache_slot: int | None = None
 
-    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
-        """x: [B, C, T, H, W] -> [B, C_out, T', H', W']."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: TimeCache | None = None,
+        norm: RMSNorm | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, C, T, H, W] -> [B, C_out, T', H', W'].
+
+        norm: the RMS norm that comes (with a SiLU) before this conv, applied here so that the past frames are
+        written beside it in the same pass. residual: [B, C_out, T', H', W'], added to the output.
+        """
         if self.time_pad == 0:
-            return super().forward(x)
+            x = super().forward(x if norm is None else fused.channel_rms_silu(x, norm.gamma, norm.scale))
+            return x if residual is None else x.add_(residual)
         past = None if cache is None else cache[self.cache_slot]
-        if past is not None:
+        if norm is not None:
+            x = fused.channel_rms_silu(x, norm.gamma, norm.scale, past)
+        elif past is not None:
             x = torch.cat([past, x], dim=2)
+        if x.is_cuda and not x.is_contiguous(memory_format=torch.channels_last_3d):
+            # A one-frame tensor is both layouts at once, and PyTorch may hand it on as the plain one; a cache made
+            # from it would keep every later chunk of this conv on cuDNN's slow plain-layout kernels (seen on an
+            # H200 when a stream starts with one latent frame: 96-channel convs at full size).
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         if cache is not None:
-            # Clone so that the cache does not pin this call's whole input buffer.
-            cache[self.cache_slot] = x[:, :, -self.time_pad :].clone()
+            # A copy, so that the cache does not pin this call's whole input buffer, with strides of its own: the
+            # fused norm of the next call reads it, and a stride carried over from this call's length would make
+            # that kernel compile once more.
+            cache[self.cache_slot] = x[:, :, -self.time_pad :].clone(memory_format=_layout_of(x))
         missing = self.time_pad - (0 if past is None else past.shape[2])
         if missing > 0:
             x = F.pad(x, (0, 0, 0, 0, missing, 0))
         if self._tunable(x):
-            return _PLANS[_conv_plan(self, x)](self, x)
-        return super().forward(x)
+            return _PLANS[_conv_plan(self, x)](self, x, residual)
+        x = super().forward(x)
+        return x if residual is None else x.add_(residual)
 
     def _tunable(self, x: torch.Tensor) -> bool:
         return (
@@ -246,11 +311,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         """x: [B, in_dim, T, H, W] -> [B, out_dim, T, H, W]."""
-        h = self.shortcut(x)
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        x = conv1(fused.channel_rms_silu(x, norm1.gamma, norm1.scale), cache)  # norm + SiLU in one pass
-        x = conv2(fused.channel_rms_silu(x, norm2.gamma, norm2.scale), cache)
-        return x + h
+        h = conv1(x, cache, norm=norm1)  # the norms and SiLUs run fused, each with its conv's past frames
+        return conv2(h, cache, norm=norm2, residual=self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -273,6 +336,19 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, T, H, W] -> same shape."""
         return x + _per_frame(self._attend, x)
+
+
+def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """[O, I, 3, 3] kernel of a conv after a nearest 2x upsampling -> [4 * O, I, 2, 2], phase (a, b) in block 2a + b.
+    Nearest neighbours repeat, so along each axis output phase 0 sees two input pixels with taps (w0, w1 + w2) and
+    phase 1 sees two with (w0 + w1, w2); a 2x2 conv with padding 1 puts phase a's pixel i at position i + a."""
+
+    def fold(w: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        w0, w1, w2 = w.unbind(dim)
+        return [torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)]
+
+    kernels = torch.cat([kw for kh in fold(weight.float(), 2) for kw in fold(kh, 3)]).to(weight.dtype)
+    return kernels.contiguous(memory_format=torch.channels_last) if weight.is_cuda else kernels
 
 
 class Resample(nn.Module):
@@ -320,6 +396,16 @@ class Resample(nn.Module):
             x = out
         return torch.cat([head, x], dim=2) if first_chunk else x
 
+    def _upsample_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest 2x upsampling then the 3x3 conv, run as the conv's four phase kernels on the small frames.
+        x: [B, C, T, H, W] -> [B, C // 2, T, 2H, 2W]. Same result up to rounding of the summed weights; 16 instead
+        of 36 multiply-adds per pixel and channel pair, and no upsampled copy of the input (on an H200 these took
+        16 ms of a 118-ms decode chunk)."""
+        conv = self.resample[1]
+        b, _, t = x.shape[:3]
+        y = F.conv2d(_frames(x), _derived_weight(conv, "_phases", _phase_kernels), None, 1, 1)
+        return fused.phase_interleave(y, conv.bias).unflatten(0, (b, t)).transpose(1, 2)
+
     def _downsample_time(self, x: torch.Tensor, cache: TimeCache) -> torch.Tensor:
         """x: [B, C, T, H, W] -> [B, C, T // 2, H, W] (the very first frame passes through alone)."""
         past = cache[self.cache_slot]
@@ -332,7 +418,7 @@ class Resample(nn.Module):
         """x: [B, C, T, H, W] -> [B, C', T', H', W'] (see the class docstring for T')."""
         if self.mode == "upsample3d":
             x = self._upsample_time(x, cache, first_chunk)
-        x = _per_frame(self.resample, x)
+        x = self._upsample_space(x) if self.mode.startswith("upsample") else _per_frame(self.resample, x)
         if self.mode == "downsample3d":
             if cache is None:
                 raise ValueError("downsample3d needs a TimeCache; encode through WanVAE.encode")
@@ -406,8 +492,8 @@ class Decoder(nn.Module):
         x = self.conv1(x, cache)
         for layer in (*self.middle, *self.upsamples):
             x = _apply(layer, x, cache, first_chunk)
-        norm, _, conv = self.head  # at full resolution: norm + SiLU in one pass matters most here
-        return conv(fused.channel_rms_silu(x, norm.gamma, norm.scale), cache)
+        norm, _, conv = self.head
+        return conv(x, cache, norm=norm)
 
 
 def _assign_cache_slots(root: nn.Module) -> int:
