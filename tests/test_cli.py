@@ -165,3 +165,21 @@ def test_the_extraction_line_says_what_the_llm_found_and_how_long_it_took():
     assert extraction_line(args, MemorySettings(mode="none"), stories, [None, None], 0.1) is None  # no LLM ran
     given = argparse.Namespace(llm="Qwen3-4B-Instruct-2507", registry="story.registry.json")
     assert extraction_line(given, identity, stories, [RETURN_REGISTRY] * 2, 0.1) is None  # the registry was given
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly():
+    """`python -m iamflow_core bench pacing | head -1`: the pipe closes under the command, which stops without a
+    traceback (exit status 1), as other command-line tools do."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the command's first line meets a broken pipe
+    try:
+        done = subprocess.run([sys.executable, "-m", "iamflow_core", "bench", "pacing"], stdout=write,
+                              stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    assert b"Traceback" not in done.stderr, done.stderr.decode()[-2000:]
