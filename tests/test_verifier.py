@@ -41,6 +41,7 @@ def test_tiny_vlm_garbage_answer_gives_a_neutral_verdict(verifier, caplog, n, he
         verdict = verifier.score(clip, PROMPT, [NORA, NOTEBOOK], check_attributes=True)
     assert verdict == Verdict((0.5,) * n, {}, Status.NEUTRAL, note=verdict.note) and verdict.note
     assert "neutral" in caplog.text
+    assert verifier.graph_captures == 0  # on the CPU, transformers' generate decodes: no CUDA graphs
 
 
 def test_image_placeholders_expand_to_the_vision_token_count(verifier):

@@ -182,6 +182,7 @@ def run_case(
     verifier = _verifier(memory_mode, vlm_dir, str(vae.device), verifier_queue)
     warmup_s = _warm_up(models, story, config, build_memory(settings, registry, verifier))
     drain_s, before = _drain(verifier) if verifier is not None else (None, None)
+    captures = verifier.verifier.graph_captures if verifier is not None else 0  # the VLM decoder's CUDA graphs
     for d in devices:
         torch.cuda.reset_peak_memory_stats(d)
     policy = build_memory(settings, registry, verifier)
@@ -205,10 +206,12 @@ def run_case(
                    archive_limit_mb=settings.archive_limit_mb)  # fmt: skip
     if verifier is not None:
         # late_chunks: frames chosen on text alone because the verdict came too late; used_chunks: chosen with the
-        # verifier's scores; skipped_chunks: not sent, as their verdict could not have come in time
+        # verifier's scores; skipped_chunks: not sent, as their verdict could not have come in time; graph_captures:
+        # CUDA graphs the VLM's decoder captured during the timed render (for answer shapes the warm-up did not meet)
         row["verifier"] = {"queue": verifier_queue, **_jobs_since(before, verifier.stats()),
                            "late_chunks": policy.late_verdicts, "used_chunks": policy.verdicts_used,
-                           "skipped_chunks": policy.jobs_skipped, "warmup_drain_s": drain_s}  # fmt: skip
+                           "skipped_chunks": policy.jobs_skipped, "warmup_drain_s": drain_s,
+                           "graph_captures": verifier.verifier.graph_captures - captures}  # fmt: skip
     memory = build_memory(settings, registry, verifier)
     row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(models, story, config, memory, profile_chunks)
     if trace:

@@ -167,6 +167,11 @@ class FrameVerifier:
         self._inputs = _load_inputs(self.model_dir, self._model.config)
         self._greedy = fast_decoder(self._model, self.device, self._inputs.tokenizer.pad_token_id, "verifier VLM")
 
+    @property
+    def graph_captures(self) -> int:
+        """CUDA graphs its answer decoder has captured so far (0 when it decodes with transformers' `generate`)."""
+        return self._greedy.captures if self._greedy is not None else 0
+
     def _load_model(self) -> Any:
         from transformers import AutoModelForImageTextToText
 
