@@ -399,7 +399,9 @@ def tap_sum(
 
 
 @_fusable
-def channel_rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, past: torch.Tensor | None = None):
+def channel_rms_silu(
+    x: torch.Tensor, gamma: torch.Tensor, scale: float, past: torch.Tensor | None = None
+) -> torch.Tensor:
     """SiLU of `channel_rms`; with `past` ([B, C, P, H, W], a causal conv's cached input frames), those frames come
     first along time (dim 2), written in the same pass instead of a concatenation afterwards."""
     h = F.silu(channel_rms.__wrapped__(x, gamma, scale))
