@@ -44,6 +44,12 @@ def _flash3() -> Callable | None:
     return None
 
 
+def _run_flash3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **descales: torch.Tensor) -> torch.Tensor:
+    """FA3's attention output (older FA3 builds return (out, lse))."""
+    out = _flash3()(q, k, v, **descales)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @cache
 def _flash2() -> Callable | None:
     try:
@@ -59,8 +65,7 @@ def _flash3_fp8_runs(device: int) -> bool:
     try:
         q = torch.ones(1, 128, 1, 128, device=device).to(fused.FP8_DTYPE)
         one = torch.ones(1, 1, device=device)
-        out = _flash3()(q, q, q, q_descale=one, k_descale=one, v_descale=one)
-        out = out[0] if isinstance(out, tuple) else out
+        out = _run_flash3(q, q, q, q_descale=one, k_descale=one, v_descale=one)
         return bool(torch.isfinite(out).all()) and out.dtype == torch.bfloat16
     except Exception:  # noqa: BLE001 - no FP8 kernel in this build, or an older interface: the backend is not offered
         logger.debug("FA3 FP8 attention not usable", exc_info=True)
@@ -113,8 +118,7 @@ def attention(
     if backend == "flash3_fp8" and flash_ok and q.dtype == torch.bfloat16:
         return _flash3_fp8(q, k, v)
     if backend in ("flash3", "flash3_fp8") and flash_ok:
-        out = _flash3()(q, k, v)
-        return out[0] if isinstance(out, tuple) else out  # older FA3 builds return (out, lse)
+        return _run_flash3(q, k, v)
     if backend == "flash2" and flash_ok:
         return _flash2()(q, k, v)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -136,5 +140,4 @@ def _flash3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     q8, q_scale = fused.heads_fp8(q, False)
     k8, k_scale = fused.heads_fp8(k, True)  # centred
     v8, v_scale = fused.heads_fp8(v, False)
-    out = _flash3()(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
-    return out[0] if isinstance(out, tuple) else out
+    return _run_flash3(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)

@@ -52,11 +52,19 @@ def _layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B * T, C, H, W]: a view when x is channels-last (B = 1) or contiguous."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _video(frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """`_frames` undone: [B * T, C, H, W] -> [B, C, T, H, W]."""
+    return frames.unflatten(0, (batch, -1)).transpose(1, 2)
+
+
 def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D module to every frame. x: [B, C, T, H, W] -> [B, C', T, H', W']."""
-    b, _, t = x.shape[:3]
-    y = module(x.transpose(1, 2).flatten(0, 1))
-    return y.unflatten(0, (b, t)).transpose(1, 2)
+    return _video(module(_frames(x)), x.shape[0])
 
 
 class RMSNorm(nn.Module):
@@ -102,18 +110,14 @@ def _derived_weight(module: nn.Module, name: str, make: Callable[[torch.Tensor],
     return kept[1]
 
 
-def _frames(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, T, H, W] -> [B * T, C, H, W]: a view when x is channels-last (B = 1) or contiguous."""
-    return x.transpose(1, 2).flatten(0, 1)
-
-
 def _sum_taps(conv: nn.Conv3d, taps: list[torch.Tensor], residual: torch.Tensor | None) -> torch.Tensor:
     """The kt 2D conv outputs [N, O, H, W] of one conv, plus its bias and a residual [B, O, T, H, W]."""
     if residual is not None:
         residual = _frames(residual)
     if len(taps) == 3 and conv.bias is not None and fused.compiles(taps[0]):
         return fused.tap_sum(*taps, conv.bias, residual)  # one pass instead of a bias add and three sums
-    # in place: plain PyTorch would make float32 copies of outputs of up to a GB each
+    # a fresh output (a stacked plan's taps are views of one buffer), the rest added in place: plain PyTorch would
+    # make float32 copies of outputs of up to a GB each
     out = taps[0].clone() if conv.bias is None else taps[0] + conv.bias.view(1, -1, 1, 1)
     for y in (*taps[1:], *(() if residual is None else (residual,))):
         out.add_(y)
@@ -123,26 +127,26 @@ def _sum_taps(conv: nn.Conv3d, taps: list[torch.Tensor], residual: torch.Tensor 
 def _conv_by_taps(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """conv3d (kernel kt x kh x kw, stride 1, no time padding) as kt 2D convs summed. x: [B, C, T, H, W]."""
     kt = conv.weight.shape[2]
-    b, frames = x.shape[0], x.shape[2] - kt + 1
+    frames = x.shape[2] - kt + 1
     taps = [F.conv2d(_frames(x[:, :, k : k + frames]), conv.weight[:, :, k], None, 1, conv.padding[1:])
             for k in range(kt)]  # fmt: skip
-    return _sum_taps(conv, taps, residual).unflatten(0, (b, frames)).transpose(1, 2)
+    return _video(_sum_taps(conv, taps, residual), x.shape[0])
 
 
 def _conv_by_stacked_taps(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The same conv as one 2D conv over every input frame with kt * O outputs (tap k in channel block k); output
     frame t sums block k of input frame t + k."""
     out_ch, kt = conv.weight.shape[0], conv.weight.shape[2]
-    b, frames = x.shape[0], x.shape[2] - kt + 1
+    frames = x.shape[2] - kt + 1
 
     def stack(w: torch.Tensor) -> torch.Tensor:  # [O, C, kt, kh, kw] -> [kt * O, C, kh, kw]
         memory_format = torch.channels_last if w.is_cuda else torch.contiguous_format
         return w.permute(2, 0, 1, 3, 4).flatten(0, 1).contiguous(memory_format=memory_format)
 
     y = F.conv2d(_frames(x), _derived_weight(conv, "_stacked_taps", stack), None, 1, conv.padding[1:])
-    y = y.unflatten(0, (b, x.shape[2]))  # [B, T, kt * O, H, W]
+    y = y.unflatten(0, (x.shape[0], -1))  # [B, T, kt * O, H, W]
     taps = [y[:, k : k + frames, k * out_ch : (k + 1) * out_ch].flatten(0, 1) for k in range(kt)]
-    return _sum_taps(conv, taps, residual).unflatten(0, (b, frames)).transpose(1, 2)
+    return _video(_sum_taps(conv, taps, residual), x.shape[0])
 
 
 def _conv3d(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -402,9 +406,8 @@ class Resample(nn.Module):
         of 36 multiply-adds per pixel and channel pair, and no upsampled copy of the input (on an H200 these took
         16 ms of a 118-ms decode chunk)."""
         conv = self.resample[1]
-        b, _, t = x.shape[:3]
         y = F.conv2d(_frames(x), _derived_weight(conv, "_phases", _phase_kernels), None, 1, 1)
-        return fused.phase_interleave(y, conv.bias).unflatten(0, (b, t)).transpose(1, 2)
+        return _video(fused.phase_interleave(y, conv.bias), x.shape[0])
 
     def _downsample_time(self, x: torch.Tensor, cache: TimeCache) -> torch.Tensor:
         """x: [B, C, T, H, W] -> [B, C, T // 2, H, W] (the very first frame passes through alone)."""
