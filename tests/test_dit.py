@@ -1,10 +1,13 @@
 """DiT parity with diffusers and streaming exactness of the KV-cache path."""
 
+import functools
+
 import pytest
 import torch
 
 from iamflow_core.cache import KVCache, WindowState, block_causal_mask, commit_frames, frame_visibility, rope_positions
 from iamflow_core.config import CacheConfig
+from iamflow_core.models import fused
 from iamflow_core.models.dit import CausalWanDiT, CrossKV
 
 from ._tiny_dit import TINY_DIT, diffusers_twin, tiny_dit
@@ -272,3 +275,55 @@ def test_past_the_table_a_chunk_sees_the_distances_it_would_see_at_the_end_of_it
             outs.append(model.forward_chunk(x[:, :, 3:], torch.tensor([500.0]), cross, cache, start, commit=True))
             assert cache.state.sink == (0, 1, 2)
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-4
+
+
+def test_a_residual_and_the_norm_after_it_in_one_pass_equal_the_two_steps():
+    """The block's fused residual-then-norm functions (one kernel each on a GPU) compute what the separate ones do,
+    in 16 bits and as FP8 rows."""
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 12, 16) * 3, torch.randn(1, 12, 16, dtype=torch.bfloat16)
+    gate, shift, scale = (torch.randn(1, 3, 1, 16) for _ in range(3))
+    weight, bias, eps = torch.randn(16), torch.randn(16), 1e-6
+
+    total, h = fused.gated_residual_norm(x, y, gate, 3, weight, bias, eps, torch.bfloat16)
+    assert torch.equal(total, fused.gated_residual(x, y, gate, 3))
+    assert torch.equal(h, fused.affine_norm(total, weight, bias, eps, torch.bfloat16))
+    _, rows = fused.gated_residual_norm(x, y, gate, 3, weight, bias, eps, torch.bfloat16, fp8=True)
+    for got, expected in zip(rows, fused.affine_norm_fp8(total, weight, bias, eps)):
+        assert torch.equal(got.float(), expected.float())
+
+    total, h = fused.residual_modulate(x, y, shift, scale, 3, eps, torch.bfloat16)
+    assert torch.equal(total, fused.residual(x, y))
+    assert torch.equal(h, fused.modulate(total, shift, scale, 3, eps, torch.bfloat16))
+    _, rows = fused.residual_modulate(x, y, shift, scale, 3, eps, torch.bfloat16, fp8=True)
+    for got, expected in zip(rows, fused.modulate_fp8(total, shift, scale, 3, eps)):
+        assert torch.equal(got.float(), expected.float())
+
+
+def test_the_ffn_linear_and_its_gelu_off_the_gpu_are_the_two_steps():
+    """On the CPU (whose fused addmm-GELU computes the exact GELU, not Wan's tanh approximation) `linear_gelu` runs
+    the linear, then the tanh GELU; a non-linear module (an FP8 layer) goes the same way."""
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(16, 24), torch.randn(2, 5, 16)
+    expected = torch.nn.functional.gelu(linear(x), approximate="tanh")
+    assert torch.equal(fused.linear_gelu(x, linear), expected)
+    assert torch.equal(fused.linear_gelu(x, torch.nn.Sequential(linear)), expected)
+
+
+def test_the_residual_stream_reaches_every_norm_with_contiguous_rows(model, monkeypatch):
+    """The patch embedding gives tokens as a transposed view; kept so, its layout would travel through every residual
+    add, and on a GPU each compiled norm would reduce along strided rows (three kernels per LayerNorm, measured)."""
+    seen = []
+    for name in ("modulate", "gated_residual_norm", "residual_modulate", "gated_residual"):
+        original = getattr(fused, name)
+
+        @functools.wraps(original)  # keeps __wrapped__, which the other fused functions call
+        def spy(x, *args, _original=original, **kwargs):
+            seen.append(x.is_contiguous())
+            return _original(x, *args, **kwargs)
+
+        monkeypatch.setattr(fused, name, spy)
+    x, text = _inputs(3)
+    with torch.no_grad():
+        model(x, torch.tensor([500.0]), text)
+    assert len(seen) == 4 * len(model.blocks) and all(seen)

@@ -115,26 +115,23 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
         attn, cross_attn, (ffn_in, gelu, ffn_out) = self.self_attn, self.cross_attn, self.ffn
         # FP8 linears that run FP8 matmuls get their input quantized by the kernel that makes it, in the same pass.
+        # Each residual add and the norm after it are one kernel too: the float32 stream is read once for both.
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
         if takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype):
             h = Rows(*fused.modulate_fp8(x, shift1, scale1, frames, eps))
         else:
             h = fused.modulate(x, shift1, scale1, frames, eps, dtype)
-        x = fused.gated_residual(x, attn(h, rope_q, context, layer, backend, mask), gate1, frames)
+        y = attn(h, rope_q, context, layer, backend, mask)
         # 2. Cross-attention to the prompt.
-        if takes_rows(cross_attn.q, dtype):
-            h = Rows(*fused.affine_norm_fp8(x, self.norm3.weight, self.norm3.bias, eps))
-        else:
-            h = fused.affine_norm(x, self.norm3.weight, self.norm3.bias, eps, dtype)
-        x = fused.residual(x, cross_attn(h, *cross, backend))
-        # 3. Feed-forward, gated per frame.
-        if takes_rows(ffn_in, dtype):
-            h = Rows(*fused.modulate_fp8(x, shift2, scale2, frames, eps))
-        else:
-            h = fused.modulate(x, shift2, scale2, frames, eps, dtype)
-        # The GELU stays a kernel of its own: fused with a per-row FP8 quantization of its 8960-wide rows it takes
-        # 0.13-0.15 ms against 0.05 ms (H200), more than an FP8 second linear saves; FP8 files' ffn.2 quantizes alone.
-        y = ffn_out(gelu(ffn_in(h)))
+        fp8 = takes_rows(cross_attn.q, dtype)
+        x, h = fused.gated_residual_norm(x, y, gate1, frames, self.norm3.weight, self.norm3.bias, eps, dtype, fp8)
+        y = cross_attn(Rows(*h) if fp8 else h, *cross, backend)
+        # 3. Feed-forward, gated per frame. FP8 files' ffn.0 takes FP8 rows and its GELU is a kernel of its own
+        # (fused with a per-row FP8 quantization of the 8960-wide rows it took 0.13-0.15 ms against 0.05 ms on an
+        # H200, more than an FP8 ffn.2 saves); a 16-bit ffn.0 runs its GELU in the GEMM (`fused.linear_gelu`).
+        fp8 = takes_rows(ffn_in, dtype)
+        x, h = fused.residual_modulate(x, y, shift2, scale2, frames, eps, dtype, fp8)
+        y = ffn_out(gelu(ffn_in(Rows(*h))) if fp8 else fused.linear_gelu(h, ffn_in))
         return fused.gated_residual(x, y, gate2, frames)
 
 
@@ -225,7 +222,11 @@ class CausalWanDiT(nn.Module):
         """x: [B, C, F, H, W] latents -> velocity [B, C_out, F, H, W]."""
         b, _, f, h, w = x.shape
         pt, ph, pw = self.cfg.patch_size
-        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2).float()
+        # Rows made contiguous: the transposed view of the patch embedding's [B, dim, L] would carry its layout through
+        # every residual add of all blocks (compiled kernels keep eager strides), and each norm would then reduce
+        # along strided rows: on an H200 every LayerNorm ran as three kernels with the residual add left outside.
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        tokens = tokens.float().contiguous()
         e, e0 = self._time(t, b, f // pt)
         for i, block in enumerate(self.blocks):
             tokens = block(

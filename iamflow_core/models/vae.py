@@ -52,6 +52,12 @@ def _layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _channels_last_on_gpu(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, T, H, W] channels-last on a GPU (where the decoder's convs are tuned for that layout; a no-op when it
+    already is), unchanged on the CPU."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.is_cuda else x
+
+
 def _frames(x: torch.Tensor) -> torch.Tensor:
     """[B, C, T, H, W] -> [B * T, C, H, W]: a view when x is channels-last (B = 1) or contiguous."""
     return x.transpose(1, 2).flatten(0, 1)
@@ -262,11 +268,10 @@ class CausalConv3d(nn.Conv3d):
             x = fused.channel_rms_silu(x, norm.gamma, norm.scale, past)
         elif past is not None:
             x = torch.cat([past, x], dim=2)
-        if x.is_cuda and not x.is_contiguous(memory_format=torch.channels_last_3d):
-            # A one-frame tensor is both layouts at once, and PyTorch may hand it on as the plain one; a cache made
-            # from it would keep every later chunk of this conv on cuDNN's slow plain-layout kernels (seen on an
-            # H200 when a stream starts with one latent frame: 96-channel convs at full size).
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        # A one-frame tensor is both layouts at once, and PyTorch may hand it on as the plain one; a cache made from
+        # it would keep every later chunk of this conv on cuDNN's slow plain-layout kernels (seen on an H200 when a
+        # stream starts with one latent frame: 96-channel convs at full size).
+        x = _channels_last_on_gpu(x)
         if cache is not None:
             # A copy, so that the cache does not pin this call's whole input buffer, with strides of its own: the
             # fused norm of the next call reads it, and a stride carried over from this call's length would make
@@ -274,7 +279,7 @@ class CausalConv3d(nn.Conv3d):
             cache[self.cache_slot] = x[:, :, -self.time_pad :].clone(memory_format=_layout_of(x))
         missing = self.time_pad - (0 if past is None else past.shape[2])
         if missing > 0:
-            x = F.pad(x, (0, 0, 0, 0, missing, 0))
+            x = _channels_last_on_gpu(F.pad(x, (0, 0, 0, 0, missing, 0)))  # the pad may give the plain layout back
         if self._tunable(x):
             return _PLANS[_conv_plan(self, x)](self, x, residual)
         x = super().forward(x)

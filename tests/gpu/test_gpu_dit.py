@@ -93,3 +93,24 @@ def test_compiled_kernels_match_eager(full_model, inputs):
     rel = _rel(compiled, eager)
     print(f"compiled vs eager bf16 forward: relative difference {rel:.3e}")
     assert rel < 0.01
+
+
+@torch.no_grad()
+def test_the_ffn_gelu_in_the_gemm_is_wans_tanh_approximation():
+    """`fused.linear_gelu` runs ffn.0 as one cuBLASLt GEMM with a GELU epilogue, which PyTorch documents for CUDA as
+    the tanh approximation (Wan's FFN GELU), not the exact erf GELU: checked in float32 where the two differ by far
+    more than rounding, then the bf16 path against a float32 reference."""
+    import torch.nn.functional as F
+
+    from iamflow_core.models import fused
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1536, 8960, device="cuda")
+    x = torch.randn(3, 200, 1536, device="cuda")
+    epilogue = torch._addmm_activation(linear.bias, x.flatten(0, 1), linear.weight.t(), use_gelu=True).view(3, 200, -1)
+    tanh, erf = F.gelu(linear(x), approximate="tanh"), F.gelu(linear(x))
+    assert _rel(epilogue, tanh) < 1e-5 and _rel(epilogue, erf) > 10 * _rel(epilogue, tanh)
+    got = fused.linear_gelu(x.bfloat16(), linear.bfloat16())
+    print(f"bf16 GEMM+GELU epilogue vs float32 tanh GELU: {_rel(got, tanh):.3e}")
+    assert got.dtype == torch.bfloat16 and got.shape == tanh.shape and _rel(got, tanh) < 0.01
