@@ -88,6 +88,25 @@ def test_llm_answers_match_generate_for_a_left_padded_batch():
     assert decoder.generate(single, 20, end_tokens(config, tokenizer)) == _generate_all(model, single, config)
 
 
+def test_prompts_of_other_lengths_reuse_one_graph(verifier, monkeypatch):
+    """A graph per batch size and buffer length: a shorter prompt after a longer one decodes with the graph the
+    longer one made (no capture mid-render), and both answers are still transformers' own."""
+    from iamflow_core.story import greedy
+
+    monkeypatch.setattr(greedy, "CACHE_STEP", 16)  # fine rounding: these tiny prompts differ by less than 256 tokens
+    long_text = "Nora reads a red notebook in a crowded cafe by the window at dusk."
+    requests = [verifier.request(frames(3, 48, 80, seed=3), long_text, [NORA], False),
+                verifier.request(frames(2, 48, 80), "Nora.", [NORA], False)]  # fmt: skip
+    decoder = GreedyDecoder(verifier._model, requests[0][1], graphs=False)
+    graph, keys = decoder._graph, []
+    monkeypatch.setattr(decoder, "_graph", lambda rows, length: keys.append((rows, length)) or graph(rows, length))
+    for batch, config in requests:
+        got = decoder.generate(batch, config.max_new_tokens, end_tokens(config, verifier._inputs.tokenizer))[0]
+        assert got == _generate(verifier._model, batch, config)
+    long_prompt, short_prompt = (batch["input_ids"].shape[1] for batch, _ in requests)
+    assert short_prompt + 16 < long_prompt and keys[0] == keys[1]
+
+
 def test_a_failed_capture_decodes_step_by_step_with_one_warning(verifier, caplog):
     """On this CPU build a CUDA graph cannot be made at all: the same answer comes back, step by step."""
     batch, config = verifier.request(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False)

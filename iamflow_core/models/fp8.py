@@ -5,7 +5,7 @@ The storage format is the one of IAMFlow's `iamflow_fp8.safetensors`: `weight` i
 The forward either dequantizes the weight (any device) or, on CUDA GPUs with FP8 tensor cores (compute capability
 8.9+), runs `torch._scaled_mm` with row-wise scales (W8A8) on activations quantized per token. The DiT block has
 the kernel that makes a linear's input quantize it on the way out (`Rows` from `fused.modulate_fp8` and
-`fused.affine_norm_fp8`); other inputs are quantized by one compiled kernel (`fused.quantize_rows`).
+the residual-and-norm functions); other inputs are quantized by one compiled kernel (`fused.quantize_rows`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ quantize_rows_fp8 = fused.rows_fp8
 
 class Rows(NamedTuple):
     """An FP8 linear's input already quantized by the kernel that made it: data [..., in] float8_e4m3fn and
-    per-row scales [..., 1] float32, x ≈ data * scale (`fused.modulate_fp8`, `fused.affine_norm_fp8` return these)."""
+    per-row scales [..., 1] float32, x ≈ data * scale (`fused.modulate_fp8` returns these, and the residual-and-norm
+    functions with fp8=True)."""
 
     data: torch.Tensor
     scale: torch.Tensor

@@ -400,14 +400,6 @@ def modulate_fp8(
 
 
 @_fusable
-def affine_norm_fp8(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`affine_norm` whose result goes straight to FP8 rows."""
-    return rows_fp8(affine_norm.__wrapped__(x, weight, bias, eps, torch.float32))
-
-
-@_fusable
 def heads_fp8(x: torch.Tensor, centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, L, H, D] to e4m3 with one scale per batch row and head, amax / 448 over the head's tokens and channels
     (the scales FA3's FP8 kernel takes). centre=True first subtracts the head's mean over the tokens, for keys: every

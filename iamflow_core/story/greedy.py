@@ -12,7 +12,7 @@ and decodes the answers itself, for a batch of left-padded prompts:
 - the prefill's keys and values are copied into a static cache (one buffer per layer, lengths in steps of 256);
 - one decoding step (embedding, the layers through the model's own linears and MLPs, fused RMSNorms, RoPE at each
   row's text position, grouped-query attention over the kept part of the cache, the head, argmax) is captured as a
-  CUDA graph per batch size and cache length, on a stream of high priority (its short kernels get SMs before the
+  CUDA graph per batch size and buffer length, on a stream of high priority (its short kernels get SMs before the
   queued blocks of the VAE's or the DiT's long ones);
 - the step's inputs (tokens, positions, cache slot) live on the GPU and each replay advances them, so the host
   launches one graph per `STEPS` tokens (fewer trips through the GIL, which the sampler's and the VAE's threads
@@ -257,8 +257,12 @@ class GreedyDecoder:
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != len(self.text.layers):
             raise Unsupported(f"prefill cache {type(cache).__name__} has no per-layer keys and values")
-        length = -(-(prompt + max_new_tokens + STEPS) // CACHE_STEP) * CACHE_STEP  # room for a last block's overrun
-        self._buffers(rows, length, -(-(max_new_tokens + STEPS) // CACHE_STEP) * CACHE_STEP)
+        need = -(-(prompt + max_new_tokens + STEPS) // CACHE_STEP) * CACHE_STEP  # room for a last block's overrun
+        self._buffers(rows, need, -(-(max_new_tokens + STEPS) // CACHE_STEP) * CACHE_STEP)
+        # Every answer attends over the buffers' whole length (masked past its slot): one graph per batch size until
+        # the buffers grow, so a prompt of another length replays it instead of capturing a new graph in the middle
+        # of a render, beside the sampler's launches (2 captures in a 1-GPU render before; a step costs the same).
+        length = self._room[1]
         graph = self._graph(rows, length)  # captured before the prompt's entries are written
         for layer, k_cache, v_cache in zip(layers, self._k, self._v):
             k_cache[:rows, :, :prompt].copy_(layer.keys)
