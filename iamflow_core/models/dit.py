@@ -115,7 +115,8 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
         attn, cross_attn, (ffn_in, gelu, ffn_out) = self.self_attn, self.cross_attn, self.ffn
         # FP8 linears that run FP8 matmuls get their input quantized by the kernel that makes it, in the same pass.
-        # Each residual add and the norm after it are one kernel too: the float32 stream is read once for both.
+        # Each residual add and the norm after it are one compiled function too (one kernel each on contiguous rows,
+        # H200 probe), so the float32 stream is read once for both.
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
         if takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype):
             h = Rows(*fused.modulate_fp8(x, shift1, scale1, frames, eps))

@@ -298,8 +298,8 @@ def gated_residual_norm(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, frames: int, weight: torch.Tensor, bias: torch.Tensor,
     eps: float, dtype: torch.dtype, fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """`gated_residual` and the `affine_norm` of its sum in one pass over the rows. Returns (x + gate * y in float32,
-    its norm in dtype, or as FP8 rows (x_fp8, scale) when fp8)."""
+    """`gated_residual` and the `affine_norm` of its sum in one compiled function (one pass over the rows). Returns
+    (x + gate * y in float32, its norm in dtype, or as FP8 rows (x_fp8, scale) when fp8)."""
     x = gated_residual.__wrapped__(x, y, gate, frames)
     h = affine_norm.__wrapped__(x, weight, bias, eps, torch.float32 if fp8 else dtype)
     return x, rows_fp8(h) if fp8 else h
@@ -310,8 +310,8 @@ def residual_modulate(
     x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int, eps: float,
     dtype: torch.dtype, fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """`residual` and the `modulate` of its sum in one pass over the rows. Returns (x + y in float32, the modulated
-    norm in dtype, or as FP8 rows (x_fp8, scale) when fp8)."""
+    """`residual` and the `modulate` of its sum in one compiled function (one pass over the rows). Returns (x + y in
+    float32, the modulated norm in dtype, or as FP8 rows (x_fp8, scale) when fp8)."""
     x = residual.__wrapped__(x, y)
     h = modulate.__wrapped__(x, shift, scale, frames, eps, torch.float32 if fp8 else dtype)
     return x, rows_fp8(h) if fp8 else h

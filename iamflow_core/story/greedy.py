@@ -261,7 +261,8 @@ class GreedyDecoder:
         self._buffers(rows, need, -(-(max_new_tokens + STEPS) // CACHE_STEP) * CACHE_STEP)
         # Every answer attends over the buffers' whole length (masked past its slot): one graph per batch size until
         # the buffers grow, so a prompt of another length replays it instead of capturing a new graph in the middle
-        # of a render, beside the sampler's launches (2 captures in a 1-GPU render before; a step costs the same).
+        # of a render, beside the sampler's launches (2 captures in a 1-GPU render before). A step's time is in the
+        # weights; a few hundred more masked keys cost next to nothing.
         length = self._room[1]
         graph = self._graph(rows, length)  # captured before the prompt's entries are written
         for layer, k_cache, v_cache in zip(layers, self._k, self._v):
