@@ -304,10 +304,10 @@ def test_the_ffn_linear_and_its_gelu_off_the_gpu_are_the_two_steps():
     """On the CPU (whose fused addmm-GELU computes the exact GELU, not Wan's tanh approximation) `linear_gelu` runs
     the linear, then the tanh GELU; a non-linear module (an FP8 layer) goes the same way."""
     torch.manual_seed(0)
-    linear, x = torch.nn.Linear(16, 24), torch.randn(2, 5, 16)
+    linear, x, gelu = torch.nn.Linear(16, 24), torch.randn(2, 5, 16), torch.nn.GELU(approximate="tanh")
     expected = torch.nn.functional.gelu(linear(x), approximate="tanh")
-    assert torch.equal(fused.linear_gelu(x, linear), expected)
-    assert torch.equal(fused.linear_gelu(x, torch.nn.Sequential(linear)), expected)
+    assert torch.equal(fused.linear_gelu(x, linear, gelu), expected)
+    assert torch.equal(fused.linear_gelu(x, torch.nn.Sequential(linear), gelu), expected)
 
 
 def test_the_residual_stream_reaches_every_norm_with_contiguous_rows(model, monkeypatch):

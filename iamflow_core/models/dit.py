@@ -132,7 +132,7 @@ class WanBlock(nn.Module):
         # H200, more than an FP8 ffn.2 saves); a 16-bit ffn.0 runs its GELU in the GEMM (`fused.linear_gelu`).
         fp8 = takes_rows(ffn_in, dtype)
         x, h = fused.residual_modulate(x, y, shift2, scale2, frames, eps, dtype, fp8)
-        y = ffn_out(gelu(ffn_in(Rows(*h))) if fp8 else fused.linear_gelu(h, ffn_in))
+        y = ffn_out(fused.linear_gelu(Rows(*h) if fp8 else h, ffn_in, gelu))
         return fused.gated_residual(x, y, gate2, frames)
 
 
@@ -227,7 +227,7 @@ class CausalWanDiT(nn.Module):
         # every residual add of all blocks (compiled kernels keep eager strides), and each norm would then reduce
         # along strided rows: on an H200 every LayerNorm ran as three kernels with the residual add left outside.
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        tokens = tokens.float().contiguous()
+        tokens = tokens.contiguous().float()  # one copy in the compute dtype, then the cast keeps the rows contiguous
         e, e0 = self._time(t, b, f // pt)
         for i, block in enumerate(self.blocks):
             tokens = block(

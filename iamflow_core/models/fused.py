@@ -317,18 +317,19 @@ def residual_modulate(
     return x, rows_fp8(h) if fp8 else h
 
 
-def linear_gelu(x: torch.Tensor | object, linear: nn.Module) -> torch.Tensor:
-    """GELU (tanh approximation, Wan's FFN) of `linear(x)`. On a GPU, for a plain 16-bit linear, one cuBLASLt GEMM
-    with the GELU in its epilogue, applied to the float32 accumulator before rounding: it saves a pass over the
-    8960-wide FFN activations (H200, 4680 rows: 188 against 225 us with the separate kernel) and rounds once
-    instead of twice. Elsewhere (the CPU's fused op computes the exact GELU; FP8 linears) the two steps."""
-    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
+def linear_gelu(x: torch.Tensor | object, linear: nn.Module, gelu: nn.GELU) -> torch.Tensor:
+    """`gelu(linear(x))`. On a GPU, for a plain 16-bit linear and the tanh GELU (Wan's FFN), one cuBLASLt GEMM with
+    the GELU in its epilogue, applied to the float32 accumulator before rounding: it saves a pass over the 8960-wide
+    FFN activations (H200, 4680 rows: 188 against 225 us with the separate kernel) and rounds once instead of twice.
+    Elsewhere (the CPU's fused op computes the exact GELU; FP8 linears and their `Rows`) the two steps."""
     if (
-        type(linear) is nn.Linear and isinstance(x, torch.Tensor) and x.is_cuda and bias is not None
-        and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        type(linear) is nn.Linear and gelu.approximate == "tanh" and isinstance(x, torch.Tensor) and x.is_cuda
+        and linear.bias is not None and x.dtype == linear.weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
     ):  # fmt: skip
-        return torch._addmm_activation(bias, x.flatten(0, -2), weight.t(), use_gelu=True).unflatten(0, x.shape[:-1])
-    return F.gelu(linear(x), approximate="tanh")
+        return torch._addmm_activation(linear.bias, x.flatten(0, -2), linear.weight.t(), use_gelu=True).unflatten(
+            0, x.shape[:-1]
+        )
+    return gelu(linear(x))
 
 
 @_fusable
