@@ -80,8 +80,10 @@ class LoadDiT(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora, precision, quantization, attention, device) -> io.NodeOutput:
         from iamflow_core import weights
+        from iamflow_core.models import fused
 
         dev, warning = resolve_device(device)
+        fused.warm_up(dev)  # while the file loads: the sampler's second chunk then only loads its own kernels
         backend, attention_warning = _attention_backend(attention)
         lora_path = None if lora == folders.NONE else folders.file_path("loras", lora)
         dit = weights.load_dit(

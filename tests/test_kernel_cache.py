@@ -1,5 +1,6 @@
 """Compiled kernels are kept in one folder between runs (`IAMFLOW_CACHE_DIR`, default the user's cache folder)."""
 
+import contextlib
 import logging
 import os
 import threading
@@ -244,3 +245,38 @@ def test_compile_workers_are_released_in_the_background(monkeypatch):
         assert stopped.is_set()
     finally:
         async_compile._pool_set.discard(pool)
+
+
+def test_the_compiler_warms_up_on_a_thread_under_the_launch_lock(clean_env, monkeypatch, caplog):
+    """`warm_up` (called as models start loading) turns compiled kernels on and runs one tiny fused function on a
+    thread, holding the launch lock so no model thread runs beside its trace; a failure is a warning, nothing
+    more. On a CPU, or with IAMFLOW_COMPILE=0, no thread starts."""
+    assert fused.warm_up("cpu") is None
+    clean_env.setenv("IAMFLOW_COMPILE", "0")
+    assert fused.warm_up("cuda:0") is None  # never touches the GPU
+    clean_env.delenv("IAMFLOW_COMPILE")
+
+    seen = []
+
+    def first_kernel(x):
+        seen.append((fused._launch_lock._is_owned(), fused.enabled(), x.shape))
+        return x + 1
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # a CPU stands in
+    monkeypatch.setattr(fused, "_first_kernel", first_kernel)
+    monkeypatch.setattr(fused, "_warmed", False)
+    thread = threading.Thread(target=fused._warm_up, args=(torch.device("cpu"),))
+    thread.start()
+    thread.join(timeout=30)
+    assert seen == [(True, True, (8,))] and fused.warmed()
+    assert fused._launch_lock.acquire(blocking=False)  # released
+    fused._launch_lock.release()
+
+    def broken(x):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused, "_first_kernel", broken)
+    monkeypatch.setattr(fused, "_warmed", False)
+    with caplog.at_level(logging.WARNING):
+        fused._warm_up(torch.device("cpu"))
+    assert not fused.warmed() and "warming the compiler up failed" in caplog.text

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from ..models import fused
 from ..models.attention import resolve_backend
 from ..models.dit import CausalWanDiT
 from ..models.vae import WanVAE
@@ -68,7 +69,9 @@ def load_models(
 ) -> tuple[CausalWanDiT, TextEncoder, WanVAE | None]:  # fmt: skip
     """Load the DiT (with LoRA), the text encoder and the VAE onto their devices; files that load but do not fit each
     other (another text width, other latent channels) are one `CheckpointError` naming both. umT5 (11 GB, the
-    longest read) loads on a thread while the DiT and the VAE load here."""
+    longest read) loads on a thread while the DiT and the VAE load here, and on a GPU the compiler's one-time parts
+    load on another (`fused.warm_up`)."""
+    fused.warm_up(device)
     text_encoder = _in_background(load_text_encoder, files, text_device or device, dtype, name="iamflow-load-umt5")
     dit = load_dit(files.dit, lora=files.lora, dtype=dtype, device=device, quantization=quantization)
     dit.attention_backend = resolve_backend(attention)

@@ -146,3 +146,20 @@ def test_traces_kept_by_this_process_load_or_are_traced_again_in_the_next(tmp_pa
         "next process:", done.stdout.strip().splitlines()[-1], [ln for ln in done.stderr.splitlines() if "trace" in ln]
     )
     assert json.loads(done.stdout.strip().splitlines()[-1])["chunks"] > 4
+
+
+def test_the_compiler_warms_up_beside_loading():
+    """`warm_up` compiles (or loads) its tiny kernel on a thread and the GPU's later compiled work runs as before."""
+    import torch
+
+    from iamflow_core.models import fused
+
+    try:
+        thread = fused.warm_up("cuda:0")
+        assert thread is not None and thread.daemon
+        thread.join(timeout=300)
+        assert not thread.is_alive() and fused.warmed() and fused.enabled()
+        x = torch.randn(2, 8, device="cuda")
+        assert torch.equal(fused.residual(x, torch.ones_like(x)), x + 1)
+    finally:
+        fused.enable(False)
