@@ -586,6 +586,32 @@ def test_parameters_on_meta_acts_only_in_its_thread():
     assert nn.Linear(2, 2).weight.device.type == "cpu" and nn.Module.register_parameter is original
 
 
+def test_building_on_meta_skips_the_initializers_and_only_there(monkeypatch):
+    """Inside `parameters_on_meta` the `nn.init` functions leave meta tensors alone (they have no data to fill: the
+    reference implementations only cost time, and the first imports torch._dynamo); a real tensor, built in any
+    thread meanwhile, is still initialized as PyTorch would; afterwards the functions are PyTorch's again."""
+    from iamflow_core.weights.build import parameters_on_meta
+
+    originals = {name: getattr(nn.init, name) for name in ("uniform_", "normal_", "kaiming_uniform_", "ones_")}
+    filled = []
+    uniform = torch.Tensor.uniform_
+    monkeypatch.setattr(
+        torch.Tensor, "uniform_", lambda t, *a, **k: filled.append(t.device.type) or uniform(t, *a, **k)
+    )
+    torch.manual_seed(0)
+    expected = nn.Linear(3, 2).weight.clone()
+    filled.clear()
+    with parameters_on_meta():
+        meta = nn.Linear(3, 2), nn.Embedding(5, 2), nn.LayerNorm(2)
+        assert all(p.is_meta for m in meta for p in m.parameters())
+        assert filled == []
+        torch.manual_seed(0)
+        real = torch.empty(2, 3)
+        nn.init.kaiming_uniform_(real, a=5**0.5)  # what nn.Linear(3, 2) does with its weight
+        assert filled == ["cpu"] and torch.equal(real, expected)
+    assert {name: getattr(nn.init, name) for name in originals} == originals
+
+
 def test_a_failing_dit_is_reported_without_waiting_for_the_text_encoder(monkeypatch, tmp_path):
     """The text encoder loads on a thread: a DiT that fails to load is reported while umT5 is still being read."""
     import threading
