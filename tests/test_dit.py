@@ -299,6 +299,13 @@ def test_a_residual_and_the_norm_after_it_in_one_pass_equal_the_two_steps():
     for got, expected in zip(rows, fused.modulate_fp8(total, shift, scale, 3, eps)):
         assert torch.equal(got.float(), expected.float())
 
+    total, h = fused.gated_residual_modulate(x, y, gate, shift, scale, 3, eps, torch.bfloat16)
+    assert torch.equal(total, fused.gated_residual(x, y, gate, 3))
+    assert torch.equal(h, fused.modulate(total, shift, scale, 3, eps, torch.bfloat16))
+    _, rows = fused.gated_residual_modulate(x, y, gate, shift, scale, 3, eps, torch.bfloat16, fp8=True)
+    for got, expected in zip(rows, fused.modulate_fp8(total, shift, scale, 3, eps)):
+        assert torch.equal(got.float(), expected.float())
+
 
 def test_the_ffn_linear_and_its_gelu_off_the_gpu_are_the_two_steps():
     """On the CPU (whose fused addmm-GELU computes the exact GELU, not Wan's tanh approximation) `linear_gelu` runs
@@ -314,7 +321,7 @@ def test_the_residual_stream_reaches_every_norm_with_contiguous_rows(model, monk
     """The patch embedding gives tokens as a transposed view; kept so, its layout would travel through every residual
     add, and on a GPU each compiled norm would reduce along strided rows (three kernels per LayerNorm, measured)."""
     seen = []
-    for name in ("modulate", "gated_residual_norm", "residual_modulate", "gated_residual"):
+    for name in ("modulate", "gated_residual_norm", "residual_modulate", "gated_residual_modulate", "gated_residual"):
         original = getattr(fused, name)
 
         @functools.wraps(original)  # keeps __wrapped__, which the other fused functions call
@@ -326,4 +333,4 @@ def test_the_residual_stream_reaches_every_norm_with_contiguous_rows(model, monk
     x, text = _inputs(3)
     with torch.no_grad():
         model(x, torch.tensor([500.0]), text)
-    assert len(seen) == 4 * len(model.blocks) and all(seen)
+    assert len(seen) == 3 * len(model.blocks) + 1 and all(seen)  # each block's FFN residual joins the next norm

@@ -110,6 +110,17 @@ class WanBlock(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
         """x: [B, L, dim] float32 residual stream; e0: [B, F, 6, dim] float32 per-frame modulation."""
+        x, (y, gate) = self.run(x, None, e0, cross, frames, rope_q, context, layer, backend, mask)
+        return fused.gated_residual(x, y, gate, frames)
+
+    def run(
+        self, x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, e0: torch.Tensor,
+        cross: tuple[torch.Tensor, torch.Tensor], frames: int, rope_q: tuple[torch.Tensor, torch.Tensor],
+        context: ContextFn, layer: int, backend: str, mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """`forward` with the FFN's gated residual left to the caller: returns (x before it, (ffn output, gate)), and
+        takes the previous block's such pair as `pending`, added here in the pass of the first norm (one read and
+        write of the float32 stream fewer per block on a GPU). The trunk chains blocks so."""
         dtype = self.norm3.weight.dtype  # the compute dtype (never quantized, unlike the linears)
         eps = self.norm3.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
@@ -118,11 +129,14 @@ class WanBlock(nn.Module):
         # Each residual add and the norm after it are one compiled function too (one kernel each on contiguous rows,
         # H200 probe), so the float32 stream is read once for both.
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
-        if takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype):
-            h = Rows(*fused.modulate_fp8(x, shift1, scale1, frames, eps))
+        fp8 = takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype)
+        if pending is not None:
+            x, h = fused.gated_residual_modulate(x, *pending, shift1, scale1, frames, eps, dtype, fp8)
+        elif fp8:
+            h = fused.modulate_fp8(x, shift1, scale1, frames, eps)
         else:
             h = fused.modulate(x, shift1, scale1, frames, eps, dtype)
-        y = attn(h, rope_q, context, layer, backend, mask)
+        y = attn(Rows(*h) if fp8 else h, rope_q, context, layer, backend, mask)
         # 2. Cross-attention to the prompt.
         fp8 = takes_rows(cross_attn.q, dtype)
         x, h = fused.gated_residual_norm(x, y, gate1, frames, self.norm3.weight, self.norm3.bias, eps, dtype, fp8)
@@ -132,8 +146,7 @@ class WanBlock(nn.Module):
         # H200, more than an FP8 ffn.2 saves); a 16-bit ffn.0 runs its GELU in the GEMM (`fused.linear_gelu`).
         fp8 = takes_rows(ffn_in, dtype)
         x, h = fused.residual_modulate(x, y, shift2, scale2, frames, eps, dtype, fp8)
-        y = ffn_out(fused.linear_gelu(Rows(*h) if fp8 else h, ffn_in, gelu))
-        return fused.gated_residual(x, y, gate2, frames)
+        return x, (ffn_out(fused.linear_gelu(Rows(*h) if fp8 else h, ffn_in, gelu)), gate2)
 
 
 class Head(nn.Module):
@@ -229,10 +242,11 @@ class CausalWanDiT(nn.Module):
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         tokens = tokens.contiguous().float()  # one copy in the compute dtype, then the cast keeps the rows contiguous
         e, e0 = self._time(t, b, f // pt)
+        pending, backend = None, self.attention_backend  # each block's FFN residual goes in the next one's first norm
         for i, block in enumerate(self.blocks):
-            tokens = block(
-                tokens, e0, (cross.k[i], cross.v[i]), f // pt, rope_q, context, i, self.attention_backend, mask
-            )
+            tokens, pending = block.run(tokens, pending, e0, (cross.k[i], cross.v[i]), f // pt, rope_q, context, i,
+                                        backend, mask)  # fmt: skip
+        tokens = fused.gated_residual(tokens, *pending, f // pt)
         out = self.head(tokens, e, f // pt).float()
         # unpatchify: [B, F*h*w, pt*ph*pw*C] -> [B, C, F*pt, h*ph, w*pw]
         out = out.view(b, f // pt, h // ph, w // pw, pt, ph, pw, -1)

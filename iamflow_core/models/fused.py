@@ -359,6 +359,19 @@ def residual_modulate(
     return x, rows_fp8(h) if fp8 else h
 
 
+@_fusable
+def gated_residual_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int,
+    eps: float, dtype: torch.dtype, fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """`gated_residual` and the `modulate` of its sum in one compiled function: a block's last residual add (the
+    FFN's, gated) with the next block's first norm. Returns (x + gate * y in float32, the modulated norm in dtype,
+    or as FP8 rows (x_fp8, scale) when fp8)."""
+    x = gated_residual.__wrapped__(x, y, gate, frames)
+    h = modulate.__wrapped__(x, shift, scale, frames, eps, torch.float32 if fp8 else dtype)
+    return x, rows_fp8(h) if fp8 else h
+
+
 def linear_gelu(x: torch.Tensor | object, linear: nn.Module, gelu: nn.GELU) -> torch.Tensor:
     """`gelu(linear(x))`. On a GPU, for a plain 16-bit linear and the tanh GELU (Wan's FFN), one cuBLASLt GEMM with
     the GELU in its epilogue, applied to the float32 accumulator before rounding: it saves a pass over the 8960-wide
