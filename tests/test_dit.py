@@ -299,10 +299,10 @@ def test_a_residual_and_the_norm_after_it_in_one_pass_equal_the_two_steps():
     for got, expected in zip(rows, fused.modulate_fp8(total, shift, scale, 3, eps)):
         assert torch.equal(got.float(), expected.float())
 
-    total, h = fused.gated_residual_modulate(x, y, gate, shift, scale, 3, eps, torch.bfloat16)
+    total, h = fused.residual_modulate(x, y, shift, scale, 3, eps, torch.bfloat16, gate=gate)
     assert torch.equal(total, fused.gated_residual(x, y, gate, 3))
     assert torch.equal(h, fused.modulate(total, shift, scale, 3, eps, torch.bfloat16))
-    _, rows = fused.gated_residual_modulate(x, y, gate, shift, scale, 3, eps, torch.bfloat16, fp8=True)
+    _, rows = fused.residual_modulate(x, y, shift, scale, 3, eps, torch.bfloat16, fp8=True, gate=gate)
     for got, expected in zip(rows, fused.modulate_fp8(total, shift, scale, 3, eps)):
         assert torch.equal(got.float(), expected.float())
 
@@ -321,7 +321,7 @@ def test_the_residual_stream_reaches_every_norm_with_contiguous_rows(model, monk
     """The patch embedding gives tokens as a transposed view; kept so, its layout would travel through every residual
     add, and on a GPU each compiled norm would reduce along strided rows (three kernels per LayerNorm, measured)."""
     seen = []
-    for name in ("modulate", "gated_residual_norm", "residual_modulate", "gated_residual_modulate", "gated_residual"):
+    for name in ("modulate", "gated_residual_norm", "residual_modulate", "gated_residual"):
         original = getattr(fused, name)
 
         @functools.wraps(original)  # keeps __wrapped__, which the other fused functions call

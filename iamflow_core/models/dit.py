@@ -105,22 +105,14 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(
-        self, x: torch.Tensor, e0: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], frames: int,
-        rope_q: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int, backend: str,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:  # fmt: skip
-        """x: [B, L, dim] float32 residual stream; e0: [B, F, 6, dim] float32 per-frame modulation."""
-        x, (y, gate) = self.run(x, None, e0, cross, frames, rope_q, context, layer, backend, mask)
-        return fused.gated_residual(x, y, gate, frames)
-
-    def run(
         self, x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, e0: torch.Tensor,
         cross: tuple[torch.Tensor, torch.Tensor], frames: int, rope_q: tuple[torch.Tensor, torch.Tensor],
         context: ContextFn, layer: int, backend: str, mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-        """`forward` with the FFN's gated residual left to the caller: returns (x before it, (ffn output, gate)), and
-        takes the previous block's such pair as `pending`, added here in the pass of the first norm (one read and
-        write of the float32 stream fewer per block on a GPU). The trunk chains blocks so."""
+        """x: [B, L, dim] float32 residual stream; e0: [B, F, 6, dim] float32 per-frame modulation. The FFN's gated
+        residual is left to the caller: returns (x before it, (ffn output, gate)), and the previous block's such pair
+        comes in as `pending`, added here in the pass of the first norm (one read and write of the float32 stream
+        fewer per block on a GPU); the trunk adds the last block's."""
         dtype = self.norm3.weight.dtype  # the compute dtype (never quantized, unlike the linears)
         eps = self.norm3.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
@@ -131,7 +123,8 @@ class WanBlock(nn.Module):
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
         fp8 = takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype)
         if pending is not None:
-            x, h = fused.gated_residual_modulate(x, *pending, shift1, scale1, frames, eps, dtype, fp8)
+            y, gate = pending
+            x, h = fused.residual_modulate(x, y, shift1, scale1, frames, eps, dtype, fp8, gate)
         elif fp8:
             h = fused.modulate_fp8(x, shift1, scale1, frames, eps)
         else:
@@ -244,8 +237,8 @@ class CausalWanDiT(nn.Module):
         e, e0 = self._time(t, b, f // pt)
         pending, backend = None, self.attention_backend  # each block's FFN residual goes in the next one's first norm
         for i, block in enumerate(self.blocks):
-            tokens, pending = block.run(tokens, pending, e0, (cross.k[i], cross.v[i]), f // pt, rope_q, context, i,
-                                        backend, mask)  # fmt: skip
+            tokens, pending = block(tokens, pending, e0, (cross.k[i], cross.v[i]), f // pt, rope_q, context, i,
+                                    backend, mask)  # fmt: skip
         tokens = fused.gated_residual(tokens, *pending, f // pt)
         out = self.head(tokens, e, f // pt).float()
         # unpatchify: [B, F*h*w, pt*ph*pw*C] -> [B, C, F*pt, h*ph, w*pw]

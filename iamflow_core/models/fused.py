@@ -350,24 +350,12 @@ def gated_residual_norm(
 @_fusable
 def residual_modulate(
     x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int, eps: float,
-    dtype: torch.dtype, fp8: bool = False,
+    dtype: torch.dtype, fp8: bool = False, gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """`residual` and the `modulate` of its sum in one compiled function (one pass over the rows). Returns (x + y in
-    float32, the modulated norm in dtype, or as FP8 rows (x_fp8, scale) when fp8)."""
-    x = residual.__wrapped__(x, y)
-    h = modulate.__wrapped__(x, shift, scale, frames, eps, torch.float32 if fp8 else dtype)
-    return x, rows_fp8(h) if fp8 else h
-
-
-@_fusable
-def gated_residual_modulate(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int,
-    eps: float, dtype: torch.dtype, fp8: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """`gated_residual` and the `modulate` of its sum in one compiled function: a block's last residual add (the
-    FFN's, gated) with the next block's first norm. Returns (x + gate * y in float32, the modulated norm in dtype,
-    or as FP8 rows (x_fp8, scale) when fp8)."""
-    x = gated_residual.__wrapped__(x, y, gate, frames)
+    """`residual` (or with `gate`, `gated_residual`: a block's FFN output joining the next block's first norm) and
+    the `modulate` of its sum in one compiled function (one pass over the rows). Returns (the sum in float32, the
+    modulated norm in dtype, or as FP8 rows (x_fp8, scale) when fp8)."""
+    x = residual.__wrapped__(x, y) if gate is None else gated_residual.__wrapped__(x, y, gate, frames)
     h = modulate.__wrapped__(x, shift, scale, frames, eps, torch.float32 if fp8 else dtype)
     return x, rows_fp8(h) if fp8 else h
 
