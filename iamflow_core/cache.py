@@ -277,17 +277,24 @@ class KVCache:
                 index += 1
         return offsets
 
+    def query_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer views [B, Lq, H, D] that the forward under way writes its chunk's rotated K and its V to: a
+        model may write them there itself, and `context` then copies nothing."""
+        start, end = self.layout.query_range
+        return self.k[layer, :, start:end], self.v[layer, :, start:end]
+
     def context(
         self, layer: int, k_query: torch.Tensor, v_query: torch.Tensor, q: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the chunk's rotated K and its V into the query slots and return the layer's context K, V.
+        """Write the chunk's rotated K and its V into the query slots (unless they are those slots already) and
+        return the layer's context K, V.
 
         k_query, v_query: [B, Lq, H, D]. Returns [B, Lctx, H, D] each: a view of the buffer when contiguous. With
         `cfg.sparse_topk` and the rotated queries q, each head keeps only its top-k sink/memory frames.
         """
-        start, end = self.layout.query_range
-        self.k[layer, :, start:end] = k_query
-        self.v[layer, :, start:end] = v_query
+        for slot, value in zip(self.query_slots(layer), (k_query, v_query)):
+            if value.data_ptr() != slot.data_ptr():  # not written there by the kernel that made it
+                slot.copy_(value)
         if len(self.layout.ranges) == 1:
             ((s, e),) = self.layout.ranges
             k, v = self.k[layer, :, s:e], self.v[layer, :, s:e]

@@ -314,7 +314,7 @@ class StreamingPipeline:
         latent = self._picture_latent(run, rgb)
         scratch = self.dit.new_cache(REFERENCE_CACHE, tokens_per_frame=run.cache.tokens_per_frame)
         with torch.no_grad():
-            self.dit.forward_chunk(latent, run.zero, run.prompts.cross(segment), scratch, 0, commit=True)
+            self.dit.write_chunk(latent, run.zero, run.prompts.cross(segment), scratch, 0)
         return scratch.frame_kv(0)
 
     def _chunk(self, run: _Run, i: int) -> tuple[dict, Pending | None]:
@@ -389,7 +389,7 @@ class StreamingPipeline:
     def _context_pass(self, run: _Run, latents: torch.Tensor, first: int, cross: CrossKV) -> None:
         """The clean pass at t = 0: `latents` become frames first, first + 1, ... of the cache, under `cross`."""
         with fused.launch_guard():
-            self.dit.forward_chunk(latents, run.zero, cross, run.cache, first, commit=True)
+            self.dit.write_chunk(latents, run.zero, cross, run.cache, first)
 
     def _sync(self) -> None:
         if self.profile and self.dit.device.type == "cuda":

@@ -8,7 +8,7 @@ import torch
 from iamflow_core.cache import KVCache, WindowState, block_causal_mask, commit_frames, frame_visibility, rope_positions
 from iamflow_core.config import CacheConfig
 from iamflow_core.models import fused
-from iamflow_core.models.dit import CausalWanDiT, CrossKV
+from iamflow_core.models.dit import CachedContext, CausalWanDiT, CrossKV
 
 from ._tiny_dit import TINY_DIT, diffusers_twin, tiny_dit
 
@@ -334,3 +334,70 @@ def test_the_residual_stream_reaches_every_norm_with_contiguous_rows(model, monk
     with torch.no_grad():
         model(x, torch.tensor([500.0]), text)
     assert len(seen) == 3 * len(model.blocks) + 1 and all(seen)  # each block's FFN residual joins the next norm
+
+
+def test_a_clean_pass_that_only_writes_the_cache_leaves_what_the_full_one_leaves(model):
+    """`write_chunk` stops in the last block once its keys and values are written: every chunk of a stream, a
+    memory segment and a recache of the window leave the same cache as `forward_chunk(..., commit=True)`."""
+    cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=12, memory_frames=2)
+    x, text = _inputs(frames=18)
+    cross, new_cross = model.encode_text(text), model.encode_text(torch.randn_like(text))
+    caches = [model.new_cache(cfg, tokens_per_frame=6) for _ in range(2)]
+    with torch.no_grad():
+        for full, cache in zip((True, False), caches):
+            for s in range(0, 18, 3):
+                if s == 9:
+                    k, v, pos = cache.frame_kv(4)
+                    cache.set_memory(k, v, [4], [pos])
+                model.forward_chunk(x[:, :, s : s + 3], torch.tensor([500.0]), cross, cache, s)  # a denoising pass
+                if full:
+                    model.forward_chunk(x[:, :, s : s + 3], torch.tensor([0.0]), cross, cache, s, commit=True)
+                else:
+                    assert model.write_chunk(x[:, :, s : s + 3], torch.tensor([0.0]), cross, cache, s) is None
+            if full:
+                model.forward_chunk(x[:, :, 9:18], torch.tensor([0.0]), new_cross, cache, 9, commit=True)
+            else:
+                model.write_chunk(x[:, :, 9:18], torch.tensor([0.0]), new_cross, cache, 9)
+    assert caches[0].state == caches[1].state
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+def test_a_chunks_keys_and_values_are_made_in_the_cache_not_copied_there(model, monkeypatch):
+    """Each layer's rotated keys and values are written by the kernels that make them into the cache's query slots,
+    so the cache copies nothing; the full-sequence forward still gets fresh tensors."""
+    written = []
+    original = KVCache.context
+
+    def spy(self, layer, k, v, q=None):
+        slot_k, slot_v = self.query_slots(layer)
+        written.append(k.data_ptr() == slot_k.data_ptr() and v.data_ptr() == slot_v.data_ptr())
+        return original(self, layer, k, v, q)
+
+    monkeypatch.setattr(KVCache, "context", spy)
+    x, text = _inputs(frames=3)
+    cross = model.encode_text(text)
+    cache, reference = (model.new_cache(CacheConfig(memory_frames=0), tokens_per_frame=6) for _ in range(2))
+    with torch.no_grad():
+        out = model.forward_chunk(x, torch.tensor([500.0]), cross, cache, 0)
+        monkeypatch.setattr(CachedContext, "slots", lambda self, layer: None)  # fresh tensors, copied by the cache
+        assert torch.equal(model.forward_chunk(x, torch.tensor([500.0]), cross, reference, 0), out)
+    n = len(model.blocks)
+    assert len(written) == 2 * n and all(written[:n]) and not any(written[n:])
+    assert torch.equal(cache.k, reference.k) and torch.equal(cache.v, reference.v)
+
+
+def test_a_linear_written_into_a_buffer_equals_the_linear_and_refuses_what_it_cannot_write():
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(16, 24), torch.randn(2, 5, 16)
+    out = torch.full((2, 5, 24), 7.0)
+    assert not fused.linear_into(x, linear, out)  # autograd on: out= has no backward
+    with torch.no_grad():
+        assert not fused.linear_into(x.transpose(0, 1), linear, torch.empty(5, 2, 24))  # rows not contiguous
+        assert not fused.linear_into(x, torch.nn.Sequential(linear), out)  # not a plain linear (an FP8 layer)
+        assert not fused.linear_into(x.double(), linear, out.double())  # not the weight's dtype
+        hook = linear.register_forward_hook(lambda *args: None)
+        assert not fused.linear_into(x, linear, out)  # a hook would be skipped
+        hook.remove()
+        assert torch.equal(out, torch.full_like(out, 7.0))  # nothing was written by the refusals
+        assert fused.linear_into(x, linear, out)
+        assert torch.allclose(out, linear(x), atol=1e-6)

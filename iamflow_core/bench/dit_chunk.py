@@ -57,7 +57,7 @@ def time_chunks(
     def chunk(index: int) -> None:
         for t in TIMESTEPS:
             model.forward_chunk(x, torch.tensor([t]), cross, cache, index * n)
-        model.forward_chunk(x, torch.tensor([0.0]), cross, cache, index * n, commit=True)
+        model.write_chunk(x, torch.tensor([0.0]), cross, cache, index * n)
 
     for i in range(warmup):
         chunk(i)
@@ -110,7 +110,7 @@ def stream_error(
                 if j + 1 < len(TIMESTEPS):
                     s = sigma(TIMESTEPS[j + 1])
                     x = (1 - s) * x0 + s * noise[j + 1]
-            model.forward_chunk(x0, torch.tensor([0.0], device=device), cross, cache, chunk * n, commit=True)
+            model.write_chunk(x0, torch.tensor([0.0], device=device), cross, cache, chunk * n)
             x0s.append(x0)
         per_chunk.append(_rel(x0s[1], x0s[0]))
     return {"forward_rel_err": _rel(first_forward[1], first_forward[0]),

@@ -27,8 +27,35 @@ from .fused import RMSNorm
 from .graphs import GraphRunner, graphs_allowed
 from .rope import RopeTables, apply_rope
 
-# (layer index, k, v, q) -> context (k, v), all rotated; the two entry points differ only here.
-ContextFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+class Context:
+    """Where self-attention finds its keys and values; the two entry points differ only here. This one is the full
+    sequence's: the chunk's own K/V are the context."""
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Buffers [B, L, H, D] to write the rotated K and the V of `layer` into, or None (fresh tensors)."""
+        return None
+
+    def __call__(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer, the chunk's rotated k, v, rotated q or None) -> the context's k, v."""
+        return k, v
+
+
+class CachedContext(Context):
+    """A chunk's context from the KV cache: its K/V go straight into the cache's query slots."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.query_slots(layer)
+
+    def __call__(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.context(layer, k, v, q)
 
 
 @dataclass(frozen=True)
@@ -60,17 +87,31 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
 
     def forward(
-        self, x: torch.Tensor | Rows, rope: tuple[torch.Tensor, torch.Tensor], context: ContextFn, layer: int,
+        self, x: torch.Tensor | Rows, rope: tuple[torch.Tensor, torch.Tensor], context: Context, layer: int,
         backend: str, mask: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
         """x: [B, L, dim] in the compute dtype, or its FP8 `Rows` -> [B, L, dim]. q and k are rotated at the
         queried positions."""
-        eps = self.norm_q.eps
-        q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, eps, self.num_heads, *rope)
-        k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, eps, self.num_heads, *rope)
-        v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k_ctx, v_ctx = context(layer, k, v, q)
+        q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, self.num_heads, *rope)
+        k_ctx, v_ctx = context(layer, *self.keys_values(x, rope, context, layer), q)
         return self.o(attention(q, k_ctx, v_ctx, backend, mask).flatten(2))
+
+    def keys_values(
+        self, x: torch.Tensor | Rows, rope: tuple[torch.Tensor, torch.Tensor], context: Context, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated keys and the values [B, L, H, D] of x, written by the kernels that make them into the
+        context's slots when it has them (the cache's query slots: no copy after, 2.3 ms of a chunk's 235 on an
+        H200)."""
+        eps, heads = self.norm_k.eps, self.num_heads
+        slots = context.slots(layer)
+        if slots is None:
+            k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, eps, heads, *rope)
+            return k, self.v(x).unflatten(-1, (heads, self.head_dim))
+        k, v = slots
+        fused.rms_norm_rope(self.k(x), self.norm_k.weight, eps, heads, *rope, out=k)
+        if not fused.linear_into(x, self.v, v.flatten(2)):
+            v.copy_(self.v(x).unflatten(-1, (heads, self.head_dim)))
+        return k, v
 
 
 class CrossAttention(nn.Module):
@@ -107,7 +148,7 @@ class WanBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, e0: torch.Tensor,
         cross: tuple[torch.Tensor, torch.Tensor], frames: int, rope_q: tuple[torch.Tensor, torch.Tensor],
-        context: ContextFn, layer: int, backend: str, mask: torch.Tensor | None,
+        context: Context, layer: int, backend: str, mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
         """x: [B, L, dim] float32 residual stream; e0: [B, F, 6, dim] float32 per-frame modulation. The FFN's gated
         residual is left to the caller: returns (x before it, (ffn output, gate)), and the previous block's such pair
@@ -116,20 +157,10 @@ class WanBlock(nn.Module):
         dtype = self.norm3.weight.dtype  # the compute dtype (never quantized, unlike the linears)
         eps = self.norm3.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
-        attn, cross_attn, (ffn_in, gelu, ffn_out) = self.self_attn, self.cross_attn, self.ffn
-        # FP8 linears that run FP8 matmuls get their input quantized by the kernel that makes it, in the same pass.
-        # Each residual add and the norm after it are one compiled function too (one kernel each on contiguous rows,
-        # H200 probe), so the float32 stream is read once for both.
+        cross_attn, (ffn_in, gelu, ffn_out) = self.cross_attn, self.ffn
         # 1. Self-attention over the context (full sequence or cache), gated per frame.
-        fp8 = takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype)
-        if pending is not None:
-            y, gate = pending
-            x, h = fused.residual_modulate(x, y, shift1, scale1, frames, eps, dtype, fp8, gate)
-        elif fp8:
-            h = fused.modulate_fp8(x, shift1, scale1, frames, eps)
-        else:
-            h = fused.modulate(x, shift1, scale1, frames, eps, dtype)
-        y = attn(Rows(*h) if fp8 else h, rope_q, context, layer, backend, mask)
+        x, h = self._attention_input(x, pending, shift1, scale1, frames)
+        y = self.self_attn(h, rope_q, context, layer, backend, mask)
         # 2. Cross-attention to the prompt.
         fp8 = takes_rows(cross_attn.q, dtype)
         x, h = fused.gated_residual_norm(x, y, gate1, frames, self.norm3.weight, self.norm3.bias, eps, dtype, fp8)
@@ -140,6 +171,36 @@ class WanBlock(nn.Module):
         fp8 = takes_rows(ffn_in, dtype)
         x, h = fused.residual_modulate(x, y, shift2, scale2, frames, eps, dtype, fp8)
         return x, (ffn_out(fused.linear_gelu(Rows(*h) if fp8 else h, ffn_in, gelu)), gate2)
+
+    def write_keys_values(
+        self, x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, e0: torch.Tensor, frames: int,
+        rope_q: tuple[torch.Tensor, torch.Tensor], context: Context, layer: int,
+    ) -> None:  # fmt: skip
+        """Only what `forward` gives the cache: this block's keys and values of x, handed to `context` (the last
+        block of a clean pass, whose output nothing reads)."""
+        shift1, scale1, *_ = (self.modulation.float()[:, None] + e0[:, :, None]).unbind(3)
+        _, h = self._attention_input(x, pending, shift1, scale1, frames)
+        context(layer, *self.self_attn.keys_values(h, rope_q, context, layer), None)
+
+    def _attention_input(
+        self, x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, shift: torch.Tensor,
+        scale: torch.Tensor, frames: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | Rows]:  # fmt: skip
+        """(the residual stream with the previous block's pending FFN residual added, the self-attention's input:
+        its modulated first norm, as FP8 `Rows` when the q/k/v linears run FP8 matmuls)."""
+        # FP8 linears that run FP8 matmuls get their input quantized by the kernel that makes it, in the same pass.
+        # Each residual add and the norm after it are one compiled function too (one kernel each on contiguous rows,
+        # H200 probe), so the float32 stream is read once for both.
+        attn, dtype, eps = self.self_attn, self.norm3.weight.dtype, self.norm3.eps
+        fp8 = takes_rows(attn.q, dtype) and takes_rows(attn.k, dtype) and takes_rows(attn.v, dtype)
+        if pending is not None:
+            y, gate = pending
+            x, h = fused.residual_modulate(x, y, shift, scale, frames, eps, dtype, fp8, gate)
+        elif fp8:
+            h = fused.modulate_fp8(x, shift, scale, frames, eps)
+        else:
+            h = fused.modulate(x, shift, scale, frames, eps, dtype)
+        return x, Rows(*h) if fp8 else h
 
 
 class Head(nn.Module):
@@ -224,9 +285,10 @@ class CausalWanDiT(nn.Module):
     # shared trunk ----------------------------------------------------------------------------------------------
     def _run(
         self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, rope_q: tuple[torch.Tensor, torch.Tensor],
-        context: ContextFn, mask: torch.Tensor | None,
-    ) -> torch.Tensor:  # fmt: skip
-        """x: [B, C, F, H, W] latents -> velocity [B, C_out, F, H, W]."""
+        context: Context, mask: torch.Tensor | None, keys_values_only: bool = False,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """x: [B, C, F, H, W] latents -> velocity [B, C_out, F, H, W]. keys_values_only: the last block stops once
+        its keys and values are handed to `context`, and nothing is returned (a clean pass)."""
         b, _, f, h, w = x.shape
         pt, ph, pw = self.cfg.patch_size
         # Rows made contiguous: the transposed view of the patch embedding's [B, dim, L] would carry its layout through
@@ -237,6 +299,9 @@ class CausalWanDiT(nn.Module):
         e, e0 = self._time(t, b, f // pt)
         pending, backend = None, self.attention_backend  # each block's FFN residual goes in the next one's first norm
         for i, block in enumerate(self.blocks):
+            if keys_values_only and i == len(self.blocks) - 1:
+                block.write_keys_values(tokens, pending, e0, f // pt, rope_q, context, i)
+                return None
             tokens, pending = block(tokens, pending, e0, (cross.k[i], cross.v[i]), f // pt, rope_q, context, i,
                                     backend, mask)  # fmt: skip
         tokens = fused.gated_residual(tokens, *pending, f // pt)
@@ -279,11 +344,7 @@ class CausalWanDiT(nn.Module):
         f, h, w = self._grid(x)
         cross = text if isinstance(text, CrossKV) else self.encode_text(text)
         cos, sin = self.rope.grid(range(f), h, w, self.device)
-
-        def full_context(layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return k, v
-
-        return self._run(x, t, cross, (cos, sin), full_context, None if mask is None else mask.to(self.device))
+        return self._run(x, t, cross, (cos, sin), Context(), None if mask is None else mask.to(self.device))
 
     def forward_chunk(
         self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, cache: KVCache, start_frame: int, commit: bool = False
@@ -294,31 +355,44 @@ class CausalWanDiT(nn.Module):
         cache afterwards; denoising passes leave the cache as it was. F may exceed a chunk up to
         `cache.query_capacity` to recache frames already in the window under a new prompt (LongLive's KV recache).
         """
+        return self._chunk(x, t, cross, cache, start_frame, commit, keys_values_only=False)
+
+    def write_chunk(self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, cache: KVCache, start_frame: int) -> None:
+        """The clean pass when only the cache wants it: what `forward_chunk(..., commit=True)` leaves in the cache,
+        without its output. Run eagerly (a recache, a reference picture, the CPU) the last block stops once its keys
+        and values are written (its attention, cross-attention and FFN, and the head, would only make the output):
+        1/30 of the forward less. Under CUDA graphs it replays the layout's graph of the whole forward."""
+        self._chunk(x, t, cross, cache, start_frame, commit=True, keys_values_only=True)
+
+    def _chunk(
+        self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, cache: KVCache, start_frame: int, commit: bool,
+        keys_values_only: bool,
+    ) -> torch.Tensor | None:  # fmt: skip
         f, h, w = self._grid(x)
         if cache.tokens_per_frame != h * w:
             raise ValueError(f"cache holds {cache.tokens_per_frame} tokens per frame, latents give {h * w}")
         layout = cache.begin(range(start_frame, start_frame + f), self._rotator(h, w))
         q_cos, q_sin = self._rope(layout.query_positions, h, w)
-
-        def cached_context(layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return cache.context(layer, k, v, q)
-
+        context = CachedContext(cache)
         if self._use_graphs(x, cache):
             # Graph inputs are exactly what changes between chunks of one layout; the cache is written in place.
+            # A clean pass replays its layout's graph of the whole forward, its output unused: a graph of its own
+            # would cost a capture for each layout (two eager forwards) against 1/30 of a forward a chunk, and
+            # identity stories change layouts as their memory fills (one H200, one run each: 30.89 against 30.41 FPS).
             t = t.to(self.device)
             key = (layout.ranges, layout.query_range, tuple(x.shape), x.dtype, tuple(t.shape), t.dtype,
                    tuple(cross.k.shape), cross.k.dtype, self.attention_backend)  # fmt: skip
 
             def body(x, t, ck, cv, q_cos, q_sin):
-                return self._run(x, t, CrossKV(ck, cv), (q_cos, q_sin), cached_context, None)
+                return self._run(x, t, CrossKV(ck, cv), (q_cos, q_sin), context, None)
 
             owner = (cache.k.data_ptr(), cache.v.data_ptr())
             out = self._graphs.run(owner, key, body, x, t, cross.k, cross.v, q_cos, q_sin)
         else:
-            out = self._run(x, t, cross, (q_cos, q_sin), cached_context, None)
+            out = self._run(x, t, cross, (q_cos, q_sin), context, None, keys_values_only)
         if commit:
             cache.commit()
-        return out
+        return None if keys_values_only else out
 
     def _use_graphs(self, x: torch.Tensor, cache: KVCache) -> bool:
         # Sparse memory activation picks frames with host-built indices per call: not capturable.

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
+
 logger = logging.getLogger(__name__)
 _enabled = False
 # torch.compile traces by patching nn.Module.__call__ for the whole process, so no other thread may run modules
@@ -395,13 +397,33 @@ class RMSNorm(nn.Module):
         return rms_norm(x.to(self.weight.dtype), self.weight, self.eps)
 
 
-@_fusable
 def rms_norm_rope(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """RMSNorm over the full dim, split into heads, rotate. x: [B, L, dim] -> [B, L, H, D]; cos, sin: [L, D/2]."""
-    h = rms_norm.__wrapped__(x, weight, eps)
-    return apply_rope.__wrapped__(h.unflatten(-1, (heads, -1)), cos, sin)
+    x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """RMSNorm over the full dim, split into heads, rotate. x: [B, L, dim] -> [B, L, H, D]; cos, sin: [L, D/2].
+    With `out` (the KV cache's query slot for the keys) the result is written there and returned: on a GPU by the
+    kernel that computes it (`kernels.rms_norm_rope`, hand-written: TorchInductor's took three times the memory
+    time), elsewhere and inside `eager()` by a copy after plain PyTorch."""
+    if compiles(x) and kernels.available(x) and weight.dtype == x.dtype:
+        return kernels.rms_norm_rope(x, weight, eps, heads, cos, sin, out)
+    h = apply_rope.__wrapped__(rms_norm.__wrapped__(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
+    return h if out is None else out.copy_(h)
+
+
+def linear_into(x: torch.Tensor | object, linear: nn.Module, out: torch.Tensor) -> bool:
+    """`linear(x)` written into `out` [..., N] by the GEMM itself (cuBLAS with its bias epilogue, as `F.linear`
+    runs it) instead of a fresh tensor and a copy after it: for a plain linear, x a tensor of its dtype, both
+    contiguous, without autograd. Returns whether it was written (False: nothing was done; FP8 linears and their
+    `Rows` among others)."""
+    if not (
+        not torch.is_grad_enabled() and type(linear) is nn.Linear and isinstance(x, torch.Tensor)
+        and x.dtype == linear.weight.dtype == out.dtype and linear.bias is not None and x.is_contiguous()
+        and out.is_contiguous() and not linear._forward_hooks and not linear._forward_pre_hooks
+    ):  # fmt: skip
+        return False
+    torch.addmm(linear.bias, x.view(-1, x.shape[-1]), linear.weight.t(), out=out.view(-1, out.shape[-1]))
+    return True
 
 
 @_fusable(dynamic=None)  # stored keys of any number of frames (the cache's moves, the memory's recalls)

@@ -17,7 +17,8 @@ CFG = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=3, text_dim=64)
 
 @torch.no_grad()
 def _stream(model: CausalWanDiT, graphs: bool, device: str = "cuda") -> list[torch.Tensor]:
-    """10 chunks of 4 denoising + 1 clean forward; memory frames come in at chunk 5 and go at chunk 8."""
+    """10 chunks of 4 denoising + 1 clean forward (from chunk 5 on one that only writes the cache), then the cache;
+    memory frames come in at chunk 5 and go at chunk 8."""
     model.cuda_graphs = graphs
     model._graphs.clear()
     g = torch.Generator(device=device).manual_seed(0)
@@ -34,8 +35,11 @@ def _stream(model: CausalWanDiT, graphs: bool, device: str = "cuda") -> list[tor
         x = torch.randn(1, 16, 3, 16, 24, device=device, generator=g)
         for t in (1000.0, 750.0, 500.0, 250.0):
             outs.append(model.forward_chunk(x, torch.tensor([t], device=device), cross, cache, 3 * chunk))
-        outs.append(model.forward_chunk(x, torch.zeros(1, device=device), cross, cache, 3 * chunk, commit=True))
-    return outs
+        if chunk < 5:
+            outs.append(model.forward_chunk(x, torch.zeros(1, device=device), cross, cache, 3 * chunk, commit=True))
+        else:  # the clean pass that only writes the cache, checked by the cache and what follows
+            model.write_chunk(x, torch.zeros(1, device=device), cross, cache, 3 * chunk)
+    return [*outs, cache.k.clone(), cache.v.clone()]
 
 
 def _same(eager: list[torch.Tensor], graphed: list[torch.Tensor]) -> None:
