@@ -401,3 +401,23 @@ def test_a_linear_written_into_a_buffer_equals_the_linear_and_refuses_what_it_ca
         assert torch.equal(out, torch.full_like(out, 7.0))  # nothing was written by the refusals
         assert fused.linear_into(x, linear, out)
         assert torch.allclose(out, linear(x), atol=1e-6)
+
+
+def test_the_dit_benchmarks_profile_sorts_kernels_by_kind():
+    """`bench dit --profile`'s breakdown: FA3's CUTLASS kernels are attention, not GEMMs; the hand-written q/k kernel
+    counts with the fused Triton ones; the kinds add up to the total and the largest kernels come first."""
+    from iamflow_core.bench import dit_chunk, kernel_time
+
+    kernels = [
+        ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...>>>", 125.1, 298),
+        ("nvjet_sm90_tst_192x144_64x5_2x1_v_bz_coopB_bias_TNT", 51.1, 1045),
+        ("triton_red_fused__to_copy_add_mul_native_layer_norm_view_0", 12.45, 448),
+        ("_rms_norm_rope_kernel", 2.57, 299),
+        ("Memcpy DtoD (Device -> Device)", 0.5, 10),
+        ("void at::native::elementwise_kernel<128, 2, CUDAFunctor_add<float>>", 0.45, 158),
+    ]
+    row = kernel_time.summarize(kernels, dit_chunk.KINDS, top=2)
+    assert row["profiled_ms"] == {"attention": 125.1, "gemm": 51.1, "fused (triton)": 15.0, "copy": 0.5,
+                                  "other": 0.5, "total": 192.2}  # fmt: skip
+    assert list(row["profiled_ms"])[:2] == ["attention", "gemm"]
+    assert row["top_kernels"] == [[125.1, 298, kernels[0][0]], [51.1, 1045, kernels[1][0]]]

@@ -1,8 +1,12 @@
 """Time one streaming chunk (4 denoising forwards + 1 clean cache-write forward) of the full-size DiT.
 
     python -m iamflow_core bench dit [--backends sdpa,flash3] [--memory-frames 0 3] [--quantization off fp8]
+                                     [--profile]
 
 Random weights (compute does not depend on the values), bf16, steady state (sink and window already full).
+`--profile` adds to each row where one more chunk's GPU time goes (`torch.profiler`, CUDA graphs off so that each
+kernel shows, the clean pass run eagerly): attention, GEMMs, the fused Triton kernels, copies and the rest, with the
+largest kernels.
 `--quantization fp8` adds rows with the DiT quantized as the CLI's `--quantization fp8` does (self-attention q/k/v,
 cross-attention q and FFN-in as FP8 matmuls). Every FP8 row (FP8 matmuls, the `flash3_fp8` attention backend, both)
 also gets a row of its error against bf16 with 16-bit attention: one forward, and the denoised latents of a 10-chunk
@@ -24,8 +28,16 @@ from ..models.attention import available_backends, precise
 from ..models.dit import CausalWanDiT
 from ..schedule import sigma
 from ..weights import quantize_dit
+from . import kernel_time
 
 TIMESTEPS = (1000.0, 937.5, 833.3, 625.0)
+# Kernel name fragments -> what they are, first match wins (FA3's kernels are CUTLASS ones in namespace flash).
+KINDS = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul")),
+    ("fused (triton)", ("triton", "rms_norm_rope")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
 
 
 def build_model(device: str, dtype: torch.dtype, cfg: DiTConfig | None = None, seed: int = 0) -> CausalWanDiT:
@@ -37,9 +49,11 @@ def build_model(device: str, dtype: torch.dtype, cfg: DiTConfig | None = None, s
 
 @torch.no_grad()
 def time_chunks(
-    model: CausalWanDiT, cache_cfg: CacheConfig, height: int, width: int, chunks: int = 5, warmup: int = 5
-) -> dict:
-    """Mean seconds per chunk and per forward over `chunks` timed chunks after `warmup` chunks."""
+    model: CausalWanDiT, cache_cfg: CacheConfig, height: int, width: int, chunks: int = 5, warmup: int = 5,
+    profile: bool = False,
+) -> dict:  # fmt: skip
+    """Mean seconds per chunk and per forward over `chunks` timed chunks after `warmup` chunks; with `profile`, one
+    more chunk's kernel time by kind (CUDA graphs off)."""
     device = model.device
     h, w = height // 8, width // 8
     tokens = (h // 2) * (w // 2)
@@ -67,12 +81,19 @@ def time_chunks(
         chunk(i)
     torch.cuda.synchronize()
     per_chunk = (time.perf_counter() - start) / chunks
-    return {
+    row = {
         "context_tokens": cache.layout.context_tokens if cache.layout else None,
         "chunk_s": per_chunk,
         "forward_ms": per_chunk / 5 * 1000,
         "video_fps_dit_only": (4 * n) / per_chunk,
     }
+    if profile:
+        graphs, model.cuda_graphs = model.cuda_graphs, False
+        try:
+            row.update(kernel_time.profile_kinds(lambda: chunk(warmup + chunks), KINDS, top=12))
+        finally:
+            model.cuda_graphs = graphs
+    return row
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,6 +152,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
         "--quantization", nargs="+", choices=["off", "fp8"], default=["off"],
         help="fp8: also time the DiT as the CLI's --quantization fp8 makes it, and measure its error against bf16",
     )  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="also where one chunk's GPU time goes, by kernel")
     args = parser.parse_args(argv)
     fused.enable(not args.no_compile)
     if not torch.cuda.is_available():
@@ -151,7 +173,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
                     "quantization": quantization,
                     "backend": backend,
                     "memory_frames": memory,
-                    **time_chunks(model, cache_cfg, args.height, args.width),
+                    **time_chunks(model, cache_cfg, args.height, args.width, profile=args.profile),
                 }
                 yield json.dumps(row)
     # Error rows: each other quantization and backend against bf16 with the first 16-bit backend, on models of the

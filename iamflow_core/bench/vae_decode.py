@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from ..config import VAEConfig
 from ..models import fused
 from ..models.vae import CONV_PLANS, WanVAE
+from . import kernel_time
 
 # Kernel name fragments -> what they are, first match wins.
 KINDS = (
@@ -32,8 +32,7 @@ KINDS = (
 
 
 def kind_of(kernel: str) -> str:
-    name = kernel.lower()
-    return next((kind for kind, parts in KINDS if any(p in name for p in parts)), "other")
+    return kernel_time.kind_of(kernel, KINDS)
 
 
 @torch.no_grad()
@@ -49,18 +48,9 @@ def time_decode(vae: WanVAE, latent_frames: int, height: int, width: int, chunks
         vae.decode_stream(z, state)
     end.record()
     end.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        vae.decode_stream(z, state)
-        torch.cuda.synchronize()
-    kinds: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        if event.device_type.name == "CUDA":
-            kinds[kind_of(event.key)] += event.self_device_time_total / 1000
     return {
         "chunk_ms": round(start.elapsed_time(end) / chunks, 1),
-        "profiled_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        **kernel_time.profile_kinds(lambda: vae.decode_stream(z, state), KINDS),
         "conv_plans": [plan_line(key, plan) for key, plan in CONV_PLANS.items()],
     }
 
