@@ -64,11 +64,16 @@ def use_cache_dir() -> Path | None:
     return folder
 
 
+def _compile_allowed() -> bool:
+    """Compiled kernels are allowed unless IAMFLOW_COMPILE=0."""
+    return os.environ.get("IAMFLOW_COMPILE", "1") != "0"
+
+
 def enable(flag: bool = True) -> None:
     """Turn compiled kernels on (for CUDA tensors). The first calls of each shape compile (seconds), or load them
     from the kernel cache folder (`use_cache_dir`), together with Dynamo's traces of them (`save_traces`)."""
     global _enabled, _keep_traces
-    _enabled = flag and os.environ.get("IAMFLOW_COMPILE", "1") != "0"
+    _enabled = flag and _compile_allowed()
     if _enabled:
         import torch._dynamo
 
@@ -275,7 +280,7 @@ def warm_up(device: torch.device | str) -> threading.Thread | None:
     Returns the thread (a daemon; a failure is logged and the second chunk pays as before), or None on a CPU or with
     `IAMFLOW_COMPILE=0`."""
     device = torch.device(device)
-    if device.type != "cuda" or os.environ.get("IAMFLOW_COMPILE", "1") == "0":
+    if device.type != "cuda" or not _compile_allowed():
         return None
     thread = threading.Thread(target=_warm_up, args=(device,), name="iamflow-warm-compiler", daemon=True)
     thread.start()
@@ -362,14 +367,23 @@ def residual_modulate(
     return x, rows_fp8(h) if fp8 else h
 
 
+def _plain_linear(x: torch.Tensor | object, linear: nn.Module) -> bool:
+    """Whether `linear` is a plain `nn.Linear` with a bias and x a tensor of its weight's dtype: one the fused GEMM
+    calls below may run themselves (not an FP8 linear, nor its `Rows`)."""
+    return (
+        type(linear) is nn.Linear and isinstance(x, torch.Tensor) and linear.bias is not None
+        and x.dtype == linear.weight.dtype
+    )  # fmt: skip
+
+
 def linear_gelu(x: torch.Tensor | object, linear: nn.Module, gelu: nn.GELU) -> torch.Tensor:
     """`gelu(linear(x))`. On a GPU, for a plain 16-bit linear and the tanh GELU (Wan's FFN), one cuBLASLt GEMM with
     the GELU in its epilogue, applied to the float32 accumulator before rounding: it saves a pass over the 8960-wide
     FFN activations (H200, 4680 rows: 188 against 225 us with the separate kernel) and rounds once instead of twice.
     Elsewhere (the CPU's fused op computes the exact GELU; FP8 linears and their `Rows`) the two steps."""
     if (
-        type(linear) is nn.Linear and gelu.approximate == "tanh" and isinstance(x, torch.Tensor) and x.is_cuda
-        and linear.bias is not None and x.dtype == linear.weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        _plain_linear(x, linear) and gelu.approximate == "tanh" and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
     ):  # fmt: skip
         return torch._addmm_activation(linear.bias, x.flatten(0, -2), linear.weight.t(), use_gelu=True).unflatten(
             0, x.shape[:-1]
@@ -417,8 +431,7 @@ def linear_into(x: torch.Tensor | object, linear: nn.Module, out: torch.Tensor) 
     contiguous, without autograd. Returns whether it was written (False: nothing was done; FP8 linears and their
     `Rows` among others)."""
     if not (
-        not torch.is_grad_enabled() and type(linear) is nn.Linear and isinstance(x, torch.Tensor)
-        and x.dtype == linear.weight.dtype == out.dtype and linear.bias is not None and x.is_contiguous()
+        _plain_linear(x, linear) and not torch.is_grad_enabled() and out.dtype == x.dtype and x.is_contiguous()
         and out.is_contiguous() and not linear._forward_hooks and not linear._forward_pre_hooks
     ):  # fmt: skip
         return False
