@@ -1,12 +1,14 @@
 """Identity-aware memory, MemFlow bank helpers, sparse activation, and memory settings (CPU, tiny models)."""
 
+import gc
+import logging
 import time
 
 import pytest
 import torch
 
 from iamflow_core.cache import sparse_select
-from iamflow_core.memory.archive import ArchivedFrame, evict, greedy_cover
+from iamflow_core.memory.archive import ArchivedFrame, HostBuffers, evict, greedy_cover
 from iamflow_core.memory.identity import IdentityMemory
 from iamflow_core.memory.pacing import PROBE_EVERY, VerdictPacing
 from iamflow_core.memory.scoring import entity_token_weights, text_query
@@ -22,6 +24,66 @@ from iamflow_core.verify import AsyncVerifier, Verdict
 def _frame(frame: int, entities: tuple[int, ...], visual: float = 0.5, nbytes: int = 100) -> ArchivedFrame:
     half = nbytes // 8  # float32 k and v of `half` elements each
     return ArchivedFrame(frame, frame, 0, entities, 0.0, visual, torch.zeros(half), torch.zeros(half))
+
+
+# host buffers of the archive ------------------------------------------------------------------------------------
+def _counting_maker(made: list[int]):
+    def make(nbytes: int) -> torch.Tensor:
+        made.append(nbytes)
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+    return make
+
+
+def test_host_buffers_come_back_when_the_frame_copy_is_dropped_and_are_lent_again():
+    made: list[int] = []
+    pool = HostBuffers(make=_counting_maker(made))
+    shape = torch.Size((2, 1, 6, 2, 4))
+    k = pool.lend(shape, torch.bfloat16)
+    assert k.shape == shape and k.dtype == torch.bfloat16 and made == [shape.numel() * 2]
+    k.fill_(3)
+    assert bool((k == 3).all())
+    address = k.data_ptr()
+    other = pool.lend(torch.Size((5,)), torch.float32)  # another size: a buffer of its own
+    assert len(made) == 2 and other.data_ptr() != address
+    del k
+    gc.collect()
+    again = pool.lend(shape, torch.bfloat16)  # the same buffer, nothing made
+    assert again.data_ptr() == address and len(made) == 2
+    assert pool.made(shape, torch.bfloat16) == 1
+
+
+def test_host_buffers_are_reserved_on_a_thread_ahead_of_the_frames():
+    made: list[int] = []
+    pool = HostBuffers(make=_counting_maker(made))
+    shape = torch.Size((3, 4))
+    pool.reserve(shape, torch.float32, 3)
+    pool.wait()
+    assert pool.made(shape, torch.float32) == 3 and len(made) == 3
+    lent = [pool.lend(shape, torch.float32) for _ in range(3)]
+    assert len(made) == 3 and len({t.data_ptr() for t in lent}) == 3  # three distinct reserved buffers
+    pool.reserve(shape, torch.float32, 3)  # already there: nothing more
+    pool.wait()
+    assert len(made) == 3
+    lent.append(pool.lend(shape, torch.float32))  # past the reserve: made on the spot
+    assert len(made) == 4
+
+
+def test_a_failed_reserve_is_logged_and_the_buffers_are_made_when_lent(caplog):
+    calls: list[int] = []
+
+    def make(nbytes: int) -> torch.Tensor:
+        calls.append(nbytes)
+        if len(calls) == 1:
+            raise RuntimeError("cudaHostRegister: out of memory")
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+    pool = HostBuffers(make=make)
+    with caplog.at_level(logging.WARNING):
+        pool.reserve(torch.Size((8,)), torch.float32, 2)
+        pool.wait()
+    assert "reserving host buffers" in caplog.text and pool.made(torch.Size((8,)), torch.float32) == 0
+    assert pool.lend(torch.Size((8,)), torch.float32).shape == (8,)
 
 
 # set cover, eviction -------------------------------------------------------------------------------------------

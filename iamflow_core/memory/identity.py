@@ -31,7 +31,7 @@ from ..devices import to_device_async
 from ..models.dit import CrossKV
 from ..story.entities import EntityRegistry
 from ..verify import NEUTRAL, Verdict, Verifier
-from .archive import Archive, ArchivedFrame, HostValues, greedy_cover, to_device
+from .archive import Archive, ArchivedFrame, HostValues, greedy_cover, host_buffers, to_device
 from .base import StepContext, require_memory_segment
 from .pacing import VerdictPacing
 from .scoring import entity_token_weights, frame_descriptor, frame_relevance, text_query
@@ -124,6 +124,10 @@ class IdentityMemory:
     def start(self, ctx: StepContext) -> None:
         require_memory_segment(ctx, self.max_frames, "max_frames")
         ctx.cache.clear_memory()
+        if ctx.cache.k.is_cuda:  # host buffers for as many frames as the archive holds, made while the window fills
+            frame = ctx.cache.k[:, :, : ctx.cache.tokens_per_frame]
+            frames = self.archive.limit_bytes // (2 * frame.nbytes) + 1  # + 1: a frame comes in before one goes
+            host_buffers.reserve(frame.shape, frame.dtype, 2 * frames)
         if self.registry is not None and self.registry.references:
             self._pin_references(ctx)
             self._bring_back(ctx)  # the first prompt's entities: only their pictures exist yet

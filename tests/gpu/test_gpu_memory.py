@@ -26,6 +26,30 @@ def test_a_host_copy_holds_the_values_of_when_it_was_made():
     assert host.is_pinned() and bool((host == 3).all())
 
 
+def test_host_copies_land_in_exactly_sized_page_locked_buffers_reused_after_the_frame_goes():
+    """Each copy takes a buffer of its own size (PyTorch's pinned allocator would round 144 MB up to 256 MB), and a
+    frame's buffer serves the next frame once the first is dropped, its values those of the new frame."""
+    import gc
+
+    pool = archive.HostBuffers()
+    x = torch.full((3, 1, 1000, 2, 64), 2.0, dtype=torch.bfloat16, device="cuda")
+    first = pool.lend(x.shape, x.dtype)
+    assert first.is_pinned() and first.untyped_storage().nbytes() == x.nbytes
+    first.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    assert bool((first == 2).all())
+    address = first.data_ptr()
+    del first
+    gc.collect()
+    second = pool.lend(x.shape, x.dtype)
+    second.copy_(x + 1, non_blocking=True)
+    torch.cuda.synchronize()
+    assert second.data_ptr() == address and pool.made(x.shape, x.dtype) == 1 and bool((second == 3).all())
+    host = to_host(x)  # the archive's own pool
+    archive.copy_stream(torch.device("cuda")).synchronize()
+    assert host.is_pinned() and host.untyped_storage().nbytes() == x.nbytes and bool((host == 2).all())
+
+
 def test_frames_come_back_to_the_gpu_after_their_host_copies_landed():
     k = torch.randn(2, 1, 16, 2, 8, device="cuda")
     frames = [ArchivedFrame(i, i, 0, (1,), 0.0, 0.5, to_host(k + i), to_host(k - i)) for i in range(3)]
