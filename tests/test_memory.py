@@ -9,7 +9,7 @@ import torch
 
 from iamflow_core.cache import sparse_select
 from iamflow_core.memory.archive import ArchivedFrame, HostBuffers, evict, greedy_cover
-from iamflow_core.memory.identity import IdentityMemory
+from iamflow_core.memory.identity import RESERVED_FRAMES, IdentityMemory, frames_to_reserve
 from iamflow_core.memory.pacing import PROBE_EVERY, VerdictPacing
 from iamflow_core.memory.scoring import entity_token_weights, text_query
 from iamflow_core.models.attention import attention
@@ -67,6 +67,13 @@ def test_host_buffers_are_reserved_on_a_thread_ahead_of_the_frames():
     assert len(made) == 3
     lent.append(pool.lend(shape, torch.float32))  # past the reserve: made on the spot
     assert len(made) == 4
+
+
+def test_a_story_reserves_host_buffers_for_the_frames_its_archive_holds():
+    full_size = 2 * 30 * 1560 * 1536 * 2  # K and V of one 480x832 frame, bf16: 287 MiB
+    assert frames_to_reserve(2 * 2**30, full_size) == 8  # the default bound holds 7, one more comes in
+    assert frames_to_reserve(2**30, full_size) == 4
+    assert frames_to_reserve(2 * 2**30, 24 * 1024) == RESERVED_FRAMES  # tiny frames: the cap, not thousands
 
 
 def test_a_failed_reserve_is_logged_and_the_buffers_are_made_when_lent(caplog):

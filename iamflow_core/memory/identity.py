@@ -62,6 +62,17 @@ class _Chunk:
     temporal_factor: int | None
 
 
+# Frames whose host buffers are made ahead when a story starts, at most (the default 2-GiB bound holds 7 full-size
+# frames; a larger bound makes the rest as they come, and small models do not make thousands).
+RESERVED_FRAMES = 8
+
+
+def frames_to_reserve(limit_bytes: int, frame_bytes: int) -> int:
+    """Frames (K and V of `frame_bytes` together) whose host buffers a story makes ahead: as many as the archive's
+    bound holds, plus one (a frame comes in before the one it evicts goes), at most `RESERVED_FRAMES`."""
+    return min(limit_bytes // frame_bytes + 1, RESERVED_FRAMES)
+
+
 def _last_frame_of_each_latent(num_pixel_frames: int, num_latents: int, temporal_factor: int) -> list[int]:
     """Pixel frame index standing for each latent frame of a decoded chunk (the last one it decodes to)."""
     first = num_pixel_frames - temporal_factor * (num_latents - 1)  # 1 for the video's first chunk, else the factor
@@ -124,10 +135,11 @@ class IdentityMemory:
     def start(self, ctx: StepContext) -> None:
         require_memory_segment(ctx, self.max_frames, "max_frames")
         ctx.cache.clear_memory()
-        if ctx.cache.k.is_cuda:  # host buffers for as many frames as the archive holds, made while the window fills
+        if ctx.cache.k.is_cuda:  # host buffers for the frames the archive holds, made while the window fills
             frame = ctx.cache.k[:, :, : ctx.cache.tokens_per_frame]
-            frames = self.archive.limit_bytes // (2 * frame.nbytes) + 1  # + 1: a frame comes in before one goes
-            host_buffers.reserve(frame.shape, frame.dtype, 2 * frames)
+            host_buffers.reserve(
+                frame.shape, frame.dtype, 2 * frames_to_reserve(self.archive.limit_bytes, 2 * frame.nbytes)
+            )
         if self.registry is not None and self.registry.references:
             self._pin_references(ctx)
             self._bring_back(ctx)  # the first prompt's entities: only their pictures exist yet

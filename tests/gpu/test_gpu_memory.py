@@ -50,6 +50,21 @@ def test_host_copies_land_in_exactly_sized_page_locked_buffers_reused_after_the_
     assert host.is_pinned() and host.untyped_storage().nbytes() == x.nbytes and bool((host == 2).all())
 
 
+def test_the_identity_memory_reserves_host_buffers_for_its_archive_when_a_story_starts():
+    from iamflow_core.memory.identity import RESERVED_FRAMES
+
+    dit, text_encoder, vae = tiny_models(device="cuda")
+    config = sampler_config(IAMFLOW, height=64, width=96)
+    pipe = StreamingPipeline(dit, text_encoder, vae, compile_kernels=False)
+    events = list(pipe.run(DEFAULT_STORY, config, build_memory(IAMFLOW)))
+    assert any("archived" in e.memory for e in events)
+    archive.host_buffers.wait()
+    _, ph, pw = dit.cfg.patch_size
+    cache = dit.new_cache(config.cache, tokens_per_frame=(64 // 8 // ph) * (96 // 8 // pw))  # as the pipeline's
+    frame = cache.k[:, :, : cache.tokens_per_frame]
+    assert archive.host_buffers.made(frame.shape, frame.dtype) >= 2 * RESERVED_FRAMES  # tiny frames: the cap
+
+
 def test_frames_come_back_to_the_gpu_after_their_host_copies_landed():
     k = torch.randn(2, 1, 16, 2, 8, device="cuda")
     frames = [ArchivedFrame(i, i, 0, (1,), 0.0, 0.5, to_host(k + i), to_host(k - i)) for i in range(3)]
