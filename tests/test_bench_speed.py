@@ -1,6 +1,6 @@
 """What `bench speed` computes besides timing (the GPU runs themselves are benchmarks): the `--trace` summary on a
-hand-made trace (busy shares, the DiT GPU's idle gaps and who ran in them), its refusals, and the verifier's jobs
-counted for the timed render only."""
+hand-made trace (busy shares, the DiT GPU's idle gaps and who ran in them), its refusals, the verifier's jobs
+counted for the timed render only, and the story timeline from hand-made chunk times."""
 
 import time
 
@@ -79,3 +79,28 @@ def test_the_verifier_counts_are_those_of_the_timed_render():
         counts = speed._jobs_since(before, verifier.stats())
     assert counts["scored"] == 1 and counts["dropped"] == 0 and counts["mean_job_s"] >= 0.05
     assert speed._jobs_since(before, before) == {"scored": 0, "dropped": 0, "mean_job_s": None}
+
+
+def test_the_story_timeline_splits_the_wall_time_around_the_steady_chunks():
+    """30 chunks every 100 ms, the first out at 0.5 s; chunks 1-2 take 200 ms (the cache filling), a switch at chunk
+    13 puts 150 ms into the chunk handed out before it (decodes come out a chunk late), chunk 20 takes 130 ms."""
+    times, t = [(0, 0.5)], 0.5
+    for chunk in range(1, 30):
+        t += {1: 0.2, 2: 0.2, 12: 0.25, 20: 0.13}.get(chunk, 0.1)
+        times.append((chunk, t))
+    timeline = speed.story_timeline(times, (13, 40), wall=t + 0.06)  # a switch past the end is not counted
+    assert timeline["steady_chunk_ms"] == pytest.approx(100.0)
+    assert timeline["first_chunk_ms"] == pytest.approx(500.0)
+    assert timeline["start_extra_ms"] == 200 and timeline["switch_extra_ms"] == 150
+    assert timeline["other_extra_ms"] == 30 and timeline["switches"] == 1
+    assert timeline["after_last_chunk_ms"] == pytest.approx(60.0)
+    wall = times[-1][1] + 0.06
+    parts = 29 * 100 + 500 + 200 + 150 + 30 + 60
+    assert parts == pytest.approx(1000 * wall)  # the parts add up to the wall time
+    assert speed.story_timeline(times[:1], (), wall=1.0) == {}
+    short = speed.story_timeline(times[:5], (3,), wall=2.0)  # no chunk past the start: no steady time to split by
+    assert short == {
+        "steady_chunk_ms": None,
+        "first_chunk_ms": 500.0,
+        "after_last_chunk_ms": pytest.approx(1000 * (2.0 - times[4][1])),
+    }

@@ -155,6 +155,41 @@ def _picture_ms(models, story: Story, config, settings, registry) -> float:
     return round(1000 * (times[0] - times[1]) / len(registry.references), 1)
 
 
+def story_timeline(
+    handed_out: list[tuple[int, float]], switches: tuple[int, ...], wall: float, settle: int = 6
+) -> dict[str, float | int | None]:
+    """Where a render's wall time goes beyond its steady chunks, from the times its chunks were handed out
+    ((chunk, seconds since the render started), in order) and the chunks its prompt switches start at.
+
+    steady_chunk_ms: the median interval between chunks away from the start and the switches (None, and no split,
+    for a story too short to have one). The rest of the wall time is split into: first_chunk_ms (the render call to
+    the first chunk out: text encoding, the eager first chunk, its decode), start_extra_ms (chunks 1..settle over
+    steady ones: the layouts the cache fills through, their CUDA graph captures, a memory starting to archive),
+    switch_extra_ms (the two intervals around each switch over steady ones, whichever the switch's work falls in: a
+    decode is handed out a chunk late), other_extra_ms, and after_last_chunk_ms (the last decode, closing the
+    file)."""
+    if len(handed_out) < 2:
+        return {}
+    chunks = [c for c, _ in handed_out]
+    interval = {c: 1000 * (t - t_before) for (c, t), (_, t_before) in zip(handed_out[1:], handed_out)}
+    near_switch = {c for s in switches for c in (s - 1, s)}
+    steady = sorted(ms for c, ms in interval.items() if c > settle and c not in near_switch)
+    ends = {"first_chunk_ms": round(1000 * handed_out[0][1], 1),
+            "after_last_chunk_ms": round(1000 * (wall - handed_out[-1][1]), 1)}  # fmt: skip
+    if not steady:  # a story too short to reach a steady chunk
+        return {"steady_chunk_ms": None, **ends}
+    steady_ms = steady[len(steady) // 2]
+    extra = {"start": 0.0, "switch": 0.0, "other": 0.0}
+    for c, ms in interval.items():
+        kind = "switch" if c in near_switch else "start" if c <= settle else "other"
+        extra[kind] += ms - steady_ms
+    return {
+        "steady_chunk_ms": round(steady_ms, 1), "start_extra_ms": round(extra["start"]),
+        "switch_extra_ms": round(extra["switch"]), "switches": len([s for s in switches if s in chunks]),
+        "other_extra_ms": round(extra["other"]), **ends,
+    }  # fmt: skip
+
+
 # The traced window starts here: mid-prompt (the default story switches every 13 chunks), well past the warm-up.
 TRACE_FIRST = 30
 
@@ -186,12 +221,15 @@ def run_case(
     for d in devices:
         torch.cuda.reset_peak_memory_stats(d)
     policy = build_memory(settings, registry, verifier)
+    handed_out: list[tuple[int, float]] = []  # (chunk, seconds since the render call) as each chunk comes out
     with tempfile.TemporaryDirectory() as tmp:  # the CLI's own render call, so the benchmark measures what users run
+        t0 = time.perf_counter()
         result = render_story(
             StreamingPipeline(*models), story, config, policy, out_path=Path(tmp) / "v.mp4", keep_frames=False,
-            keep_latents=False,
+            keep_latents=False, on_chunk=lambda event, _: handed_out.append((event.index, time.perf_counter() - t0)),
         )  # fmt: skip
     wall = result.timings["wall"]
+    switches = plan_chunks(story, chunk_frames=config.cache.chunk_frames).switch_chunks
     row = {
         "memory": memory_mode, "model": model.name, "attention": dit.attention_backend,
         "quantization": "fp8" if any(isinstance(m, FP8Linear) for m in dit.modules()) else "off",
@@ -199,7 +237,7 @@ def run_case(
         "gpus": len(devices), "video_frames": result.frames_written, "wall_s": round(wall, 2),
         "video_fps": round(result.frames_written / wall, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
-        "warmup_s": round(warmup_s, 1),
+        "warmup_s": round(warmup_s, 1), "timeline": story_timeline(handed_out, switches, wall),
     }  # fmt: skip
     if picture_ms is not None:
         row.update(pictures=len(registry.references), picture_prepare_ms=picture_ms,
