@@ -229,7 +229,7 @@ def run_case(
             keep_latents=False, on_chunk=lambda event, _: handed_out.append((event.index, time.perf_counter() - t0)),
         )  # fmt: skip
     wall = result.timings["wall"]
-    switches = plan_chunks(story, chunk_frames=config.cache.chunk_frames).switch_chunks
+    plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
     row = {
         "memory": memory_mode, "model": model.name, "attention": dit.attention_backend,
         "quantization": "fp8" if any(isinstance(m, FP8Linear) for m in dit.modules()) else "off",
@@ -237,7 +237,7 @@ def run_case(
         "gpus": len(devices), "video_frames": result.frames_written, "wall_s": round(wall, 2),
         "video_fps": round(result.frames_written / wall, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
-        "warmup_s": round(warmup_s, 1), "timeline": story_timeline(handed_out, switches, wall),
+        "warmup_s": round(warmup_s, 1), "timeline": story_timeline(handed_out, plan.switch_chunks, wall),
     }  # fmt: skip
     if picture_ms is not None:
         row.update(pictures=len(registry.references), picture_prepare_ms=picture_ms,
@@ -257,8 +257,7 @@ def run_case(
 
         name = f"trace_{memory_mode}_{len(devices)}gpu_{row['quantization']}.json"
         saved = Path(trace_dir) / name if trace_dir is not None else None
-        chunks = plan_chunks(story, chunk_frames=config.cache.chunk_frames).num_chunks
-        first = max(1, min(TRACE_FIRST, chunks - trace))  # a shorter --story: its last chunks
+        first = max(1, min(TRACE_FIRST, plan.num_chunks - trace))  # a shorter --story: its last chunks
         memory = build_memory(settings, registry, verifier)
         row["trace"] = traced_render(models, story, config, memory, first, trace, saved)
     if verifier is not None:

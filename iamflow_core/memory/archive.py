@@ -197,6 +197,10 @@ def _page_locked(nbytes: int) -> torch.Tensor:
     return buffer
 
 
+def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
+    return shape.numel() * dtype.itemsize
+
+
 class HostBuffers:
     """Page-locked host buffers for archived frames' K and V, made once and reused for the life of the process.
 
@@ -218,8 +222,9 @@ class HostBuffers:
 
     def lend(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised host tensor of `shape` and `dtype` in a page-locked buffer; the buffer goes back to the
-        pool when the tensor (and every view made from it) is gone."""
-        nbytes = shape.numel() * dtype.itemsize
+        pool when this tensor object is gone. Views made from it do not hold the buffer: keep the tensor itself (the
+        archive keeps each frame's K and V, and copies from them, never views of them)."""
+        nbytes = _nbytes(shape, dtype)
         with self._lock:
             free = self._free[nbytes]
             buffer = free.pop() if free else None
@@ -232,7 +237,7 @@ class HostBuffers:
     def reserve(self, shape: torch.Size, dtype: torch.dtype, count: int) -> None:
         """Make buffers on a thread until `count` of this size exist (free or lent); returns at once. A failure is
         logged and the buffers are made when needed."""
-        nbytes = shape.numel() * dtype.itemsize
+        nbytes = _nbytes(shape, dtype)
         with self._lock:
             if self._made[nbytes] >= count or (self._filler is not None and self._filler.is_alive()):
                 return
@@ -243,7 +248,7 @@ class HostBuffers:
     def made(self, shape: torch.Size, dtype: torch.dtype) -> int:
         """How many buffers of this size exist (free or lent)."""
         with self._lock:
-            return self._made[shape.numel() * dtype.itemsize]
+            return self._made[_nbytes(shape, dtype)]
 
     def wait(self) -> None:
         """Wait for a `reserve` under way (tests, benchmarks)."""
