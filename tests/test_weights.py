@@ -7,6 +7,7 @@ written, and that the loaded model runs. LoRA merges are checked against PEFT's 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -639,3 +640,80 @@ def test_a_failing_dit_is_reported_without_waiting_for_the_text_encoder(monkeypa
         assert not release.is_set()  # reported while the text encoder was still loading
     finally:
         release.set()
+
+
+# --- reading many tensors by several threads ---------------------------------------------------------------------
+
+
+def _mixed_file(path) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    tensors = {
+        "big": torch.randn(300, 70, generator=gen).half(),  # 42,000 bytes: many pieces at the test's piece size
+        "bf": torch.randn(33, 7, generator=gen).bfloat16(),
+        "flag": torch.rand(11, generator=gen) > 0.5,
+        "ids": torch.arange(-5, 20, dtype=torch.int64),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(tensors, str(path))
+    return tensors
+
+
+@pytest.mark.parametrize(("piece", "ahead"), [(1000, 5000), (1 << 20, 1 << 30)])
+def test_tensors_read_by_several_threads_are_those_of_the_file(tmp_path, monkeypatch, piece, ahead):
+    """Tensors split over many pieces, read ahead of the caller by a few tensors or all of them, come out in the
+    order asked for with the stored dtype, shape and bytes (a bool, a scalar, an empty tensor among them)."""
+    from iamflow_core.weights import reading
+
+    monkeypatch.setattr(reading, "PIECE_BYTES", piece)
+    monkeypatch.setattr(reading, "READ_AHEAD_BYTES", ahead)
+    tensors = _mixed_file(tmp_path / "mixed.safetensors")
+    source = reading.open_safetensors([tmp_path / "mixed.safetensors"], tmp_path / "mixed.safetensors")
+    keys = ["ids", "big", "empty", "flag", "scalar", "bf"]
+    extents = [reading._extents(tmp_path / "mixed.safetensors")[k] for k in keys]
+    for key, got in zip(keys, reading.read_extents(extents, torch.device("cpu"), tmp_path), strict=True):
+        assert got.dtype == tensors[key].dtype and got.shape == tensors[key].shape, key
+        assert torch.equal(got, tensors[key]), key
+    assert [t.shape for t in source.stream(keys, torch.device("cpu"))] == [tensors[k].shape for k in keys]
+
+
+def test_a_file_cut_short_while_read_names_the_tensor_and_the_file(tmp_path, monkeypatch):
+    from iamflow_core.weights import reading
+
+    monkeypatch.setattr(reading, "PIECE_BYTES", 1000)
+    path = tmp_path / "mixed.safetensors"
+    _mixed_file(path)
+    extents = reading._extents(path)
+    with open(path, "r+b") as f:  # replaced by a shorter file after its header was read
+        f.truncate(extents["big"].offset + 5000)
+    with pytest.raises(CheckpointError, match=r"cannot read tensor big \(bytes .* of .*mixed\.safetensors\).*"):
+        list(reading.read_extents([extents["ids"], extents["big"]], torch.device("cpu"), path))
+    assert not [t for t in threading.enumerate() if t.name.startswith("iamflow-read-")]
+
+
+def test_a_reader_left_early_stops_its_workers(tmp_path, monkeypatch):
+    from iamflow_core.weights import reading
+
+    monkeypatch.setattr(reading, "PIECE_BYTES", 1000)
+    path = tmp_path / "mixed.safetensors"
+    _mixed_file(path)
+    extents = list(reading._extents(path).values())
+    stream = reading.read_extents(extents, torch.device("cpu"), path)
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("iamflow-read-")]
+
+
+def test_a_reader_whose_copy_fails_says_which_tensor_and_never_hangs(tmp_path, monkeypatch):
+    from iamflow_core.weights import reading
+
+    def broken(fd, view, offset):
+        raise RuntimeError("the copy engine went away")
+
+    monkeypatch.setattr(reading, "_read_into", broken)
+    path = tmp_path / "mixed.safetensors"
+    _mixed_file(path)
+    extents = reading._extents(path)
+    with pytest.raises(RuntimeError, match=r"reading tensor ids of .* onto cpu failed: the copy engine went away"):
+        list(reading.read_extents([extents["ids"], extents["big"]], torch.device("cpu"), path))
+    assert not [t for t in threading.enumerate() if t.name.startswith("iamflow-read-")]

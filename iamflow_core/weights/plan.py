@@ -119,11 +119,16 @@ class Plan:
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor as stored, FP8 weights dequantized to float32."""
-        tensor = self.source.read(self.refs[key])
+        return self.dequantized(key, self.source.read(self.refs[key]))
+
+    def dequantized(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (the stored `key`, on any device) as float32 if it is an FP8 weight, else as it is."""
         if tensor.dtype not in FP8_DTYPES:
             return tensor
         scale = self._scale(key)
-        return tensor.float() if scale is None else tensor.float() * _broadcast_scale(scale, tensor.shape)
+        if scale is None:
+            return tensor.float()
+        return tensor.float() * _broadcast_scale(scale, tensor.shape).to(tensor.device)
 
     def read_fp8(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """An FP8 weight as stored with its per-output-channel scale [out, 1] float32."""
@@ -220,23 +225,30 @@ def checkpoint_info(plan: Plan, **extra: object) -> CheckpointInfo:
 def materialize(
     plan: Plan, fp8_modules: set[str], lora: dict[str, LoraPair], dtype: torch.dtype | None, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Read every tensor once: dequantize or keep FP8, merge the LoRA in float32, cast, move."""
+    """Read every tensor once: dequantize or keep FP8, merge the LoRA in float32, cast, move. The tensors taken as
+    stored are streamed onto the device (`Source.stream`); those kept in FP8 or given a LoRA are read one by one."""
     state = {}
+    kept_fp8 = {k for k in plan.refs if k.rsplit(".", 1)[0] in fp8_modules and k.endswith(".weight")}
+    streamed = [k for k in plan.refs if k not in kept_fp8 and k not in lora]
+    for key, tensor in zip(streamed, plan.source.stream([plan.refs[k] for k in streamed], device), strict=True):
+        state[key] = _cast(plan.dequantized(key, tensor), _target(plan, key, dtype), device)
     for key in plan.refs:
-        module = key.rsplit(".", 1)[0]
         pair = lora.get(key)
-        if module in fp8_modules and key.endswith(".weight"):
+        if key in kept_fp8:
             if plan.is_fp8(key) and pair is None:
                 weight, scale = plan.read_fp8(key)
             else:  # a high-precision weight to quantize, or an FP8 weight that takes a LoRA first
                 weight, scale = quantize_rows_fp8(_merged(plan, key, pair))
-            state[key], state[module + ".weight_scale"] = weight.to(device), scale.to(device)
-            continue
-        tensor = _merged(plan, key, pair) if pair is not None else plan.read(key)
-        stored = plan.source.dtypes[plan.refs[key]]
-        target = dtype or (torch.bfloat16 if stored in FP8_DTYPES else stored)
-        state[key] = _cast(tensor, target, device)
+            state[key], state[key.rsplit(".", 1)[0] + ".weight_scale"] = weight.to(device), scale.to(device)
+        elif pair is not None:
+            state[key] = _cast(_merged(plan, key, pair), _target(plan, key, dtype), device)
     return state
+
+
+def _target(plan: Plan, key: str, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `key` is loaded in: `dtype`, else as stored (bfloat16 for FP8 weights dequantized)."""
+    stored = plan.source.dtypes[plan.refs[key]]
+    return dtype or (torch.bfloat16 if stored in FP8_DTYPES else stored)
 
 
 def _merged(plan: Plan, key: str, pair: LoraPair | None) -> torch.Tensor:
