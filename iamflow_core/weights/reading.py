@@ -163,7 +163,7 @@ def _extents(file: Path) -> dict[str, Extent]:
         for key, entry in header.items():
             if key != "__metadata__":
                 begin, end = entry["data_offsets"]
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                dtype = _safetensors_dtype(entry["dtype"], key, file)
                 extents[key] = Extent(key, file, start + begin, end - begin, dtype, tuple(entry["shape"]))
         return extents
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
