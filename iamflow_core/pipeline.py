@@ -54,6 +54,23 @@ class ChunkEvent:
 REFERENCE_CACHE = CacheConfig(chunk_frames=1, sink_frames=1, window_frames=2, memory_frames=0)
 # Prompts the text encoder takes at once: memory stays bounded however many prompts a story has.
 ENCODE_BATCH = 32
+# Profiler ranges around the memory policy's hooks are named with this prefix, so a trace (`bench.trace`) can tell
+# the policy's GPU work and its host time from the sampler's.
+MEMORY_HOOK = "iamflow.memory."
+
+
+def _memory_hook(name: str) -> torch.profiler.record_function:
+    return torch.profiler.record_function(MEMORY_HOOK + name)
+
+
+def _frames_hook(memory: MemoryPolicy):
+    """memory.on_frames inside its profiler range (it runs where the decoded frames arrive, often another thread)."""
+
+    def on_frames(chunk: int, frames: np.ndarray) -> None:
+        with _memory_hook("on_frames"):
+            memory.on_frames(chunk, frames)
+
+    return on_frames
 
 
 class Prompts:
@@ -257,7 +274,7 @@ class StreamingPipeline:
         cache = self.dit.new_cache(config.cache, tokens_per_frame=tokens_per_frame)
         decoder = None
         if self.vae is not None:
-            decoder = Decoder(self.vae, self._overlaps(), memory.on_frames, sync=self.profile)
+            decoder = Decoder(self.vae, self._overlaps(), _frames_hook(memory), sync=self.profile)
         run = _Run(
             story, plan, memory, prompts, cache, make_transition(config.transition, first, cache),
             torch.Generator(device).manual_seed(story.noise_seed), warp_timesteps(config.steps, config.shift),
@@ -330,7 +347,8 @@ class StreamingPipeline:
             timings["transition"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             ctx.cross = cross
-            run.memory.before_chunk(ctx)  # 4. memory: the policy may fill the cache's memory segment
+            with _memory_hook("before_chunk"):
+                run.memory.before_chunk(ctx)  # 4. memory: the policy may fill the cache's memory segment
             timings["memory"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             x0 = self._denoise(run, cross, start, i)  # 5. denoise through the cache (read-only)
@@ -340,7 +358,8 @@ class StreamingPipeline:
             run.transition.remember(start, x0)
             t0 = time.perf_counter()
             ctx.latents = x0
-            run.memory.after_chunk(ctx)  # 7. memory: archive, score, refresh
+            with _memory_hook("after_chunk"):
+                run.memory.after_chunk(ctx)  # 7. memory: archive, score, refresh
             timings["memory"] += time.perf_counter() - t0
             if alpha is not None:
                 ctx.info["transition_alpha"] = alpha
@@ -369,7 +388,8 @@ class StreamingPipeline:
                 run.transition.switch(change)
         ctx = self._context(run, i, segment)
         if switching:
-            run.memory.on_switch(ctx)
+            with _memory_hook("on_switch"):
+                run.memory.on_switch(ctx)
         cross, alpha = run.transition.conditioning(start)
         return ctx, cross, alpha
 

@@ -44,6 +44,43 @@ def test_the_summary_gives_busy_shares_gaps_and_who_ran_in_them():
     assert gap["threads"] == {"sampler": {"cudaEventSynchronize": 2.5}, "9": {"aten::conv3d": 1.0}}
 
 
+def _launch(name, ts, correlation, tid=7):
+    return _span("cuda_runtime", name, ts, 10, tid=tid, args={"correlation": correlation})
+
+
+def _gpu(cat, name, ts, dur, correlation, device=0):
+    return _span(cat, name, ts, dur, args={"device": device, "correlation": correlation})
+
+
+def test_the_memory_hooks_cost_is_their_gpu_work_and_the_idle_gpu_while_they_ran():
+    hooks = [
+        _span("user_annotation", "iamflow.memory.after_chunk", 5800, 1200),
+        _span("user_annotation", "iamflow.memory.after_chunk", 5900, 200),  # nested: counted once
+        _span("user_annotation", "iamflow.memory.on_frames", 8500, 1000, tid=9),  # the decode's thread
+        _span("user_annotation", "something.else", 3000, 1000),  # not the memory's
+        _launch("cudaLaunchKernel", 5950, 1),
+        _gpu("kernel", "topk", 10000, 500, 1),
+        _launch("cudaMemcpyAsync", 6500, 2),
+        _gpu("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 10500, 800, 2),
+        _launch("cudaMemcpyAsync", 6600, 3),
+        _gpu("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 11300, 200, 3),
+        _launch("cudaLaunchKernel", 3500, 4),  # outside every memory hook
+        _gpu("kernel", "gemm", 11500, 300, 4),
+        _launch("cudaLaunchKernel", 9000, 5, tid=9),  # inside on_frames, on another GPU
+        _gpu("kernel", "resize", 9100, 100, 5, device=1),
+        _launch("cudaLaunchKernel", 6800, 6, tid=9),  # at a time the sampler was in a hook, but another thread
+        _gpu("kernel", "conv", 11800, 100, 6),
+    ]
+    summary = summarize({"traceEvents": TRACE["traceEvents"] + hooks}, dit_device=0)
+    # the DiT GPU idles 6.0-9.0 ms; the hooks ran 5.8-7.0 and 8.5-9.5 ms: 1.5 ms of that idle time is theirs
+    assert summary["memory_hooks"] == {
+        "host_ms": 2.2, "kernels_ms": 0.5, "device_copies_ms": 0.2, "host_copies_ms": 0.8, "dit_idle_ms": 1.5,
+    }  # fmt: skip
+    assert summarize(TRACE, dit_device=0)["memory_hooks"] == {
+        "host_ms": 0.0, "kernels_ms": 0.0, "device_copies_ms": 0.0, "host_copies_ms": 0.0, "dit_idle_ms": 0.0,
+    }  # fmt: skip
+
+
 def test_short_gaps_are_left_out():
     assert summarize(TRACE, dit_device=0, min_gap_us=3500)["dit_idle_gaps"] == []
 

@@ -165,3 +165,30 @@ def test_memflow_ranks_its_frames_only_when_they_or_the_prompt_change(models, mo
     ranked.clear()
     list(StreamingPipeline(dit, te).run(story, SMALL, memory))
     assert ranked[:3] == [1, 3, 4] and len(ranked) > 5
+
+
+def test_the_memory_hooks_run_inside_their_profiler_ranges(models):
+    """`bench speed --trace` counts the memory's GPU work by these ranges: each hook of a render has one."""
+    names = []
+
+    class Recording(NoMemory):
+        def _hook(self, name):
+            names.append(name)
+
+        def on_switch(self, ctx):
+            self._hook("on_switch")
+
+        def before_chunk(self, ctx):
+            self._hook("before_chunk")
+
+        def after_chunk(self, ctx):
+            self._hook("after_chunk")
+
+        def on_frames(self, chunk, frames):
+            self._hook("on_frames")
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _run(models, memory=Recording())
+    ranges = [e.name for e in prof.events() if e.name.startswith("iamflow.memory.")]
+    assert sorted(ranges) == sorted(f"iamflow.memory.{name}" for name in names)
+    assert names.count("after_chunk") == names.count("on_frames") == 4 and names.count("on_switch") == 1

@@ -3,11 +3,19 @@
 `traced_render` renders a story as the CLI does, profiles chunks [first, first + count) and stops the render after
 them; `summarize` turns the profiler's trace into numbers: each device's busy share of the window, the idle gaps of
 the DiT's GPU with what every thread ran meanwhile (a gap with no GPU work queued is the host being late: a device
-sync, a lock, the GIL), and the kernels that take the most time. `bench speed --trace N` adds this to each row.
+sync, a lock, the GIL), the kernels that take the most time, and what the memory policy's hooks cost the DiT's GPU.
+`bench speed --trace N` adds this to each row.
+
+The memory's cost on the critical path is counted from the profiler ranges the pipeline puts around each hook
+(`pipeline.MEMORY_HOOK`): the GPU work launched inside them (matched by the profiler's correlation ids: kernels and
+copies between device buffers, which take the GPU's time whatever stream they run on; copies to and from host
+memory run on the copy engines beside the DiT's kernels and are listed apart), and the DiT GPU's idle time while a
+hook ran (the host late because of the policy's Python or a wait inside it).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import tempfile
 import threading
@@ -17,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..pipeline import StreamingPipeline
+from ..pipeline import MEMORY_HOOK, StreamingPipeline
 from ..render import render_story
 
 _GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -36,14 +44,16 @@ def summarize(trace: dict[str, Any], dit_device: int, gaps: int = 5, min_gap_us:
     host = [e for e in spans if e.get("cat") in _HOST_WORK]
     names = {e["tid"]: e["args"]["name"] for e in trace.get("traceEvents", [])
              if e.get("ph") == "M" and e.get("name") == "thread_name" and "tid" in e}  # fmt: skip
-    devices, idle = {}, []
+    devices, idle, dit_gaps = {}, [], []
     for device, items in sorted(work.items()):
         items.sort()
         start, end = items[0][0], max(e for _, e, _ in items)
         busy, reached = 0.0, start
         for s, e, name in items:
-            if s > reached and device == dit_device and s - reached >= min_gap_us:
-                idle.append((s - reached, reached, s, name))
+            if s > reached and device == dit_device:
+                dit_gaps.append((reached, s))
+                if s - reached >= min_gap_us:
+                    idle.append((s - reached, reached, s, name))
             busy += max(0.0, e - max(s, reached))
             reached = max(reached, e)
         kernels: dict[str, float] = defaultdict(float)
@@ -68,7 +78,68 @@ def summarize(trace: dict[str, Any], dit_device: int, gaps: int = 5, min_gap_us:
                         for t, ops in threads.items()},
         })  # fmt: skip
     return {"devices": devices, "dit_idle_gaps": report,
-            "dit_idle_ms": round(sum(g[0] for g in idle) / 1e3, 1)}  # fmt: skip
+            "dit_idle_ms": round(sum(g[0] for g in idle) / 1e3, 1),
+            "memory_hooks": _memory_hooks(spans, dit_device, dit_gaps)}  # fmt: skip
+
+
+def _union(ranges: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for s, e in sorted(ranges):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length where two sorted lists of disjoint ranges overlap."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _memory_hooks(spans: list[dict], dit_device: int, dit_gaps: list[tuple[float, float]]) -> dict[str, float]:
+    """The memory policy's hooks in the window (milliseconds): their host time; the GPU work launched inside them on
+    the DiT's GPU (kernels and device copies, which take its time; host copies, which the copy engines run beside
+    it); and the DiT GPU's idle time while a hook ran."""
+    hooks: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for e in spans:
+        if e.get("cat") == "user_annotation" and e["name"].startswith(MEMORY_HOOK):
+            hooks[e["tid"]].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    hooks = {tid: _union(ranges) for tid, ranges in hooks.items()}
+    starts = {tid: [s for s, _ in ranges] for tid, ranges in hooks.items()}
+
+    def inside(e: dict) -> bool:
+        ranges = hooks.get(e["tid"])
+        if not ranges:
+            return False
+        i = bisect.bisect_right(starts[e["tid"]], float(e["ts"])) - 1
+        return i >= 0 and float(e["ts"]) <= ranges[i][1]
+
+    launched = {e["args"]["correlation"] for e in spans
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}) and inside(e)}  # fmt: skip
+    ms = {"host_ms": 0.0, "kernels_ms": 0.0, "device_copies_ms": 0.0, "host_copies_ms": 0.0, "dit_idle_ms": 0.0}
+    for e in spans:
+        args = e.get("args", {})
+        ours = args.get("correlation") in launched and args.get("device") == dit_device
+        if e.get("cat") not in _GPU_WORK or not ours:
+            continue
+        if e["cat"] != "gpu_memcpy":
+            ms["kernels_ms"] += float(e["dur"])
+        elif "DtoH" in e["name"] or "HtoD" in e["name"]:
+            ms["host_copies_ms"] += float(e["dur"])
+        else:
+            ms["device_copies_ms"] += float(e["dur"])
+    every_hook = _union([r for ranges in hooks.values() for r in ranges])
+    ms["host_ms"] = sum(e - s for s, e in every_hook)
+    ms["dit_idle_ms"] = _overlap(every_hook, dit_gaps)
+    return {name: round(us / 1e3, 2) for name, us in ms.items()}
 
 
 def traced_render(
@@ -108,4 +179,9 @@ def traced_render(
         path.parent.mkdir(parents=True, exist_ok=True)
         state["profiler"].export_chrome_trace(str(path))
         summary = summarize(json.loads(path.read_text()), dit.device.index or 0)
+    hooks = summary["memory_hooks"]
+    # per chunk, what the policy costs the DiT's GPU: its kernels and device copies, and the GPU idle while it ran
+    summary["memory_critical_ms_per_chunk"] = round(
+        (hooks["kernels_ms"] + hooks["device_copies_ms"] + hooks["dit_idle_ms"]) / count, 2
+    )
     return {"window": [first, first + count], **summary}
