@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .models import fused
 from .models.vae import WanVAE
 
 MIN_SIDE = 32  # pixels: a smaller picture holds nothing to keep
@@ -84,5 +85,5 @@ def encode(vae: WanVAE, rgb: np.ndarray, height: int, width: int) -> torch.Tenso
     VAE's device)."""
     pixels = torch.tensor(fit(rgb, height, width), device=vae.device)
     video = pixels.permute(2, 0, 1)[None, :, None].to(vae.dtype) / 127.5 - 1.0  # [1, 3, 1, H, W] in [-1, 1]
-    with torch.no_grad():
+    with torch.no_grad(), fused.launch_guard():
         return vae.encode(video).float()

@@ -330,7 +330,7 @@ class StreamingPipeline:
         prompt `segment`. The same K/V a start image gets as the video's first frame."""
         latent = self._picture_latent(run, rgb)
         scratch = self.dit.new_cache(REFERENCE_CACHE, tokens_per_frame=run.cache.tokens_per_frame)
-        with torch.no_grad():
+        with torch.no_grad(), fused.launch_guard():
             self.dit.write_chunk(latent, run.zero, run.prompts.cross(segment), scratch, 0)
         return scratch.frame_kv(0)
 

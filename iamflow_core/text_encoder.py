@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .models import fused
 from .models.t5 import UMT5Encoder
 
 try:
@@ -344,7 +345,8 @@ class TextEncoder:
         ids, mask = self.tokenize(prompts)
         used = max(int(mask.sum(1).max()), 1)
         ids, mask = ids[:, :used].to(self.device), mask[:, :used].to(self.device)
-        out = self.encoder(ids, mask).masked_fill(mask[:, :, None] == 0, 0.0)
+        with fused.launch_guard():  # never beside a compile's trace in another thread (see `fused._launch_lock`)
+            out = self.encoder(ids, mask).masked_fill(mask[:, :, None] == 0, 0.0)
         return torch.nn.functional.pad(out, (0, 0, 0, self.text_len - used))
 
 

@@ -247,10 +247,10 @@ def test_compile_workers_are_released_in_the_background(monkeypatch):
         async_compile._pool_set.discard(pool)
 
 
-def test_the_compiler_warms_up_on_a_thread_under_the_launch_lock(clean_env, monkeypatch, caplog):
-    """`warm_up` (called as models start loading) turns compiled kernels on and runs one tiny fused function on a
-    thread, holding the launch lock so no model thread runs beside its trace; a failure is a warning, nothing
-    more. On a CPU, or with IAMFLOW_COMPILE=0, no thread starts."""
+def test_the_compiler_warms_up_on_a_thread_its_trace_under_the_launch_lock(clean_env, monkeypatch, caplog):
+    """`warm_up` (called as models start loading) turns compiled kernels on, loads the compiler's parts that trace
+    nothing without the launch lock, then runs one tiny fused function holding it, so no model thread runs beside
+    its trace; a failure is a warning, nothing more. On a CPU, or with IAMFLOW_COMPILE=0, no thread starts."""
     assert fused.warm_up("cpu") is None
     clean_env.setenv("IAMFLOW_COMPILE", "0")
     assert fused.warm_up("cuda:0") is None  # never touches the GPU
@@ -259,16 +259,18 @@ def test_the_compiler_warms_up_on_a_thread_under_the_launch_lock(clean_env, monk
     seen = []
 
     def first_kernel(x):
-        seen.append((fused._launch_lock._is_owned(), fused.enabled(), x.shape))
+        seen.append(("kernel", fused._launch_lock._is_owned(), fused.enabled(), x.shape))
         return x + 1
 
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # a CPU stands in
     monkeypatch.setattr(fused, "_first_kernel", first_kernel)
+    monkeypatch.setattr(fused, "_load_compiler_parts", lambda: seen.append(("parts", fused._launch_lock._is_owned())))
+    monkeypatch.setattr(fused, "_kernels_cached", lambda: True)
     monkeypatch.setattr(fused, "_warmed", False)
     thread = threading.Thread(target=fused._warm_up, args=(torch.device("cpu"),))
     thread.start()
     thread.join(timeout=30)
-    assert seen == [(True, True, (8,))] and fused.warmed()
+    assert seen == [("parts", False), ("kernel", True, True, (8,))] and fused.warmed()
     assert fused._launch_lock.acquire(blocking=False)  # released
     fused._launch_lock.release()
 
@@ -280,3 +282,42 @@ def test_the_compiler_warms_up_on_a_thread_under_the_launch_lock(clean_env, monk
     with caplog.at_level(logging.WARNING):
         fused._warm_up(torch.device("cpu"))
     assert not fused.warmed() and "warming the compiler up failed" in caplog.text
+
+
+def test_with_an_empty_kernel_cache_the_warm_up_compiles_nothing(clean_env, monkeypatch, caplog):
+    """A fresh cache: the tiny function would compile under the launch lock for a second or more while a story's
+    first chunk waited; the warm-up loads the compiler's parts only and the second chunk compiles."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(fused, "_first_kernel", lambda x: seen.append("kernel"))
+    monkeypatch.setattr(fused, "_load_compiler_parts", lambda: seen.append("parts"))
+    monkeypatch.setattr(fused, "_kernels_cached", lambda: False)
+    monkeypatch.setattr(fused, "_warmed", False)
+    with caplog.at_level(logging.WARNING):
+        fused._warm_up(torch.device("cpu"))
+    assert seen == ["parts"] and not fused.warmed() and fused.enabled() and caplog.text == ""
+
+
+def test_the_kernel_cache_counts_as_warm_once_it_holds_compiled_work(clean_env, tmp_path):
+    cache = tmp_path / "inductor"
+    clean_env.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    assert not fused._kernels_cached()  # no folder yet: a fresh machine
+    (cache / "fxgraph").mkdir(parents=True)
+    assert not fused._kernels_cached()  # folders, nothing in them
+    (cache / "fxgraph" / "ab").mkdir()
+    assert fused._kernels_cached()
+    clean_env.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert fused._kernels_cached()  # PyTorch's own folder: not looked into, loaded as before
+
+
+def test_a_compiler_part_that_fails_is_left_to_the_first_compile(monkeypatch, caplog):
+    ran = []
+
+    def broken():
+        raise ImportError("no triton here")
+
+    parts = {"the broken part": broken, "the next part": lambda: ran.append("next")}
+    monkeypatch.setattr(fused, "_COMPILER_PARTS", parts)
+    with caplog.at_level(logging.DEBUG, logger=fused.__name__):
+        fused._load_compiler_parts()
+    assert ran == ["next"] and "compiler warm-up: the broken part not loaded ahead" in caplog.text

@@ -275,10 +275,15 @@ def warm_up(device: torch.device | str) -> threading.Thread | None:
     load models onto `device` (a GPU) and render with them. The first compiled function a process calls pays for
     importing TorchInductor and Triton and hashing their sources before its own kernels load: 1.6 s of a warm
     story's 3.8-s wait for its second chunk (H200 host, in-process profile), while the models' loading leaves the
-    interpreter idle for seconds (tensor copies run without the GIL). The thread compiles, or loads from the kernel
-    cache, one tiny fused function and holds the launch lock meanwhile, so model threads never run beside a trace.
-    Returns the thread (a daemon; a failure is logged and the second chunk pays as before), or None on a CPU or with
-    `IAMFLOW_COMPILE=0`."""
+    interpreter idle for seconds (tensor copies run without the GIL).
+
+    The thread first loads what traces nothing (`_load_compiler_parts`), without the launch lock. Then, where the
+    kernel cache already holds compiled kernels, it loads one tiny fused function under the launch lock (tracing
+    patches `nn.Module.__call__` for the whole process, so no model thread may run meanwhile): tens of milliseconds.
+    With an empty cache that function would compile for a second or more while a story's first chunk, run eagerly,
+    waited for the lock (1.2 s in a profile of a fresh-cache run on an H200): there the story's second chunk compiles
+    it with its own kernels. Returns the thread (a daemon; a failure is logged and the second chunk pays as before),
+    or None on a CPU or with `IAMFLOW_COMPILE=0`."""
     device = torch.device(device)
     if device.type != "cuda" or not _compile_allowed():
         return None
@@ -291,11 +296,82 @@ def _warm_up(device: torch.device) -> None:
     global _warmed
     try:
         enable()
-        with _launch_lock, torch.cuda.device(device):
-            _first_kernel(torch.zeros(8, device=device))
+        with torch.cuda.device(device):
+            _load_compiler_parts()
+            if not _kernels_cached():
+                return
+            with _launch_lock:
+                _first_kernel(torch.zeros(8, device=device))
         _warmed = True
     except Exception:  # noqa: BLE001 - only a head start: the real functions compile (and report) as they would
         logger.warning("warming the compiler up failed; the second chunk loads it", exc_info=True)
+
+
+# Modules a first compile imports (Dynamo's tracer, AOTAutograd, TorchInductor's lowering and code cache, Triton's
+# compiler), imported ahead by `_load_compiler_parts`.
+_COMPILER_MODULES = (
+    "torch._dynamo.convert_frame", "torch._dynamo.symbolic_convert", "torch._functorch.aot_autograd",
+    "torch._inductor.compile_fx", "torch._inductor.lowering", "torch._inductor.codecache",
+    "torch._inductor.select_algorithm", "triton.compiler.compiler",
+)  # fmt: skip
+
+
+def _import_compiler_modules() -> None:
+    import importlib
+
+    for name in _COMPILER_MODULES:
+        importlib.import_module(name)
+
+
+def _hash_sources() -> None:
+    from torch._inductor.codecache import CacheBase, torch_key
+
+    CacheBase.get_system()  # holds Triton's key: a hash of its sources and libraries (0.5 s)
+    torch_key()
+
+
+def _build_triton_helpers() -> None:
+    from triton.runtime import driver
+
+    driver.active.utils  # noqa: B018 - built (or loaded from Triton's cache) on first access
+
+
+def _start_compile_workers() -> None:
+    from torch._inductor.async_compile import AsyncCompile
+
+    AsyncCompile.warm_pool()
+
+
+# What `_load_compiler_parts` does, in order.
+_COMPILER_PARTS = {
+    "the compiler's modules": _import_compiler_modules,
+    "the source hashes": _hash_sources,
+    "Triton's CUDA helpers": _build_triton_helpers,
+    "the compile workers": _start_compile_workers,
+}
+
+
+def _load_compiler_parts() -> None:
+    """What a first compile loads that traces nothing, so no lock is needed: the compiler's modules, the hashes of
+    torch's and Triton's sources that key the kernel cache, Triton's CUDA helpers (built with the host's C compiler
+    on a fresh machine) and TorchInductor's compile workers. Each step is a head start only (they reach into
+    PyTorch's and Triton's internals): one that fails is logged and left to the first compile."""
+    for what, step in _COMPILER_PARTS.items():
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - the first compile loads it instead
+            logger.debug("compiler warm-up: %s not loaded ahead", what, exc_info=True)
+
+
+def _kernels_cached() -> bool:
+    """Whether TorchInductor's cache folder already holds compiled work (a process has compiled with it before)."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        return True  # PyTorch's own default folder: no way to tell cheaply, so load as before
+    try:
+        return any(entry.is_dir() and any(entry.iterdir()) for entry in Path(folder).iterdir())
+    except OSError:
+        return False
 
 
 _warmed = False  # `warm_up` has compiled (or loaded) its kernel in this process

@@ -148,17 +148,31 @@ def test_traces_kept_by_this_process_load_or_are_traced_again_in_the_next(tmp_pa
     assert json.loads(done.stdout.strip().splitlines()[-1])["chunks"] > 4
 
 
-def test_the_compiler_warms_up_beside_loading():
-    """`warm_up` compiles (or loads) its tiny kernel on a thread and the GPU's later compiled work runs as before."""
+def test_the_compiler_warms_up_beside_loading(tmp_path, monkeypatch):
+    """`warm_up` loads the compiler's parts on a thread; with an empty kernel cache it compiles nothing (a story's
+    first chunk never waits for a compile), with compiled work in the cache it also loads its tiny kernel, and the
+    GPU's later compiled work runs as before."""
+    import sys
+
     import torch
 
     from iamflow_core.models import fused
 
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("IAMFLOW_CACHE_DIR", str(cache))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # set to the folder above by enable()
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setattr(fused, "_warmed", False)
     try:
         thread = fused.warm_up("cuda:0")
         assert thread is not None and thread.daemon
         thread.join(timeout=300)
-        assert not thread.is_alive() and fused.warmed() and fused.enabled()
+        assert not thread.is_alive() and not fused.warmed() and fused.enabled()
+        assert "torch._inductor.compile_fx" in sys.modules and "triton.compiler.compiler" in sys.modules
+        (cache / "inductor" / "fxgraph" / "entry").mkdir(parents=True)  # compiled work, as a process leaves it
+        thread = fused.warm_up("cuda:0")
+        thread.join(timeout=300)
+        assert not thread.is_alive() and fused.warmed()
         x = torch.randn(2, 8, device="cuda")
         assert torch.equal(fused.residual(x, torch.ones_like(x)), x + 1)
     finally:
