@@ -278,8 +278,8 @@ def warm_up(device: torch.device | str) -> threading.Thread | None:
     interpreter idle for seconds (tensor copies run without the GIL).
 
     The thread first loads what traces nothing (`_load_compiler_parts`), without the launch lock. Then, where the
-    kernel cache already holds compiled kernels, it loads one tiny fused function under the launch lock (tracing
-    patches `nn.Module.__call__` for the whole process, so no model thread may run meanwhile): tens of milliseconds.
+    kernel cache already holds compiled kernels, it loads one tiny fused function from that cache under the launch
+    lock (tracing patches `nn.Module.__call__` for the whole process, so no model thread may run meanwhile).
     With an empty cache that function would compile for a second or more while a story's first chunk, run eagerly,
     waited for the lock (1.2 s in a profile of a fresh-cache run on an H200): there the story's second chunk compiles
     it with its own kernels. Returns the thread (a daemon; a failure is logged and the second chunk pays as before),
