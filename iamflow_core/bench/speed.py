@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     parser.add_argument(
         "--trace", type=int, default=0, metavar="N",
         help=f"profile N steady chunks (from chunk {TRACE_FIRST}) of one more render per row: each GPU's busy share, "
-        "the DiT GPU's idle gaps and what each thread ran in them, the top kernels",
+        "the DiT GPU's idle gaps and what each thread ran in them, the top kernels, and what the memory policy's "
+        "hooks cost the DiT's GPU (memory_critical_ms_per_chunk)",
     )  # fmt: skip
     parser.add_argument("--trace-dir", help="keep each traced window's Chrome trace here (open it in Perfetto)")
     parser.add_argument(
