@@ -17,11 +17,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Hashable
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+# One capture at a time in the process, as PyTorch's CUDA graphs expect (their memory pools and the RNG state are
+# process-wide). The sampler captures the DiT's forwards and the verifier's thread its answer step, at moments
+# neither controls (an attention layout met after a prompt switch, answer buffers that grow). In 1-GPU iamflow
+# renders with a trial answer step (3 of 4 renders) two such captures overlapped and both failed
+# (cudaErrorStreamCaptureUnsupported in the verifier's, cudaErrorStreamCaptureInvalidated in the DiT's), which left
+# both running eagerly for the rest of the story.
+# A capture takes tens of milliseconds: waiting for another costs a render nothing it would notice.
+capture_lock = threading.Lock()
 
 
 def graphs_allowed() -> bool:
@@ -106,7 +117,8 @@ class GraphRunner:
                     fn(*static)
                 torch.cuda.current_stream(device).wait_stream(side)
                 # thread_local: the VAE decoder may be working in another thread meanwhile
-                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                with capture_lock, torch.cuda.graph(graph, pool=self._pool, stream=side,
+                                                    capture_error_mode="thread_local"):  # fmt: skip
                     output = fn(*static)
         except RuntimeError as error:
             logger.warning("CUDA graph capture failed, running this forward eagerly from now on: %s", error)

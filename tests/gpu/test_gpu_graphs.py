@@ -94,3 +94,29 @@ def test_pipeline_same_video_with_graphs(settings):
     assert len(dit._graphs) == 0  # and released them when the story ended
     for a, b in zip(*runs):
         assert abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_captures_in_two_threads_take_turns():
+    """The sampler and the verifier capture CUDA graphs from their own threads, at moments neither controls; they
+    take turns (`graphs.capture_lock`), and every capture of both succeeds and replays what it captured."""
+    import threading
+
+    from iamflow_core.models.graphs import GraphRunner
+
+    failures: list[str] = []
+
+    def capture_many(seed: int) -> None:
+        x = torch.randn(512, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for i in range(30):
+                runner = GraphRunner(eager_runs=0)
+                out = runner.run(("owner", seed, i), "key", lambda a: torch.tanh(a @ a).sum(0), x)
+                if runner.captures != 1 or not torch.allclose(out, torch.tanh(x @ x).sum(0), atol=1e-3, rtol=1e-3):
+                    failures.append(f"thread {seed}, capture {i}")
+
+    threads = [threading.Thread(target=capture_many, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

@@ -1,0 +1,44 @@
+"""`GraphRunner` without a GPU: when it captures, and that a capture holds the process-wide capture lock."""
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from iamflow_core.models import graphs
+from iamflow_core.models.graphs import GraphRunner
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_a_capture_holds_the_process_wide_capture_lock(monkeypatch):
+    """The DiT's forward is captured under `graphs.capture_lock`, as the verifier's answer step is: PyTorch's CUDA
+    graphs expect one capture at a time in a process, and two that overlapped in a render failed together."""
+    held = []
+
+    class FakeGraph:
+        def pool(self):
+            return None
+
+        def replay(self):
+            pass
+
+    @contextmanager
+    def fake_capture(graph, **kwargs):
+        held.append(graphs.capture_lock.locked())
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    runner = GraphRunner(eager_runs=1)
+    x = torch.ones(3)
+    assert torch.equal(runner.run("cache", "layout", lambda a: a * 2, x), x * 2)  # eager
+    assert held == []
+    runner.run("cache", "layout", lambda a: a * 2, x)  # captured (the fake graph replays nothing)
+    assert held == [True] and runner.captures == 1 and not graphs.capture_lock.locked()
