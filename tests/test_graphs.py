@@ -13,25 +13,33 @@ class _FakeStream:
         pass
 
 
-def test_a_capture_holds_the_process_wide_capture_lock(monkeypatch):
-    """The DiT's forward is captured under `graphs.capture_lock`, as the verifier's answer step is: PyTorch's CUDA
-    graphs expect one capture at a time in a process, and two that overlapped in a render failed together."""
-    held = []
+class _FakeGraph:
+    def pool(self):
+        return None
 
-    class FakeGraph:
-        def pool(self):
-            return None
+    def replay(self):
+        pass
 
-        def replay(self):
-            pass
+
+def fake_captures(monkeypatch) -> list[bool]:
+    """Make `torch.cuda.graph` a capture that records, in the returned list, whether `graphs.capture_lock` was held
+    when it began (no GPU needed)."""
+    held: list[bool] = []
 
     @contextmanager
     def fake_capture(graph, **kwargs):
         held.append(graphs.capture_lock.locked())
         yield
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    return held
+
+
+def test_a_capture_holds_the_process_wide_capture_lock(monkeypatch):
+    """The DiT's forward is captured under `graphs.capture_lock`, as the verifier's answer step is: PyTorch's CUDA
+    graphs expect one capture at a time in a process, and two that overlapped in a render failed together."""
+    held = fake_captures(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())

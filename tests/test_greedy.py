@@ -133,23 +133,11 @@ def test_settings_it_does_not_reproduce_are_refused(verifier):
 def test_a_capture_holds_the_process_wide_capture_lock(verifier, monkeypatch):
     """The answer step is captured under `graphs.capture_lock`, the lock the DiT's captures take too (two captures
     that overlapped in a render failed together)."""
-    from contextlib import contextmanager
-
     from iamflow_core.models import graphs
 
-    held = []
+    from .test_graphs import fake_captures
 
-    class FakeGraph:
-        def pool(self):
-            return None
-
-    @contextmanager
-    def fake_capture(graph, **kwargs):
-        held.append(graphs.capture_lock.locked())
-        yield
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    held = fake_captures(monkeypatch)
     _, config = verifier.request(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False)
     decoder = GreedyDecoder(verifier._model, config, graphs=False)
     decoder.graphs_on = True
