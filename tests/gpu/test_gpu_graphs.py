@@ -107,7 +107,9 @@ def test_captures_in_two_threads_take_turns():
 
     def capture_many(seed: int) -> None:
         x = torch.randn(512, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        with torch.cuda.stream(torch.cuda.Stream()):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # x is made on this thread's default stream
+        with torch.cuda.stream(stream):
             for i in range(30):
                 runner = GraphRunner(eager_runs=0)
                 out = runner.run(("owner", seed, i), "key", lambda a: torch.tanh(a @ a).sum(0), x)
