@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # renders with a trial answer step (3 of 4 renders) two such captures overlapped and both failed
 # (cudaErrorStreamCaptureUnsupported in the verifier's, cudaErrorStreamCaptureInvalidated in the DiT's), which left
 # both running eagerly for the rest of the story.
-# A capture takes tens of milliseconds: waiting for another costs a render nothing it would notice.
+# Captures are few (a handful in a story), so one waiting for another's end is rare.
 capture_lock = threading.Lock()
 
 
