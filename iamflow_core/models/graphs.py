@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 # One capture at a time in the process, as PyTorch's CUDA graphs expect (their memory pools and the RNG state are
 # process-wide). The sampler captures the DiT's forwards and the verifier's thread its answer step, at moments
 # neither controls (an attention layout met after a prompt switch, answer buffers that grow). In 1-GPU iamflow
-# renders with a trial answer step (3 of 4 renders) two such captures overlapped and both failed
-# (cudaErrorStreamCaptureUnsupported in the verifier's, cudaErrorStreamCaptureInvalidated in the DiT's), which left
-# both running eagerly for the rest of the story.
+# renders with a trial answer step two such captures overlapped and both failed (cudaErrorStreamCaptureUnsupported
+# in the verifier's, cudaErrorStreamCaptureInvalidated in the DiT's), which left both running eagerly for the rest
+# of the story.
 # Captures are few (a handful in a story), so one waiting for another's end is rare.
 capture_lock = threading.Lock()
 
