@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -33,6 +34,14 @@ logger = logging.getLogger(__name__)
 # of the story.
 # Captures are few (a handful in a story), so one waiting for another's end is rare.
 capture_lock = threading.Lock()
+
+
+@contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> Iterator[None]:
+    """`torch.cuda.graph` as every capture here runs: holding `capture_lock`, and in thread_local mode, so other
+    threads (the VAE decoder, the sampler, the verifier) keep launching their own work meanwhile."""
+    with capture_lock, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        yield
 
 
 def graphs_allowed() -> bool:
@@ -116,9 +125,7 @@ class GraphRunner:
                 with torch.cuda.stream(side):
                     fn(*static)
                 torch.cuda.current_stream(device).wait_stream(side)
-                # thread_local: the VAE decoder may be working in another thread meanwhile
-                with capture_lock, torch.cuda.graph(graph, pool=self._pool, stream=side,
-                                                    capture_error_mode="thread_local"):  # fmt: skip
+                with capturing(graph, self._pool, side):
                     output = fn(*static)
         except RuntimeError as error:
             logger.warning("CUDA graph capture failed, running this forward eagerly from now on: %s", error)

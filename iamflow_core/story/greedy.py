@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.graphs import capture_lock, graphs_allowed
+from ..models.graphs import capturing, graphs_allowed
 from .hf import greedy_config
 
 logger = logging.getLogger(__name__)
@@ -199,9 +199,7 @@ class GreedyDecoder:
         self._step.zero_()
         try:
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the sampler and the VAE keep working in their threads meanwhile
-            with capture_lock, torch.cuda.graph(graph, pool=self._pool, stream=self.stream,
-                                                capture_error_mode="thread_local"):  # fmt: skip
+            with capturing(graph, self._pool, self.stream):
                 self._block(rows, length)
         except RuntimeError as error:  # the same answers, step by step: slower, never wrong
             logger.warning("CUDA graph capture failed; decoding answers step by step from now on: %s", error)
