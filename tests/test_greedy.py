@@ -144,3 +144,62 @@ def test_a_capture_holds_the_process_wide_capture_lock(verifier, monkeypatch):
     decoder._buffers(1, 256, 256)
     decoder._graph(1, 256)
     assert held == [True] and not graphs.capture_lock.locked()
+
+
+def test_joined_projections_share_the_modules_weights_and_follow_a_move():
+    """q/k/v and gate/up run as one matmul each over a joined weight whose row blocks are the modules' own weights
+    (no second copy); weights given new storage after the decoder was made are joined again (with their new values),
+    and answers stay transformers'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_qwen_folders().llm
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _loud(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = dict(tokenizer(["Nora reads a red notebook in a cafe."], return_tensors="pt"))
+    config = greedy_config(model, 12, tokenizer.pad_token_id)
+    decoder = GreedyDecoder(model, config, graphs=False)
+    attention = model.model.layers[0].self_attn
+    qkv, gate_up = decoder._joined[0]
+    assert qkv.weight.shape[0] == sum(
+        m.weight.shape[0] for m in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == qkv.weight.untyped_storage().data_ptr()
+    assert isinstance(attention.k_proj.weight, torch.nn.Parameter) and gate_up.intact()
+    eos = end_tokens(config, tokenizer)
+    before = decoder.generate(batch, 12, eos)
+    assert before == _generate_all(model, batch, config)
+
+    with torch.no_grad():  # new storage for every weight (as a move or a reload gives), new values for one
+        for p in model.parameters():
+            p.data = p.data.clone()
+        attention.k_proj.weight.mul_(-1)
+    assert not qkv.intact()
+    after = decoder.generate(batch, 12, eos)
+    assert after == _generate_all(model, batch, config) and after != before
+    assert (
+        qkv.intact()
+        and attention.k_proj.weight.untyped_storage().data_ptr() == qkv.weight.untyped_storage().data_ptr()
+    )
+
+
+def test_projections_that_are_not_plain_linears_are_called_one_by_one():
+    """A quantized model's linears (here: wrapped) are not joined; each is called and the outputs concatenated."""
+    from iamflow_core.story.greedy import _Joined
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.inner = linear
+
+        def forward(self, x):
+            return self.inner(x)
+
+    linears = [torch.nn.Linear(8, n, bias=False) for n in (4, 2, 2)]
+    x = torch.randn(3, 1, 8)
+    expected = torch.cat([m(x) for m in linears], dim=-1)
+    joined = _Joined([Wrapped(m) for m in linears])
+    assert joined.weight is None and joined.intact()
+    torch.testing.assert_close(joined(x), expected)
+    with_bias = _Joined([torch.nn.Linear(8, 4), torch.nn.Linear(8, 2)])
+    assert with_bias.weight is None

@@ -10,17 +10,20 @@ before the first frame) paid the same per token.
 and decodes the answers itself, for a batch of left-padded prompts:
 
 - the prefill's keys and values are copied into a static cache (one buffer per layer, lengths in steps of 256);
-- one decoding step (embedding, the layers through the model's own linears and MLPs, fused RMSNorms, RoPE at each
-  row's text position, grouped-query attention over the kept part of the cache, the head, argmax) is captured as a
-  CUDA graph per batch size and buffer length, on a stream of high priority (its short kernels get SMs before the
-  queued blocks of the VAE's or the DiT's long ones);
+- one decoding step (embedding, the layers, the head, argmax) is captured as a CUDA graph per batch size and buffer
+  length, on a stream of high priority (its short kernels get SMs before the queued blocks of the VAE's or the
+  DiT's long ones). A layer is nine kernels on a GPU: q/k/v as one matmul over their joined weights, one Triton
+  kernel for the q/k norms, RoPE at each row's text position and the cache write, grouped-query attention over the
+  kept part of the cache, the output projection, the residual add with the next norm, gate/up as one matmul, SiLU
+  times up, the down projection, the residual add with the next norm (`greedy_ops`);
 - the step's inputs (tokens, positions, cache slot) live on the GPU and each replay advances them, so the host
   launches one graph per `STEPS` tokens (fewer trips through the GIL, which the sampler's and the VAE's threads
   want too) and reads the tokens back after each to stop at the end of the answers.
 
-The math is transformers' (float32 RMSNorm statistics, rotate-half RoPE at the text position, the same scaling and
-masking), so greedy answers match `generate`'s exactly in float32 (the CPU tests run the same step eagerly, the GPU
-tests replay it); in bf16 the kernels differ and so can the rounding. Models or settings this path does not cover
+The math is transformers' (float32 RMSNorm statistics, rotate-half RoPE at the text position, the same scaling,
+masking and roundings), so greedy answers match `generate`'s exactly in float32 (the CPU tests run the same step
+eagerly as plain PyTorch, the GPU tests replay it with the kernels); in bf16 the matmuls differ (one over joined
+weights) and so can the rounding. Models or settings this path does not cover
 raise `Unsupported`, and the caller falls back to `generate`. `IAMFLOW_CUDA_GRAPHS=0` turns it off.
 """
 
@@ -32,8 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models.graphs import capturing, graphs_allowed
+from . import greedy_ops as ops
 from .hf import greedy_config
 
 logger = logging.getLogger(__name__)
@@ -86,17 +91,51 @@ def fast_decoder(model: Any, device: torch.device, pad_token_id: int | None, wha
         return None
 
 
-def _norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
-    """The model's RMSNorm as one fused kernel (`F.rms_norm`) where the module shows its weight and epsilon."""
+def _norm_of(norm: Any) -> tuple[torch.Tensor, float]:
+    """An RMSNorm module's weight and epsilon (Qwen3's `Qwen3RMSNorm`)."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if weight is None or eps is None or not hasattr(F, "rms_norm"):  # F.rms_norm: torch 2.4 on
-        return norm(x)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if not isinstance(weight, torch.Tensor) or eps is None:
+        raise Unsupported(f"{type(norm).__name__} does not show its weight and epsilon")
+    return weight, float(eps)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE, x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = roll(x, half)·(−sin | sin)."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+class _Joined:
+    """Linears that read the same input (q/k/v, gate/up) as one matmul: their weights become row blocks of one
+    joined weight, so the step launches one GEMM instead of two or three and no weight is held twice. Linears that
+    are not plain bias-free `nn.Linear`s of one dtype (a quantized model's) are called one by one and concatenated."""
+
+    def __init__(self, linears: list[Any]) -> None:
+        self.linears = linears
+        self.weight: torch.Tensor | None = None
+        plain = all(type(m) is nn.Linear and m.bias is None for m in linears)
+        if plain and len({(m.weight.dtype, m.weight.device, m.weight.shape[1]) for m in linears}) == 1:
+            self.join()
+
+    def join(self) -> None:
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in self.linears])
+            start = 0
+            for m in self.linears:
+                rows = m.weight.shape[0]
+                m.weight.data = self.weight[start : start + rows]  # the module keeps its Parameter, now a view
+                start += rows
+
+    def intact(self) -> bool:
+        """False when a linear's weight is no longer its block of the joined weight (the model was moved or cast)."""
+        if self.weight is None:
+            return True
+        start = 0
+        for m in self.linears:
+            w = m.weight
+            if w.data_ptr() != self.weight[start].data_ptr() or w.dtype != self.weight.dtype:
+                return False
+            start += w.shape[0]
+        return True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight)
+        return torch.cat([m(x) for m in self.linears], dim=-1)
 
 
 class GreedyDecoder:
@@ -122,6 +161,25 @@ class GreedyDecoder:
         self._pool = None
         self._room = (0, 0, 0)  # rows, cache length, answer tokens the buffers hold
         self.captures = 0
+        layers = self.text.layers
+        # each layer's input norm, its q/k norms, its post-attention norm; the final norm closes the last layer
+        self._norms = [
+            (_norm_of(layer.input_layernorm), _norm_of(layer.self_attn.q_norm), _norm_of(layer.self_attn.k_norm),
+             _norm_of(layer.post_attention_layernorm)) for layer in layers
+        ] + [(_norm_of(self.text.norm),)]  # fmt: skip
+        self._joined = [
+            (_Joined([a.q_proj, a.k_proj, a.v_proj]), _Joined([layer.mlp.gate_proj, layer.mlp.up_proj]))
+            for layer, a in ((layer, layer.self_attn) for layer in layers)
+        ]
+
+    def _keep_joined(self) -> None:
+        """Join the weights again where the model was moved or cast since (and drop the graphs that read them)."""
+        broken = [j for pair in self._joined for j in pair if not j.intact()]
+        for joined in broken:
+            joined.join()
+        if broken:
+            self._graphs.clear()
+            self._pool = None
 
     def _buffers(self, rows: int, length: int, steps: int) -> None:
         """Room for `rows` prompts, `length` cache positions and `steps` answer tokens (graphs read these buffers,
@@ -146,36 +204,32 @@ class GreedyDecoder:
     def _step_once(self, rows: int, length: int) -> None:
         """One token per row: reads `_token` at `_position`, writes its K/V at `_slot`, attends to the kept slots
         ≤ `_slot` of the first `length`, stores the argmax at `_tokens[:, _step]` and in `_token`, and advances
-        the counters."""
+        the counters. Nine kernels a layer on a GPU (`greedy_ops`)."""
         text = self.text
         token, position = self._token[:rows], self._position[:rows]
-        h = text.embed_tokens(token)  # [B, 1, D]
         rope = text.rotary_emb
         freqs = position.float()[:, None] * rope.inv_freq.float()[None, :]  # [B, head_dim / 2]
         scaling = float(getattr(rope, "attention_scaling", 1.0))
         cos, sin = (freqs.cos() * scaling).to(self.dtype), (freqs.sin() * scaling).to(self.dtype)
-        cos = torch.cat((cos, cos), dim=-1)[:, None, None]  # [B, 1, 1, head_dim]
-        sin = torch.cat((-sin, sin), dim=-1)[:, None, None]  # signed for `_rope`'s roll
         reached = torch.arange(length, device=self.device) <= self._slot
         valid = (self._keep[:rows, :length] & reached)[:, None, None, :]
+        # as an additive mask, made once a step: given the boolean one, attention converts it in every layer
+        bias = torch.zeros(valid.shape, dtype=self.dtype, device=self.device).masked_fill_(~valid, float("-inf"))
         groups = self.heads // self.kv_heads
-        for layer, k_cache, v_cache in zip(text.layers, self._k, self._v):
-            attn = layer.self_attn
-            x = _norm(h, layer.input_layernorm)
-            q = _norm(attn.q_proj(x).view(rows, 1, self.heads, self.head_dim), attn.q_norm).transpose(1, 2)
-            k = _norm(attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim), attn.k_norm).transpose(1, 2)
-            v = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        h, x = ops.add_rms_norm(text.embed_tokens(token), None, *self._norms[0][0])  # [B, 1, D]
+        for i, (layer, k_cache, v_cache) in enumerate(zip(text.layers, self._k, self._v)):
+            (_, q_norm, k_norm, post_norm), (next_norm, *_) = self._norms[i], self._norms[i + 1]
+            qkv, gate_up = self._joined[i]
             keys, values = k_cache[:rows, :, :length], v_cache[:rows, :, :length]
-            keys.index_copy_(2, self._slot, k)
-            values.index_copy_(2, self._slot, v)
+            q = ops.qk_norm_rope_store(qkv(x).view(rows, -1), self.heads, self.kv_heads, q_norm[0], k_norm[0],
+                                       q_norm[1], cos, sin, keys, values, self._slot)  # fmt: skip
             # Grouped-query attention without copying the cache per head: the `groups` query heads that share a
             # key/value head (transformers' repeat_kv order) attend to it as `groups` queries.
-            q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid, scale=self.scale)
-            h = h + attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
-            h = h + layer.mlp(_norm(h, layer.post_attention_layernorm))
-        best = self.model.lm_head(_norm(h, text.norm))[:, -1].argmax(-1)  # [B]
+            q = q.view(rows, self.kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.scale)
+            h, x = ops.add_rms_norm(h, layer.self_attn.o_proj(out.reshape(rows, 1, -1)), *post_norm)
+            h, x = ops.add_rms_norm(h, layer.mlp.down_proj(ops.silu_mul(gate_up(x))), *next_norm)
+        best = self.model.lm_head(x)[:, -1].argmax(-1)  # [B]
         self._tokens[:rows].index_copy_(1, self._step, best[:, None])
         token.copy_(best[:, None])
         position.add_(1)
@@ -251,6 +305,7 @@ class GreedyDecoder:
     def _generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
         rows, prompt = batch["input_ids"].shape
         positions = self.next_positions(batch)
+        self._keep_joined()
         out = self._prefill(batch)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # transformers 5 renamed it
         layers = getattr(cache, "layers", None)
