@@ -1,5 +1,7 @@
-"""`GraphRunner` without a GPU: when it captures, and that a capture holds the process-wide capture lock."""
+"""`GraphRunner` without a GPU: when it captures, and that a capture holds the process-wide capture lock and waits
+for other threads' launches and compiles."""
 
+import threading
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -50,3 +52,38 @@ def test_a_capture_holds_the_process_wide_capture_lock(monkeypatch):
     assert held == []
     runner.run("cache", "layout", lambda a: a * 2, x)  # captured (the fake graph replays nothing)
     assert held == [True] and runner.captures == 1 and not graphs.capture_lock.locked()
+
+
+def test_a_capture_waits_for_another_threads_launches_and_compiles(monkeypatch):
+    """With compiled kernels on, a capture takes the launch lock before `capture_lock`: a capture in the verifier's
+    thread waits while the sampler launches or compiles (a compile beside a capture broke both in a render), and
+    the sampler's own captures, made under that lock, go on."""
+    from iamflow_core.models import fused
+
+    held = fake_captures(monkeypatch)
+    monkeypatch.setattr(fused, "_enabled", True)
+    sampler_launching, captured = threading.Event(), threading.Event()
+    release = threading.Event()
+
+    def sampler() -> None:
+        with fused.launch_guard():
+            sampler_launching.set()
+            release.wait(10)
+
+    def verifier() -> None:
+        with graphs.capturing(None, None, None):
+            captured.set()
+
+    threads = [threading.Thread(target=sampler), threading.Thread(target=verifier)]
+    threads[0].start()
+    assert sampler_launching.wait(10)
+    threads[1].start()
+    assert not captured.wait(0.3)  # the capture waits for the sampler's launches
+    release.set()
+    assert captured.wait(10)
+    for t in threads:
+        t.join(10)
+    # the sampler's own capture, inside its launches: the lock is re-entrant
+    with fused.launch_guard(), graphs.capturing(None, None, None):
+        pass
+    assert held == [True, True] and not graphs.capture_lock.locked()

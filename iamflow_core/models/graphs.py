@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
+from . import fused
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,9 +40,17 @@ capture_lock = threading.Lock()
 
 @contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> Iterator[None]:
-    """`torch.cuda.graph` as every capture here runs: holding `capture_lock`, and in thread_local mode, so other
-    threads (the VAE decoder, the sampler, the verifier) keep launching their own work meanwhile."""
-    with capture_lock, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+    """`torch.cuda.graph` as every capture here runs: in thread_local mode, holding `capture_lock`, and before it the
+    launch lock of compiled kernels (`fused.launch_guard`), always in that order, so the two cannot deadlock.
+
+    The launch lock keeps compiles out of a capture. Seen in a 1-GPU iamflow render (one H200): while the verifier's
+    thread captured its answer step, the sampler loaded a compiled function from the kernel cache; the capture was
+    invalidated (cudaErrorStreamCaptureInvalidated) and the load failed (cudaErrorStreamCaptureUnsupported), and
+    the verifier decoded without graphs from then on. The sampler launches (and compiles) under that lock
+    already; so a capture in the verifier's thread waits for the sampler's current launches, and the sampler for
+    the capture (once or twice a story)."""
+    launches = fused.launch_guard()
+    with launches, capture_lock, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
         yield
 
 
