@@ -81,6 +81,27 @@ def test_the_memory_hooks_cost_is_their_gpu_work_and_the_idle_gpu_while_they_ran
     }  # fmt: skip
 
 
+def test_a_gap_names_the_launches_that_spanned_it_and_what_they_launched():
+    """A launch call that spans most of an idle gap is listed with the work it launched and whether that work's
+    name is new in the window (a kernel met for the first time may be loaded first, which can stall the GPU)."""
+    events = [
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "sampler"}},
+        _gpu("kernel", "dit_gemm", 0, 1000, 1),
+        _span("cuda_runtime", "cudaGraphLaunch", 1200, 4000, args={"correlation": 2}),  # the sampler's replay
+        _span("cuda_runtime", "cudaLaunchKernel", 1100, 4100, tid=9, args={"correlation": 3}),  # the verifier's
+        _span("cuda_runtime", "cudaLaunchKernel", 1300, 100, tid=9, args={"correlation": 4}),  # short: not listed
+        _gpu("kernel", "new_reduce", 5200, 100, 3),
+        _gpu("kernel", "dit_gemm", 5300, 1000, 2),
+    ]
+    (gap,) = summarize({"traceEvents": events}, dit_device=0)["dit_idle_gaps"]
+    assert gap["ms"] == 4.2 and gap["before"] == "new_reduce"
+    calls = {c.pop("thread"): c for c in gap["stalled_calls"]}
+    assert calls == {
+        "9": {"call": "cudaLaunchKernel", "ms_in_gap": 4.1, "launched": "new_reduce", "first_in_window": True},
+        "sampler": {"call": "cudaGraphLaunch", "ms_in_gap": 4.0, "launched": "dit_gemm", "first_in_window": False},
+    }
+
+
 def test_short_gaps_are_left_out():
     assert summarize(TRACE, dit_device=0, min_gap_us=3500)["dit_idle_gaps"] == []
 

@@ -3,8 +3,9 @@
 `traced_render` renders a story as the CLI does, profiles chunks [first, first + count) and stops the render after
 them; `summarize` turns the profiler's trace into numbers: each device's busy share of the window, the idle gaps of
 the DiT's GPU with what every thread ran meanwhile (a gap with no GPU work queued is the host being late: a device
-sync, a lock, the GIL), the kernels that take the most time, and what the memory policy's hooks cost the DiT's GPU.
-`bench speed --trace N` adds this to each row.
+sync, a lock, the GIL) and the CUDA calls that spanned most of each gap with the kernels they launched, the kernels
+that take the most time, and what the memory policy's hooks cost the DiT's GPU. `bench speed --trace N` adds this
+to each row.
 
 The memory's cost on the critical path is counted from the profiler ranges the pipeline puts around each hook
 (`pipeline.MEMORY_HOOK`): the GPU work launched inside them (matched by the profiler's correlation ids: kernels and
@@ -65,21 +66,52 @@ def summarize(trace: dict[str, Any], dit_device: int, gaps: int = 5, min_gap_us:
             "top_kernels_ms": {name: round(us / 1e3, 1) for name, us in top},
         }  # fmt: skip
     first = min((items[0][0] for items in work.values()), default=0.0)
+    launched = _launched_work(spans)
     report = []
     for length, s, e, before in sorted(idle, reverse=True)[:gaps]:
         threads: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        stalled = []
         for h in host:
             overlap = min(e, h["ts"] + h["dur"]) - max(s, h["ts"])
             if overlap > 0:
-                threads[str(names.get(h["tid"], h["tid"]))][h["name"][:60]] += overlap
+                thread = str(names.get(h["tid"], h["tid"]))
+                threads[thread][h["name"][:60]] += overlap
+                if h.get("cat") == "cuda_runtime" and overlap >= (e - s) / 2:
+                    stalled.append(_stalled_call(h, thread, overlap, launched))
         report.append({
             "ms": round(length / 1e3, 2), "at_ms": round((s - first) / 1e3, 1), "before": before[:60],
             "threads": {t: {n: round(us / 1e3, 2) for n, us in sorted(ops.items(), key=lambda kv: -kv[1])[:3]}
                         for t, ops in threads.items()},
+            "stalled_calls": stalled,
         })  # fmt: skip
     return {"devices": devices, "dit_idle_gaps": report,
             "dit_idle_ms": round(sum(g[0] for g in idle) / 1e3, 1),
             "memory_hooks": _memory_hooks(spans, dit_device, dit_gaps)}  # fmt: skip
+
+
+def _launched_work(spans: list[dict]) -> dict[Any, tuple[float, str, bool]]:
+    """Per correlation id, the first GPU work a host call launched: its start, its name, and whether it is the first
+    work of that name in the window (a kernel met for the first time may have to be loaded first)."""
+    by_id: dict[Any, tuple[float, str]] = {}
+    seen: dict[str, float] = {}
+    for e in spans:
+        if e.get("cat") not in _GPU_WORK:
+            continue
+        ts, name, correlation = float(e["ts"]), e["name"], e.get("args", {}).get("correlation")
+        seen[name] = min(seen.get(name, ts), ts)
+        if correlation is not None and (correlation not in by_id or ts < by_id[correlation][0]):
+            by_id[correlation] = (ts, name)
+    return {c: (ts, name, seen[name] == ts) for c, (ts, name) in by_id.items()}
+
+
+def _stalled_call(call: dict, thread: str, overlap: float, launched: dict) -> dict[str, Any]:
+    """A CUDA runtime call that spans most of an idle gap of the DiT's GPU, with the work it launched."""
+    ts_name_new = launched.get(call.get("args", {}).get("correlation"))
+    return {
+        "thread": thread, "call": call["name"][:40], "ms_in_gap": round(overlap / 1e3, 2),
+        "launched": ts_name_new[1][:80] if ts_name_new else None,
+        "first_in_window": ts_name_new[2] if ts_name_new else None,
+    }  # fmt: skip
 
 
 def _union(ranges: list[tuple[float, float]]) -> list[tuple[float, float]]:
