@@ -203,3 +203,51 @@ def test_projections_that_are_not_plain_linears_are_called_one_by_one():
     torch.testing.assert_close(joined(x), expected)
     with_bias = _Joined([torch.nn.Linear(8, 4), torch.nn.Linear(8, 2)])
     assert with_bias.weight is None
+
+
+def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch, caplog):
+    """A Triton kernel that fails to build or launch (an old GPU, no C compiler) turns the step's kernels off for the
+    process with one warning; every op then computes the same values as plain PyTorch."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from iamflow_core.story import greedy_ops as ops
+
+    class Unbuildable:
+        launches = 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                Unbuildable.launches += 1
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+            return launch
+
+    torch.manual_seed(0)
+    h, delta, weight = torch.randn(2, 1, 16), torch.randn(2, 1, 16), torch.rand(16) + 0.5
+    qkv, q_w, k_w = torch.randn(2, (4 + 2 * 2) * 8), torch.rand(8) + 0.5, torch.rand(8) + 0.5
+    angles = torch.rand(2, 4)
+    gate_up, slot = torch.randn(2, 1, 12), torch.tensor([3])
+
+    def run():
+        keys, values = torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 5, 8)
+        q = ops.qk_norm_rope_store(qkv, 4, 2, q_w, k_w, 1e-6, angles.cos(), angles.sin(), keys, values, slot)
+        return (*ops.add_rms_norm(h, delta, weight, 1e-6), q, keys, values, ops.silu_mul(gate_up))
+
+    expected = run()  # no Triton here: plain PyTorch
+    fake_triton = SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length(), cdiv=lambda a, b: -(-a // b))
+    monkeypatch.setattr(ops, "triton", fake_triton)
+    monkeypatch.setattr(ops, "_failed", None)
+    monkeypatch.setattr(ops, "_device", lambda x: nullcontext())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    for name in ("_add_rms_norm_kernel", "_qk_norm_rope_store_kernel", "_silu_mul_kernel"):
+        monkeypatch.setattr(ops, name, Unbuildable(), raising=False)
+    with caplog.at_level(logging.WARNING, logger=ops.__name__):
+        got, again = run(), run()
+    monkeypatch.undo()
+    for g, a, e in zip(got, again, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert Unbuildable.launches == 1  # the first failure turned the kernels off
+    (record,) = [r for r in caplog.records if r.name == ops.__name__]
+    assert "C compiler" in record.getMessage() and "plain PyTorch" in record.getMessage()

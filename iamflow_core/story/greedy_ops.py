@@ -18,11 +18,15 @@ product rounded as eager PyTorch rounds them), so in float32 the answers match `
 the adds, norms and SiLU products are bit for bit eager PyTorch's; the rotated q and k are one unit in the last
 place apart in about a fifth of their values (the compiled kernel's roundings there are not the three eager ops';
 measured on an H200, `tests/gpu/test_gpu_greedy.py`), as the joined matmuls also round differently. Off the GPU
-(or without Triton) the same functions run as plain PyTorch.
+(or without Triton) the same functions run as plain PyTorch, and so they do for the rest of the process after a
+kernel fails to build or launch (a GPU older than Triton supports, no C compiler for Triton's launcher), with one
+warning.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -35,8 +39,31 @@ except ImportError:  # a CPU build of PyTorch: plain PyTorch below
     triton = None
 
 
+logger = logging.getLogger(__name__)
+_failed: str | None = None  # why the kernels are off in this process, after one failed
+
+
 def _on_gpu(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
+    return triton is not None and _failed is None and x.is_cuda
+
+
+def _launched(launch: Callable[[], None]) -> bool:
+    """Run a kernel launch. If the kernel cannot be built or launched, turn the kernels off for the process with one
+    warning and return False: the caller computes the same values as plain PyTorch. Inside a CUDA-graph capture the
+    error is the capture's (its caller handles it), so it is raised; the capture is preceded by an eager run, where
+    a kernel that cannot build fails first."""
+    global _failed
+    try:
+        launch()
+        return True
+    except Exception as error:  # noqa: BLE001 - Triton reports a missing compiler or an old GPU in several types
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        _failed = f"{type(error).__name__}: {error}"
+        logger.warning("the answer decoder's Triton kernels failed (%s); its step runs as plain PyTorch from now on "
+                       "(the same answers, slower). Triton needs a GPU it supports and a C compiler for its "
+                       "launcher (set CC)", _failed)  # fmt: skip
+        return False
 
 
 def _device(x: torch.Tensor):
@@ -127,21 +154,24 @@ def add_rms_norm(
     h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta, RMSNorm(h + delta)) over the last axis; without delta, (h, RMSNorm(h)). h, delta: [..., D]."""
-    if not (_on_gpu(h) and weight.dtype == h.dtype and h.is_contiguous()):
-        if delta is not None:
-            h = h + delta
-        return h, _plain_rms(h, weight, eps)
-    dim = h.shape[-1]
-    rows = h.numel() // dim
-    out_h = torch.empty_like(h) if delta is not None else h
-    out_x = torch.empty_like(h)
-    block = triton.next_power_of_2(dim)
-    with _device(h):
-        _add_rms_norm_kernel[(rows,)](
-            h, delta.contiguous() if delta is not None else h, weight, out_h, out_x, eps, DIM=dim, BLOCK=block,
-            ADD=delta is not None, num_warps=4 if block <= 2048 else 8,
-        )  # fmt: skip
-    return out_h, out_x
+    if _on_gpu(h) and weight.dtype == h.dtype and h.is_contiguous():
+        dim = h.shape[-1]
+        out_h = torch.empty_like(h) if delta is not None else h
+        out_x = torch.empty_like(h)
+        block = triton.next_power_of_2(dim)
+
+        def launch() -> None:
+            with _device(h):
+                _add_rms_norm_kernel[(h.numel() // dim,)](
+                    h, delta.contiguous() if delta is not None else h, weight, out_h, out_x, eps, DIM=dim,
+                    BLOCK=block, ADD=delta is not None, num_warps=4 if block <= 2048 else 8,
+                )  # fmt: skip
+
+        if _launched(launch):
+            return out_h, out_x
+    if delta is not None:
+        h = h + delta
+    return h, _plain_rms(h, weight, eps)
 
 
 def qk_norm_rope_store(
@@ -163,21 +193,25 @@ def qk_norm_rope_store(
         and keys.stride(-1) == 1
         and values.stride(-1) == 1
     )
-    if not fused:
-        q, k, v = qkv.view(rows, heads + 2 * kv_heads, head).split((heads, kv_heads, kv_heads), dim=1)
-        cos2, sin2 = torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
-        q = _rope(_plain_rms(q, q_weight, eps), cos2, sin2)
-        k = _rope(_plain_rms(k, k_weight, eps), cos2, sin2)
-        keys.index_copy_(2, slot, k[:, :, None])
-        values.index_copy_(2, slot, v[:, :, None])
-        return q
-    q = torch.empty(rows, heads, head, dtype=qkv.dtype, device=qkv.device)
-    with _device(qkv):
-        _qk_norm_rope_store_kernel[(rows, heads + kv_heads)](
-            qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), q, keys, values, slot,
-            qkv.stride(0), *keys.stride()[:3], *values.stride()[:3], eps,
-            HEADS=heads, KV_HEADS=kv_heads, HALF=half, num_warps=1,
-        )  # fmt: skip
+    if fused:
+        q = torch.empty(rows, heads, head, dtype=qkv.dtype, device=qkv.device)
+
+        def launch() -> None:
+            with _device(qkv):
+                _qk_norm_rope_store_kernel[(rows, heads + kv_heads)](
+                    qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), q, keys, values, slot,
+                    qkv.stride(0), *keys.stride()[:3], *values.stride()[:3], eps,
+                    HEADS=heads, KV_HEADS=kv_heads, HALF=half, num_warps=1,
+                )  # fmt: skip
+
+        if _launched(launch):
+            return q
+    q, k, v = qkv.view(rows, heads + 2 * kv_heads, head).split((heads, kv_heads, kv_heads), dim=1)
+    cos2, sin2 = torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
+    q = _rope(_plain_rms(q, q_weight, eps), cos2, sin2)
+    k = _rope(_plain_rms(k, k_weight, eps), cos2, sin2)
+    keys.index_copy_(2, slot, k[:, :, None])
+    values.index_copy_(2, slot, v[:, :, None])
     return q
 
 
@@ -189,12 +223,17 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] (gate, then up) -> SiLU(gate) * up [..., I]."""
     inter = gate_up.shape[-1] // 2
-    if not (_on_gpu(gate_up) and gate_up.is_contiguous()):
-        gate, up = gate_up.split(inter, dim=-1)
-        return F.silu(gate) * up
-    rows = gate_up.numel() // (2 * inter)
-    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
-    block = min(1024, triton.next_power_of_2(inter))
-    with _device(gate_up):
-        _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, INTER=inter, BLOCK=block, num_warps=4)
-    return out
+    if _on_gpu(gate_up) and gate_up.is_contiguous():
+        rows = gate_up.numel() // (2 * inter)
+        out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
+        block = min(1024, triton.next_power_of_2(inter))
+
+        def launch() -> None:
+            with _device(gate_up):
+                _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, INTER=inter, BLOCK=block,
+                                                                    num_warps=4)  # fmt: skip
+
+        if _launched(launch):
+            return out
+    gate, up = gate_up.split(inter, dim=-1)
+    return F.silu(gate) * up
