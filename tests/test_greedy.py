@@ -205,6 +205,26 @@ def test_projections_that_are_not_plain_linears_are_called_one_by_one():
     assert with_bias.weight is None
 
 
+@pytest.mark.parametrize("made_in_inference_mode", [True, False])
+@pytest.mark.parametrize("joined_in_inference_mode", [True, False])
+def test_joined_weights_work_in_and_out_of_inference_mode(made_in_inference_mode, joined_in_inference_mode):
+    """ComfyUI runs nodes (and so loads models) in inference mode, the CLI does not, and a decoder joins weights
+    again inside an answer (in inference mode): every combination computes the modules' outputs."""
+    from iamflow_core.story.greedy import _Joined
+
+    with torch.inference_mode(made_in_inference_mode):
+        linears = [torch.nn.Linear(8, n, bias=False) for n in (4, 2, 2)]
+        x = torch.randn(3, 8)
+        expected = torch.cat([m(x) for m in linears], dim=-1)
+    with torch.inference_mode(joined_in_inference_mode):
+        joined = _Joined(linears)
+    assert joined.weight is not None and joined.intact()
+    for mode in (True, False):
+        with torch.inference_mode(mode):
+            torch.testing.assert_close(joined(x), expected)
+            torch.testing.assert_close(torch.cat([m(x) for m in linears], dim=-1), expected)
+
+
 def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch, caplog):
     """A Triton kernel that fails to build or launch (an old GPU, no C compiler) turns the step's kernels off for the
     process with one warning; every op then computes the same values as plain PyTorch."""

@@ -112,7 +112,9 @@ class _Joined:
             self.join()
 
     def join(self) -> None:
-        with torch.no_grad():
+        # made as the modules' weights were made, in or out of inference mode (ComfyUI loads models in it): a
+        # Parameter made in inference mode that is given a normal tensor as its data fails when it is used
+        with torch.no_grad(), torch.inference_mode(self.linears[0].weight.is_inference()):
             self.weight = torch.cat([m.weight.detach() for m in self.linears])
             start = 0
             for m in self.linears:
