@@ -23,8 +23,8 @@ and decodes the answers itself, for a batch of left-padded prompts:
 The math is transformers' (float32 RMSNorm statistics, rotate-half RoPE at the text position, the same scaling,
 masking and roundings), so greedy answers match `generate`'s exactly in float32 (the CPU tests run the same step
 eagerly as plain PyTorch, the GPU tests replay it with the kernels); in bf16 the matmuls differ (one over joined
-weights) and so can the rounding. Models or settings this path does not cover
-raise `Unsupported`, and the caller falls back to `generate`. `IAMFLOW_CUDA_GRAPHS=0` turns it off.
+weights) and so can the rounding. Models or settings this path does not cover raise `Unsupported`, and the
+caller falls back to `generate`. `IAMFLOW_CUDA_GRAPHS=0` turns it off.
 """
 
 from __future__ import annotations

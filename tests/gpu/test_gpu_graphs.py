@@ -122,3 +122,54 @@ def test_captures_in_two_threads_take_turns():
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_a_capture_in_another_thread_waits_for_compiles():
+    """The sampler compiles under the launch lock (new shapes, or functions loaded from the kernel cache) while the
+    verifier's thread captures its answer step: a capture takes that lock first, so it waits for the compile, and
+    both succeed. Before, a function loaded from the kernel cache during the verifier's capture broke both."""
+    import threading
+
+    from iamflow_core.models.graphs import GraphRunner
+
+    @fused._fusable
+    def shifted_tanh(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 2 + 1
+
+    failures: list[str] = []
+
+    def compile_shapes() -> None:  # each new shape compiles (or loads from the kernel cache)
+        for n in range(1, 7):
+            x = torch.randn(n * 64, 96, device="cuda")
+            with fused.launch_guard():
+                y = shifted_tanh(x)
+            if not torch.allclose(y, torch.tanh(x) * 2 + 1, atol=1e-5):
+                failures.append(f"compiled shape {n}")
+
+    def capture_many() -> None:
+        x = torch.randn(256, 256, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(30):
+                runner = GraphRunner(eager_runs=0)
+                out = runner.run(("verifier", i), "key", lambda a: torch.tanh(a @ a).sum(0), x)
+                if runner.captures != 1 or not torch.allclose(out, torch.tanh(x @ x).sum(0), atol=1e-3, rtol=1e-3):
+                    failures.append(f"capture {i}")
+
+    def recording_errors(work) -> None:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - a thread's error must fail the test, not only print
+            failures.append(f"{work.__name__}: {type(e).__name__}: {e}")
+
+    fused.enable(True)
+    try:
+        threads = [threading.Thread(target=recording_errors, args=(work,)) for work in (compile_shapes, capture_many)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        fused.enable(False)
+    assert failures == []
