@@ -258,7 +258,7 @@ def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch
     fake_triton = SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length(), cdiv=lambda a, b: -(-a // b))
     monkeypatch.setattr(ops, "triton", fake_triton)
     monkeypatch.setattr(ops, "_failed", None)
-    monkeypatch.setattr(ops, "_device", lambda x: nullcontext())
+    monkeypatch.setattr(ops, "on_its_gpu", lambda x: nullcontext())
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
     for name in ("_add_rms_norm_kernel", "_qk_norm_rope_store_kernel", "_silu_mul_kernel"):
         monkeypatch.setattr(ops, name, Unbuildable(), raising=False)

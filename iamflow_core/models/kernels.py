@@ -13,7 +13,7 @@ rounded again, then rotated in float32 and rounded once more.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -27,6 +27,12 @@ except ImportError:  # a CPU build of PyTorch: the callers run plain PyTorch
 def available(x: torch.Tensor) -> bool:
     """Whether the hand-written kernels can run on x."""
     return triton is not None and x.is_cuda
+
+
+def on_its_gpu(x: torch.Tensor) -> AbstractContextManager:
+    """x's GPU as the current one while a kernel is launched on x: it need not be the current one (a batch rank's, a
+    loader's device widget, a VLM on another GPU than the DiT's)."""
+    return nullcontext() if x.device.index == torch.cuda.current_device() else torch.cuda.device(x.device)
 
 
 if triton is not None:
@@ -73,8 +79,7 @@ def rms_norm_rope(
     if cos.shape != (tokens, head // 2) or sin.shape != cos.shape:
         raise ValueError(f"cos/sin must be [L, D/2] = {[tokens, head // 2]}, got {list(cos.shape)}")
     block = triton.next_power_of_2(dim)
-    # launched on x's GPU, which need not be the current one (a batch rank's, a loader's device widget)
-    with nullcontext() if x.device.index == torch.cuda.current_device() else torch.cuda.device(x.device):
+    with on_its_gpu(x):
         _rms_norm_rope_kernel[(b * tokens,)](
             x, weight, cos, sin, out, tokens, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1),
             eps, DIM=dim, HALF_HEAD=head // 2, BLOCK=block, num_warps=4 if block <= 2048 else 8,

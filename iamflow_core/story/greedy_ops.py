@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+
+from ..models.kernels import on_its_gpu
 
 try:
     import triton
@@ -64,11 +65,6 @@ def _launched(launch: Callable[[], None]) -> bool:
                        "(the same answers, slower). Triton needs a GPU it supports and a C compiler for its "
                        "launcher (set CC)", _failed)  # fmt: skip
         return False
-
-
-def _device(x: torch.Tensor):
-    """x's GPU as the current one for a launch (the VLM may sit on another GPU than the current)."""
-    return nullcontext() if x.device.index == torch.cuda.current_device() else torch.cuda.device(x.device)
 
 
 def _plain_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -161,7 +157,7 @@ def add_rms_norm(
         block = triton.next_power_of_2(dim)
 
         def launch() -> None:
-            with _device(h):
+            with on_its_gpu(h):
                 _add_rms_norm_kernel[(h.numel() // dim,)](
                     h, delta.contiguous() if delta is not None else h, weight, out_h, out_x, eps, DIM=dim,
                     BLOCK=block, ADD=delta is not None, num_warps=4 if block <= 2048 else 8,
@@ -197,7 +193,7 @@ def qk_norm_rope_store(
         q = torch.empty(rows, heads, head, dtype=qkv.dtype, device=qkv.device)
 
         def launch() -> None:
-            with _device(qkv):
+            with on_its_gpu(qkv):
                 _qk_norm_rope_store_kernel[(rows, heads + kv_heads)](
                     qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), q, keys, values, slot,
                     qkv.stride(0), *keys.stride()[:3], *values.stride()[:3], eps,
@@ -229,7 +225,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(inter))
 
         def launch() -> None:
-            with _device(gate_up):
+            with on_its_gpu(gate_up):
                 _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, INTER=inter, BLOCK=block,
                                                                     num_warps=4)  # fmt: skip
 
