@@ -89,9 +89,9 @@ def summarize(trace: dict[str, Any], dit_device: int, gaps: int = 5, min_gap_us:
             "memory_hooks": _memory_hooks(spans, dit_device, dit_gaps)}  # fmt: skip
 
 
-def _launched_work(spans: list[dict]) -> dict[Any, tuple[float, str, bool]]:
-    """Per correlation id, the first GPU work a host call launched: its start, its name, and whether it is the first
-    work of that name in the window (a kernel met for the first time may have to be loaded first)."""
+def _launched_work(spans: list[dict]) -> dict[Any, tuple[str, bool]]:
+    """Per correlation id, the first GPU work a host call launched: its name, and whether it is the first work of
+    that name in the window (a kernel met for the first time may have to be loaded first)."""
     by_id: dict[Any, tuple[float, str]] = {}
     seen: dict[str, float] = {}
     for e in spans:
@@ -101,16 +101,15 @@ def _launched_work(spans: list[dict]) -> dict[Any, tuple[float, str, bool]]:
         seen[name] = min(seen.get(name, ts), ts)
         if correlation is not None and (correlation not in by_id or ts < by_id[correlation][0]):
             by_id[correlation] = (ts, name)
-    return {c: (ts, name, seen[name] == ts) for c, (ts, name) in by_id.items()}
+    return {c: (name, seen[name] == ts) for c, (ts, name) in by_id.items()}
 
 
 def _stalled_call(call: dict, thread: str, overlap: float, launched: dict) -> dict[str, Any]:
     """A CUDA runtime call that spans most of an idle gap of the DiT's GPU, with the work it launched."""
-    ts_name_new = launched.get(call.get("args", {}).get("correlation"))
+    name, first = launched.get(call.get("args", {}).get("correlation"), (None, None))
     return {
         "thread": thread, "call": call["name"][:40], "ms_in_gap": round(overlap / 1e3, 2),
-        "launched": ts_name_new[1][:80] if ts_name_new else None,
-        "first_in_window": ts_name_new[2] if ts_name_new else None,
+        "launched": name[:80] if name else None, "first_in_window": first,
     }  # fmt: skip
 
 
