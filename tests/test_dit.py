@@ -421,3 +421,45 @@ def test_the_dit_benchmarks_profile_sorts_kernels_by_kind():
                                   "other": 0.5, "total": 192.2}  # fmt: skip
     assert list(row["profiled_ms"])[:2] == ["attention", "gemm"]
     assert row["top_kernels"] == [[125.1, 298, kernels[0][0]], [51.1, 1045, kernels[1][0]]]
+
+
+def test_a_qk_kernel_that_cannot_build_leaves_the_dit_to_plain_pytorch(monkeypatch, caplog):
+    """The DiT's hand-written q/k kernel fails to build (a Triton without an op it uses, an old GPU): the keys are
+    still written into the cache slot given, with the plain function's values, and the hand-written kernels go off
+    for the process with one warning."""
+    import logging
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from iamflow_core.models import fused, kernels
+
+    class Unbuildable:
+        launches = 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                Unbuildable.launches += 1
+                raise AttributeError("module 'triton.language' has no attribute 'join'")
+
+            return launch
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 6, 16), torch.rand(16) + 0.5
+    angles = torch.rand(6, 4)
+    expected = fused.rms_norm_rope(x, weight, 1e-6, 2, angles.cos(), angles.sin())  # plain PyTorch here
+    monkeypatch.setattr(kernels, "triton", SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length()))
+    monkeypatch.setattr(kernels, "_off", None)
+    monkeypatch.setattr(kernels, "_rms_norm_rope_kernel", Unbuildable(), raising=False)
+    monkeypatch.setattr(kernels, "on_its_gpu", lambda x: nullcontext())
+    monkeypatch.setattr(fused, "compiles", lambda x: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    slot, again = torch.zeros(1, 6, 2, 8), torch.zeros(1, 6, 2, 8)
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert fused.rms_norm_rope(x, weight, 1e-6, 2, angles.cos(), angles.sin(), out=slot) is slot
+        fused.rms_norm_rope(x, weight, 1e-6, 2, angles.cos(), angles.sin(), out=again)
+    monkeypatch.undo()
+    torch.testing.assert_close(slot, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    assert Unbuildable.launches == 1
+    (record,) = caplog.records
+    assert "q/k norm-and-rotate kernel failed" in record.getMessage() and "'join'" in record.getMessage()

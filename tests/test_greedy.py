@@ -135,12 +135,12 @@ def test_a_capture_holds_the_process_wide_capture_lock(verifier, monkeypatch):
     that overlapped in a render failed together)."""
     from iamflow_core.models import graphs
 
-    from .test_graphs import fake_captures
+    from .test_graphs import _FakeStream, fake_captures
 
     held = fake_captures(monkeypatch)
     _, config = verifier.request(frames(3, 48, 80), "Nora reads in a cafe.", [NORA], False)
     decoder = GreedyDecoder(verifier._model, config, graphs=False)
-    decoder.graphs_on = True
+    decoder.graphs_on, decoder.stream = True, _FakeStream()
     decoder._buffers(1, 256, 256)
     decoder._graph(1, 256)
     assert held == [True] and not graphs.capture_lock.locked()
@@ -231,6 +231,7 @@ def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch
     from contextlib import nullcontext
     from types import SimpleNamespace
 
+    from iamflow_core.models import kernels
     from iamflow_core.story import greedy_ops as ops
 
     class Unbuildable:
@@ -257,17 +258,20 @@ def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch
     expected = run()  # no Triton here: plain PyTorch
     fake_triton = SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length(), cdiv=lambda a, b: -(-a // b))
     monkeypatch.setattr(ops, "triton", fake_triton)
-    monkeypatch.setattr(ops, "_failed", None)
+    monkeypatch.setattr(kernels, "triton", fake_triton)
+    monkeypatch.setattr(kernels, "_off", None)
     monkeypatch.setattr(ops, "on_its_gpu", lambda x: nullcontext())
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
     for name in ("_add_rms_norm_kernel", "_qk_norm_rope_store_kernel", "_silu_mul_kernel"):
         monkeypatch.setattr(ops, name, Unbuildable(), raising=False)
-    with caplog.at_level(logging.WARNING, logger=ops.__name__):
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
         got, again = run(), run()
+        off = kernels._off
     monkeypatch.undo()
     for g, a, e in zip(got, again, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
         torch.testing.assert_close(a, e, rtol=0, atol=0)
-    assert Unbuildable.launches == 1  # the first failure turned the kernels off
-    (record,) = [r for r in caplog.records if r.name == ops.__name__]
-    assert "C compiler" in record.getMessage() and "plain PyTorch" in record.getMessage()
+    assert Unbuildable.launches == 1 and "C compiler" in off  # the first failure turned the kernels off
+    (record,) = [r for r in caplog.records if r.name == kernels.__name__]
+    message = record.getMessage()
+    assert "answer decoder" in message and "C compiler" in message and "plain PyTorch" in message

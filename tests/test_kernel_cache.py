@@ -18,6 +18,7 @@ def clean_env(monkeypatch):
     for name in ("IAMFLOW_CACHE_DIR", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
                  "IAMFLOW_COMPILE", "IAMFLOW_SAVE_TRACES"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(fused, "_off", None)  # compiled kernels turned off by a test come back after it
     with torch._dynamo.config.patch(caching_precompile=False):  # what enable() turns on goes back
         yield monkeypatch
     fused.enable(False)
@@ -144,6 +145,80 @@ def test_a_kept_trace_that_fails_is_traced_again_and_the_kept_ones_cleared(clean
     assert not fused._traces_kept() and not torch._dynamo.config.caching_precompile and not os.path.exists(kept)
     with pytest.raises(ValueError):  # with no kept trace to blame, a failure is the function's own
         fused._fusable(lambda x: (_ for _ in ()).throw(ValueError("own")))(torch.zeros(2))
+    assert fused.enabled() and fused.off_because() is None  # the call's own error leaves the compiler on
+
+
+def test_a_compiler_that_cannot_build_turns_compiled_kernels_off_and_the_call_goes_on(clean_env, tmp_path, caplog):
+    """A machine where TorchInductor cannot build (here for real: its C++ compiler missing, as Triton's launcher
+    misses a C compiler on some machines): the call returns the plain function's values, compiled kernels go off for
+    the process with one warning naming the error and the fix, and later calls and `enable` leave them off."""
+    from torch._inductor import config as inductor_config
+
+    clean_env.setenv("IAMFLOW_CACHE_DIR", str(tmp_path / "kernels"))
+    clean_env.setenv("IAMFLOW_SAVE_TRACES", "0")
+    clean_env.setattr(fused, "compiles", lambda x: fused.enabled())  # a CPU tensor takes the compiled path here
+    fused.enable(True)
+
+    @fused._fusable
+    def times_three(x, y):
+        return x * 3 + y
+
+    x, y = torch.arange(4.0), torch.ones(4)
+    no_compiler = {"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}
+    with inductor_config.patch(no_compiler), caplog.at_level(logging.WARNING, logger=fused.__name__):
+        assert torch.equal(times_three(x, y), x * 3 + y)
+        clean_env.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled after the compiler failed"))
+        assert torch.equal(times_three(x, y), x * 3 + y)
+        fused.enable(True)
+    assert not fused.enabled() and fused.off_because().startswith("times_three did not compile")
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "compiled kernels are off for this process" in message and "InvalidCxxCompiler" in message
+    assert "plain PyTorch" in message and "pip install triton" in message and "IAMFLOW_COMPILE=0" in message
+
+
+def test_out_of_memory_in_a_compiled_call_stands_and_leaves_the_compiler_on(clean_env, monkeypatch):
+    def compile_(fn, **options):
+        def oom(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return oom
+
+    monkeypatch.setattr(fused, "use_cache_dir", lambda: None)  # no cache folder: no kept traces to blame
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(fused, "compiles", lambda x: True)
+    fused.enable(True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fused._fusable(lambda x: x + 1)(torch.zeros(2))
+    assert fused.enabled() and fused.off_because() is None
+
+
+def test_without_triton_or_on_an_old_gpu_compiled_kernels_stay_off_with_one_warning(clean_env, tmp_path, caplog):
+    """A CUDA machine where TorchInductor cannot compile at all (ComfyUI's portable Windows build ships no Triton;
+    GPUs before compute capability 7.0): `enable` says so once, and the models run as plain PyTorch."""
+    from types import SimpleNamespace
+
+    from iamflow_core.models import kernels
+
+    clean_env.setenv("IAMFLOW_CACHE_DIR", str(tmp_path / "kernels"))
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(kernels, "triton", None)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        fused.enable(True)
+        fused.enable(True)
+    assert not fused.enabled() and fused.off_because() == "Triton is not installed"
+    (record,) = caplog.records
+    assert "Triton is not installed" in record.getMessage() and "triton-windows" in record.getMessage()
+    assert not (tmp_path / "kernels").exists()  # nothing was set up for compiling
+
+    caplog.clear()
+    clean_env.setattr(fused, "_off", None)
+    clean_env.setattr(kernels, "triton", SimpleNamespace())
+    clean_env.setattr(torch.cuda, "get_device_capability", lambda: (6, 1))
+    clean_env.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA GeForce GTX 1080 Ti")
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        fused.enable(True)
+    assert not fused.enabled() and "GTX 1080 Ti has compute capability 6.1" in caplog.text
 
 
 def test_kept_traces_guard_their_arguments_not_the_modules_globals():

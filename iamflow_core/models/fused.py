@@ -71,9 +71,14 @@ def _compile_allowed() -> bool:
 
 def enable(flag: bool = True) -> None:
     """Turn compiled kernels on (for CUDA tensors). The first calls of each shape compile (seconds), or load them
-    from the kernel cache folder (`use_cache_dir`), together with Dynamo's traces of them (`save_traces`)."""
+    from the kernel cache folder (`use_cache_dir`), together with Dynamo's traces of them (`save_traces`). They stay
+    off, with one warning, where they cannot work (`turn_off`): no Triton, a GPU older than it supports, or a
+    compile that failed earlier in this process."""
     global _enabled, _keep_traces
-    _enabled = flag and _compile_allowed()
+    _enabled = flag and _compile_allowed() and _off is None
+    missing = _enabled and _triton_missing()
+    if missing:
+        turn_off(missing)
     if _enabled:
         import torch._dynamo
 
@@ -85,6 +90,20 @@ def enable(flag: bool = True) -> None:
             folder is not None and os.environ.get("IAMFLOW_SAVE_TRACES", "1") != "0"
             and hasattr(torch._dynamo.config, "caching_precompile")
         )  # fmt: skip
+
+
+def _triton_missing() -> str | None:
+    """Why TorchInductor cannot compile for this process's current GPU, where that shows before a compile: no
+    Triton, or a GPU older than Triton supports. None otherwise (a missing C compiler shows at the first compile),
+    and without CUDA (CPU tensors never take the compiled path)."""
+    if not torch.cuda.is_available():
+        return None
+    if kernels.triton is None:
+        return "Triton is not installed"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 7:
+        return f"{torch.cuda.get_device_name()} has compute capability {major}.{minor}, older than Triton supports"
+    return None
 
 
 # Whether this module's compiled functions keep their Dynamo traces in the kernel cache (`enable`, `_keeping_traces`).
@@ -223,7 +242,12 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
     """Compile `fn` on first use with CUDA tensors. dynamic=False (most functions: the steady chunks repeat their
     shapes) compiles one kernel set per shape: with warm caches a static graph is traced in about half the time of a
     symbolic one, and its kernels are specialised. dynamic=None lets Dynamo go symbolic once shapes vary (functions
-    called on varying numbers of frames)."""
+    called on varying numbers of frames).
+
+    A compiled call that fails is told apart: out of memory, or inside a CUDA-graph capture, it stands; with a kept
+    trace, the function is traced afresh; otherwise the plain function runs on the same arguments, and if that
+    succeeds the compiler is what failed (no C compiler, a Triton that cannot build a kernel), so compiled kernels
+    go off for the process (`turn_off`) and the render goes on; if it fails too, its error is the call's own."""
     if fn is None:
         return lambda f: _fusable(f, dynamic=dynamic)
     compiled: list[Callable] = []
@@ -237,14 +261,48 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
         try:
             with _keeping_traces():
                 return compiled[0](x, *args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - re-raised below unless a kept trace may be the cause
-            if not _traces_kept():
+        except Exception as error:  # noqa: BLE001 - a kept trace, the compiler or the call itself: told apart below
+            if kernels.error_stands(error):
                 raise
-            _drop_kept_traces(fn, e)
-            compiled[0] = _compile(fn, dynamic)
-            return compiled[0](x, *args, **kwargs)
+            if _traces_kept():  # a kept trace may be the cause: trace afresh, without keeping traces
+                _drop_kept_traces(fn, error)
+                compiled[0] = _compile(fn, dynamic)
+                return run(x, *args, **kwargs)
+            result = fn(x, *args, **kwargs)  # an error here is the call's own (its inputs): raised as it is
+            turn_off(f"{fn.__name__} did not compile or run compiled ({_first_line(error)})")
+            return result
 
     return run
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    """`Type: message` of an error, the compiler's own where Dynamo wrapped it (`inner_exception`), its first line
+    only (TorchInductor's carry advice on debugging after it), at most `limit` characters."""
+    error = getattr(error, "inner_exception", None) or error
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_off: str | None = None  # why compiled kernels are off for the rest of this process (`turn_off`)
+
+
+def turn_off(why: str) -> None:
+    """Compiled kernels off for the rest of the process, with one warning naming `why` and what they need: the
+    fused functions run as plain PyTorch (the same math, slower). For a machine where they cannot work (no Triton,
+    an old GPU, no C compiler): a render goes on instead of failing at its second chunk."""
+    global _enabled, _off
+    if _off is None:
+        logger.warning("compiled kernels are off for this process: %s. The DiT and VAE run their fused steps as "
+                       "plain PyTorch (the same math, slower). TorchInductor needs %s; IAMFLOW_COMPILE=0 skips "
+                       "compiling without this warning", why, kernels.NEEDS)  # fmt: skip
+        _off = why
+    _enabled = False
+
+
+def off_because() -> str | None:
+    """Why compiled kernels were turned off for this process (`turn_off`), or None."""
+    return _off
 
 
 def _compile(fn: Callable, dynamic: bool | None) -> Callable:
@@ -259,8 +317,8 @@ def _drop_kept_traces(fn: Callable, error: Exception) -> None:
     import shutil
 
     global _keep_traces
-    logger.warning("compiling %s with a trace from the kernel cache failed (%s: %s); tracing it again and clearing "
-                   "the kept traces", fn.__name__, type(error).__name__, error)  # fmt: skip
+    logger.warning("compiling %s with a trace from the kernel cache failed (%s); tracing it again and clearing the "
+                   "kept traces", fn.__name__, _first_line(error))  # fmt: skip
     _keep_traces = False
     try:
         from torch._dynamo.package import DynamoCache
@@ -296,6 +354,8 @@ def _warm_up(device: torch.device) -> None:
     global _warmed
     try:
         enable()
+        if not _enabled:  # turned off where it cannot work (`turn_off`): nothing to load
+            return
         with torch.cuda.device(device):
             _load_compiler_parts()
             if not _kernels_cached():
@@ -494,9 +554,12 @@ def rms_norm_rope(
     """RMSNorm over the full dim, split into heads, rotate. x: [B, L, dim] -> [B, L, H, D]; cos, sin: [L, D/2].
     With `out` (the KV cache's query slot for the keys) the result is written there and returned: on a GPU by the
     kernel that computes it (`kernels.rms_norm_rope`, hand-written: TorchInductor's took three times the memory
-    time), elsewhere and inside `eager()` by a copy after plain PyTorch."""
+    time), elsewhere, inside `eager()` and once that kernel failed to build (`kernels.launched`) by a copy after
+    plain PyTorch."""
     if compiles(x) and kernels.available(x) and weight.dtype == x.dtype:
-        return kernels.rms_norm_rope(x, weight, eps, heads, cos, sin, out)
+        done = kernels.rms_norm_rope(x, weight, eps, heads, cos, sin, out)
+        if done is not None:
+            return done
     h = apply_rope.__wrapped__(rms_norm.__wrapped__(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
     return h if out is None else out.copy_(h)
 

@@ -9,10 +9,17 @@ stored wherever the caller wants it: the KV cache's query slot for the keys, so 
 
 The math is the plain function's, roundings included: the norm rounded to the input's dtype, times the weight,
 rounded again, then rotated in float32 and rounded once more.
+
+Every hand-written kernel (this one, the answer decoder's in `story/greedy_ops.py`) launches through `launched`: one
+that cannot be built or launched (a Triton without an op the kernel uses, a GPU older than Triton supports, no C
+compiler for Triton's launcher) turns them all off for the process with one warning, and their callers compute the
+same values as plain PyTorch.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -23,10 +30,42 @@ try:
 except ImportError:  # a CPU build of PyTorch: the callers run plain PyTorch
     triton = None
 
+logger = logging.getLogger(__name__)
+# What TorchInductor's and these kernels need, for the warnings that turn them off.
+NEEDS = ("Triton (`pip install triton`; on Windows `pip install triton-windows`), a GPU of compute capability 7.0 or "
+         "newer and a C compiler for Triton's launcher (set CC)")  # fmt: skip
+_off: str | None = None  # why the hand-written kernels are off in this process, after one failed
+
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the hand-written kernels can run on x."""
-    return triton is not None and x.is_cuda
+    """Whether the hand-written kernels can run on x: on a GPU, with Triton, none having failed in this process."""
+    return triton is not None and _off is None and x.is_cuda
+
+
+def error_stands(error: Exception) -> bool:
+    """Whether a kernel's (or a compiled function's) error is raised as it is instead of turning the kernels off:
+    out of memory, or inside a CUDA-graph capture, whose caller handles it (a capture is preceded by an eager run,
+    where a kernel that cannot build fails first)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    )
+
+
+def launched(launch: Callable[[], None], what: str) -> bool:
+    """Run `launch`, the launch of `what` (for the warning). If the kernel cannot be built or launched, turn the
+    hand-written kernels off for the process with one warning and return False: the caller computes the same values
+    as plain PyTorch. Out of memory, or inside a CUDA-graph capture, the error is raised (`error_stands`)."""
+    global _off
+    try:
+        launch()
+        return True
+    except Exception as error:  # noqa: BLE001 - Triton reports a missing compiler or an old GPU in several types
+        if error_stands(error):
+            raise
+        _off = f"{type(error).__name__}: {error}"
+        logger.warning("%s failed (%s); the hand-written Triton kernels run as plain PyTorch from now on (the same "
+                       "values, slower). They need %s", what, _off, NEEDS)  # fmt: skip
+        return False
 
 
 def on_its_gpu(x: torch.Tensor) -> AbstractContextManager:
@@ -64,9 +103,10 @@ if triton is not None:
 def rms_norm_rope(
     x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor | None:  # fmt: skip
     """x: [B, L, dim] -> [B, L, H, D] normed, times weight, rotated by cos/sin [L, D/2] (float32) at pairs
-    (2i, 2i + 1) of each head; written into `out` when given (its rows contiguous, as the KV cache's are)."""
+    (2i, 2i + 1) of each head; written into `out` when given (its rows contiguous, as the KV cache's are). None when
+    the kernel could not be built or launched (`launched`): nothing was written."""
     b, tokens, dim = x.shape
     head = dim // heads
     if out is None:
@@ -79,9 +119,12 @@ def rms_norm_rope(
     if cos.shape != (tokens, head // 2) or sin.shape != cos.shape:
         raise ValueError(f"cos/sin must be [L, D/2] = {[tokens, head // 2]}, got {list(cos.shape)}")
     block = triton.next_power_of_2(dim)
-    with on_its_gpu(x):
-        _rms_norm_rope_kernel[(b * tokens,)](
-            x, weight, cos, sin, out, tokens, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1),
-            eps, DIM=dim, HALF_HEAD=head // 2, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-        )  # fmt: skip
-    return out
+
+    def launch() -> None:
+        with on_its_gpu(x):
+            _rms_norm_rope_kernel[(b * tokens,)](
+                x, weight, cos, sin, out, tokens, x.stride(0), x.stride(1), cos.stride(0), out.stride(0),
+                out.stride(1), eps, DIM=dim, HALF_HEAD=head // 2, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+            )  # fmt: skip
+
+    return out if launched(launch, "the DiT's q/k norm-and-rotate kernel") else None

@@ -19,18 +19,17 @@ the adds, norms and SiLU products are bit for bit eager PyTorch's; the rotated q
 place apart in about a fifth of their values (the compiled kernel's roundings there are not the three eager ops';
 measured on an H200, `tests/gpu/test_gpu_greedy.py`), as the joined matmuls also round differently. Off the GPU
 (or without Triton) the same functions run as plain PyTorch, and so they do for the rest of the process after a
-kernel fails to build or launch (a GPU older than Triton supports, no C compiler for Triton's launcher), with one
-warning.
+hand-written kernel fails to build or launch (`kernels.launched`: one warning).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..models import kernels
 from ..models.kernels import on_its_gpu
 
 try:
@@ -40,31 +39,8 @@ except ImportError:  # a CPU build of PyTorch: plain PyTorch below
     triton = None
 
 
-logger = logging.getLogger(__name__)
-_failed: str | None = None  # why the kernels are off in this process, after one failed
-
-
-def _on_gpu(x: torch.Tensor) -> bool:
-    return triton is not None and _failed is None and x.is_cuda
-
-
 def _launched(launch: Callable[[], None]) -> bool:
-    """Run a kernel launch. If the kernel cannot be built or launched, turn the kernels off for the process with one
-    warning and return False: the caller computes the same values as plain PyTorch. Inside a CUDA-graph capture the
-    error is the capture's (its caller handles it), so it is raised; the capture is preceded by an eager run, where
-    a kernel that cannot build fails first."""
-    global _failed
-    try:
-        launch()
-        return True
-    except Exception as error:  # noqa: BLE001 - Triton reports a missing compiler or an old GPU in several types
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise
-        _failed = f"{type(error).__name__}: {error}"
-        logger.warning("the answer decoder's Triton kernels failed (%s); its step runs as plain PyTorch from now on "
-                       "(the same answers, slower). Triton needs a GPU it supports and a C compiler for its "
-                       "launcher (set CC)", _failed)  # fmt: skip
-        return False
+    return kernels.launched(launch, "the answer decoder's step kernel")
 
 
 def _plain_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -150,7 +126,7 @@ def add_rms_norm(
     h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta, RMSNorm(h + delta)) over the last axis; without delta, (h, RMSNorm(h)). h, delta: [..., D]."""
-    if _on_gpu(h) and weight.dtype == h.dtype and h.is_contiguous():
+    if kernels.available(h) and weight.dtype == h.dtype and h.is_contiguous():
         dim = h.shape[-1]
         out_h = torch.empty_like(h) if delta is not None else h
         out_x = torch.empty_like(h)
@@ -182,7 +158,7 @@ def qk_norm_rope_store(
     head = q_weight.shape[0]
     half = head // 2
     fused = (
-        _on_gpu(qkv)
+        kernels.available(qkv)
         and qkv.stride(-1) == 1
         and half == triton.next_power_of_2(half)
         and q_weight.dtype == k_weight.dtype == qkv.dtype == keys.dtype
@@ -219,7 +195,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] (gate, then up) -> SiLU(gate) * up [..., I]."""
     inter = gate_up.shape[-1] // 2
-    if _on_gpu(gate_up) and gate_up.is_contiguous():
+    if kernels.available(gate_up) and gate_up.is_contiguous():
         rows = gate_up.numel() // (2 * inter)
         out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
         block = min(1024, triton.next_power_of_2(inter))
