@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from .devices import own_stream
 from .models import fused
 from .models.vae import WanVAE
 from .video import uint8_frames_on_device
@@ -64,7 +65,7 @@ class Decoder:
         self.state = vae.new_decode_state()
         self.sync = sync
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="iamflow-vae") if overlap else None
-        self.stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
+        self.stream = own_stream(self.device, self) if overlap and self.device.type == "cuda" else None
 
     def submit(self, chunk: int, latents: torch.Tensor) -> Pending:
         ready = None

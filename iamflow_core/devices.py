@@ -6,6 +6,9 @@ torch's `AssertionError: Torch not compiled with CUDA enabled` at the first tens
 from __future__ import annotations
 
 import re
+import threading
+import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -72,3 +75,34 @@ def to_device_async(x: torch.Tensor, device: torch.device | str) -> torch.Tensor
     if device.type == "cuda" and not x.is_cuda:
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+# PyTorch hands out CUDA streams from a pool of 32 per GPU and priority, in turn, and never frees them: the 33rd
+# `torch.cuda.Stream()` of a process is the first again. Two threads of ours on one stream serialise, and worse,
+# work launched by one onto a stream the other is capturing a CUDA graph on joins the capture (seen on an H200: a
+# test's two capturing threads, one's capture stream the other's working stream, failed with
+# cudaErrorStreamCaptureUnjoined). `own_stream` skips the pool's streams that a living holder of ours has. It keeps
+# the streams themselves (PyTorch's stream objects cannot be weakly referenced safely: that crashed on an H200) and
+# a weak reference to each holder.
+_STREAMS_PER_POOL = 32
+_streams_lock = threading.Lock()
+_streams_held: list[tuple[torch.cuda.Stream, Callable[[], object]]] = []  # (stream, its holder while it lives)
+
+
+def _forever() -> object:
+    return True
+
+
+def own_stream(device: torch.device | str, holder: object | None, priority: int = 0) -> torch.cuda.Stream:
+    """A CUDA stream of `device` for `holder` (a worker thread, a decoder, a graph runner; None: the process) that
+    no other holder's stream shares while both live. Only when every stream of the pool is held is one shared."""
+    device = torch.device(device)
+    with _streams_lock:
+        _streams_held[:] = [(stream, alive) for stream, alive in _streams_held if alive() is not None]
+        held = {(stream.device, stream.cuda_stream) for stream, _ in _streams_held}
+        for _ in range(_STREAMS_PER_POOL):
+            stream = torch.cuda.Stream(device, priority=priority)
+            if (stream.device, stream.cuda_stream) not in held:
+                break
+        _streams_held.append((stream, _forever if holder is None else weakref.ref(holder)))
+        return stream

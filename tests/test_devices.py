@@ -78,3 +78,38 @@ def test_mps_only_where_there_is_one(no_gpu, monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_device("mps") == torch.device("mps")
     assert available_devices() == ["mps", "cpu"]
+
+
+def test_own_stream_skips_the_pools_streams_that_living_holders_have(monkeypatch):
+    """PyTorch's pool hands its streams out in turn and wraps around; `own_stream` never hands out a stream that
+    another living holder has, and takes it again once that holder is gone."""
+    import gc
+
+    from iamflow_core import devices
+
+    class PoolStream:  # PyTorch's pool, 3 streams a GPU here
+        turn = 0
+
+        def __init__(self, device, priority=0):
+            self.device = torch.device(device)
+            self.cuda_stream = 1000 + PoolStream.turn % 3
+            PoolStream.turn += 1
+
+    class Holder:  # a decoder, a worker thread
+        pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", PoolStream)
+    monkeypatch.setattr(devices, "_STREAMS_PER_POOL", 3)
+    monkeypatch.setattr(devices, "_streams_held", [])
+    a, b, c = Holder(), Holder(), Holder()
+    assert devices.own_stream("cuda:0", a).cuda_stream == 1000
+    assert PoolStream("cuda:0").cuda_stream == 1001  # someone else's: the pool moves on
+    assert devices.own_stream("cuda:0", None).cuda_stream == 1002  # the process's own, for good
+    assert devices.own_stream("cuda:0", b).cuda_stream == 1001  # 1000 and 1002 are held; 1001 is not ours
+    assert devices.own_stream("cuda:1", c).cuda_stream == 1002  # another GPU's streams are others
+    del a
+    gc.collect()
+    assert devices.own_stream("cuda:0", c).cuda_stream == 1000  # its holder is gone: free again
+    drawn = PoolStream.turn
+    shared = devices.own_stream("cuda:0", Holder())  # all three held: after one round of the pool, one is shared
+    assert PoolStream.turn == drawn + 3 and shared.cuda_stream in (1000, 1001, 1002)

@@ -11,6 +11,9 @@ from iamflow_core.models.graphs import GraphRunner
 
 
 class _FakeStream:
+    device = torch.device("cpu")
+    cuda_stream = 0
+
     def wait_stream(self, other):
         pass
 
@@ -35,6 +38,8 @@ def fake_captures(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
     return held
 
 
@@ -44,8 +49,7 @@ def test_a_capture_holds_the_process_wide_capture_lock(monkeypatch):
     held = fake_captures(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: _FakeStream())
     runner = GraphRunner(eager_runs=1)
     x = torch.ones(3)
     assert torch.equal(runner.run("cache", "layout", lambda a: a * 2, x), x * 2)  # eager
@@ -71,7 +75,7 @@ def test_a_capture_waits_for_another_threads_launches_and_compiles(monkeypatch):
             release.wait(10)
 
     def verifier() -> None:
-        with graphs.capturing(None, None, None):
+        with graphs.capturing(None, None, _FakeStream()):
             captured.set()
 
     threads = [threading.Thread(target=sampler), threading.Thread(target=verifier)]
@@ -84,6 +88,6 @@ def test_a_capture_waits_for_another_threads_launches_and_compiles(monkeypatch):
     for t in threads:
         t.join(10)
     # the sampler's own capture, inside its launches: the lock is re-entrant
-    with fused.launch_guard(), graphs.capturing(None, None, None):
+    with fused.launch_guard(), graphs.capturing(None, None, _FakeStream()):
         pass
     assert held == [True, True] and not graphs.capture_lock.locked()

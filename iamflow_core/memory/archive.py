@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..devices import resolve_device
+from ..devices import own_stream, resolve_device
 from ..models.rope import RopeTables
 from .scoring import frame_descriptor
 
@@ -179,7 +179,7 @@ def copy_stream(device: torch.device) -> torch.cuda.Stream:
     the current GPU, so it names the same stream as "cuda:N" (tensors always report their index)."""
     device = resolve_device(device)
     if device not in _copy_streams:
-        _copy_streams[device] = torch.cuda.Stream(device)
+        _copy_streams[device] = own_stream(device, None)
     return _copy_streams[device]
 
 

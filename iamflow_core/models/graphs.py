@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..devices import own_stream
 from . import fused
 
 logger = logging.getLogger(__name__)
@@ -48,10 +49,24 @@ def capturing(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> I
     invalidated (cudaErrorStreamCaptureInvalidated) and the load failed (cudaErrorStreamCaptureUnsupported), and
     the verifier decoded without graphs from then on. The sampler launches (and compiles) under that lock
     already; so a capture in the verifier's thread waits for the sampler's current launches, and the sampler for
-    the capture (once or twice a story)."""
+    the capture (once or twice a story).
+
+    `stream` must be one no other thread launches on (`devices.own_stream`): work launched onto a stream being
+    captured joins the capture."""
     launches = fused.launch_guard()
-    with launches, capture_lock, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-        yield
+    before = torch.cuda.current_stream(), torch.cuda.current_stream(stream.device)
+    try:
+        with (
+            launches,
+            capture_lock,
+            torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
+        ):
+            yield
+    finally:
+        # `torch.cuda.graph` leaves its stream context entered when the capture fails to begin or end: this thread
+        # would launch on the capture stream from then on (seen on an H200 after a failed capture).
+        for previous in reversed(before):  # the stream's GPU first, the current GPU's last (set_stream moves to it)
+            torch.cuda.set_stream(previous)
 
 
 def graphs_allowed() -> bool:
@@ -79,6 +94,7 @@ class GraphRunner:
         self._seen: dict[Hashable, int] = {}
         self._pool = None
         self._owner: Hashable | None = None
+        self._side: torch.cuda.Stream | None = None  # the stream captures run on (`_capture_stream`)
         self.captures = 0  # graphs captured and replays run over this runner's life (not reset by clear)
         self.replays = 0
 
@@ -120,6 +136,13 @@ class GraphRunner:
         self.replays += 1
         return graph.output.clone()
 
+    def _capture_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """This runner's capture stream on `device`: one of its own (`devices.own_stream`), kept for later captures
+        instead of a new one from PyTorch's pool each time."""
+        if self._side is None or self._side.device != device:
+            self._side = own_stream(device, self)
+        return self._side
+
     def _capture(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> _Graph | None:
         static = tuple(x.clone() for x in inputs)
         device = static[0].device
@@ -130,7 +153,7 @@ class GraphRunner:
             with torch.cuda.device(device):
                 # One real run on a side stream first, as capture requires (libraries set up per-stream state
                 # lazily); the capture then runs on that stream too.
-                side = torch.cuda.Stream(device)
+                side = self._capture_stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     fn(*static)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import own_stream
 from ..models.graphs import capturing, graphs_allowed
 from . import greedy_ops as ops
 from .hf import greedy_config
@@ -158,7 +159,7 @@ class GreedyDecoder:
         weight = attention.q_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.graphs_on = graphs and self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        self.stream = own_stream(self.device, self, priority=-1) if self.device.type == "cuda" else None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._room = (0, 0, 0)  # rows, cache length, answer tokens the buffers hold

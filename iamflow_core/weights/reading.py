@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..devices import own_stream
+
 PathLike = str | Path
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -228,7 +230,7 @@ def _worker(tasks: queue.SimpleQueue, fds: dict[Path, int], device: torch.device
     try:
         if on_gpu:
             torch.cuda.set_device(device)
-        stream = torch.cuda.Stream(device) if on_gpu else None
+        stream = own_stream(device, threading.current_thread()) if on_gpu else None
         buffers = [torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
         views = [memoryview(b.numpy()) for b in buffers]
         free = [torch.cuda.Event(), torch.cuda.Event()] if on_gpu else None  # recorded after each buffer's last copy

@@ -98,16 +98,20 @@ def test_pipeline_same_video_with_graphs(settings):
 
 def test_captures_in_two_threads_take_turns():
     """The sampler and the verifier capture CUDA graphs from their own threads, at moments neither controls; they
-    take turns (`graphs.capture_lock`), and every capture of both succeeds and replays what it captured."""
+    take turns (`graphs.capture_lock`), and every capture of both succeeds and replays what it captured. Each thread
+    works on a stream of its own (`own_stream`, as the pack's threads do): with `torch.cuda.Stream()` for each, the
+    pool's round robin gave one thread's capture stream the other's working stream within 30 captures, and that
+    capture failed (cudaErrorStreamCaptureUnjoined)."""
     import threading
 
+    from iamflow_core.devices import own_stream
     from iamflow_core.models.graphs import GraphRunner
 
     failures: list[str] = []
 
     def capture_many(seed: int) -> None:
         x = torch.randn(512, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        stream = torch.cuda.Stream()
+        stream = own_stream("cuda", threading.current_thread())
         stream.wait_stream(torch.cuda.current_stream())  # x is made on this thread's default stream
         with torch.cuda.stream(stream):
             for i in range(30):
@@ -130,6 +134,7 @@ def test_a_capture_in_another_thread_waits_for_compiles():
     both succeed. Before, a function loaded from the kernel cache during the verifier's capture broke both."""
     import threading
 
+    from iamflow_core.devices import own_stream
     from iamflow_core.models.graphs import GraphRunner
 
     @fused._fusable
@@ -137,18 +142,21 @@ def test_a_capture_in_another_thread_waits_for_compiles():
         return torch.tanh(x) * 2 + 1
 
     failures: list[str] = []
+    # drawn before: CUDA's default generator may not advance while another thread captures ("Offset increment
+    # outside graph capture"); the sampler draws its noise from a generator of its own
+    inputs = [torch.randn(n * 64, 96, device="cuda") for n in range(1, 7)]
 
     def compile_shapes() -> None:  # each new shape compiles (or loads from the kernel cache)
-        for n in range(1, 7):
-            x = torch.randn(n * 64, 96, device="cuda")
+        for n, x in enumerate(inputs, 1):
             with fused.launch_guard():
                 y = shifted_tanh(x)
             if not torch.allclose(y, torch.tanh(x) * 2 + 1, atol=1e-5):
                 failures.append(f"compiled shape {n}")
 
+    x = torch.randn(256, 256, device="cuda")
+
     def capture_many() -> None:
-        x = torch.randn(256, 256, device="cuda")
-        stream = torch.cuda.Stream()
+        stream = own_stream("cuda", threading.current_thread())
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for i in range(30):
@@ -173,3 +181,25 @@ def test_a_capture_in_another_thread_waits_for_compiles():
     finally:
         fused.enable(False)
     assert failures == []
+
+
+def test_a_failed_capture_gives_the_thread_its_stream_back():
+    """`torch.cuda.graph` leaves its stream context entered when a capture fails at its end (here: a device-wide wait
+    inside it invalidates it): the thread would launch on the capture stream from then on. `capturing` gives the
+    thread back the stream it had."""
+    import threading
+
+    from iamflow_core.devices import own_stream
+    from iamflow_core.models.graphs import GraphRunner
+
+    def syncs(a: torch.Tensor) -> torch.Tensor:  # a device-wide wait: not allowed while capturing
+        torch.cuda.synchronize()
+        return (a * 2).sum()
+
+    mine = own_stream("cuda", threading.current_thread())
+    with torch.cuda.stream(mine):
+        runner = GraphRunner(eager_runs=0)
+        x = torch.ones(64, device="cuda")
+        out = runner.run("owner", "key", syncs, x)
+        assert runner.captures == 0 and out.item() == 128  # ran eagerly after the failed capture
+        assert torch.cuda.current_stream() == mine
