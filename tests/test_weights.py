@@ -659,12 +659,18 @@ def _mixed_file(path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@pytest.mark.parametrize("preadv", [True, False], ids=["os.preadv", "no os.preadv (Windows)"])
 @pytest.mark.parametrize(("piece", "ahead"), [(1000, 5000), (1 << 20, 1 << 30)])
-def test_tensors_read_by_several_threads_are_those_of_the_file(tmp_path, monkeypatch, piece, ahead):
+def test_tensors_read_by_several_threads_are_those_of_the_file(tmp_path, monkeypatch, piece, ahead, preadv):
     """Tensors split over many pieces, read ahead of the caller by a few tensors or all of them, come out in the
-    order asked for with the stored dtype, shape and bytes (a bool, a scalar, an empty tensor among them)."""
+    order asked for with the stored dtype, shape and bytes (a bool, a scalar, an empty tensor among them); also
+    where `os` has no positioned read (Windows), and each worker reads through files of its own."""
+    import os
+
     from iamflow_core.weights import reading
 
+    if not preadv:
+        monkeypatch.delattr(os, "preadv")
     monkeypatch.setattr(reading, "PIECE_BYTES", piece)
     monkeypatch.setattr(reading, "READ_AHEAD_BYTES", ahead)
     tensors = _mixed_file(tmp_path / "mixed.safetensors")
@@ -677,9 +683,14 @@ def test_tensors_read_by_several_threads_are_those_of_the_file(tmp_path, monkeyp
     assert [t.shape for t in source.stream(keys, torch.device("cpu"))] == [tensors[k].shape for k in keys]
 
 
-def test_a_file_cut_short_while_read_names_the_tensor_and_the_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preadv", [True, False], ids=["os.preadv", "no os.preadv (Windows)"])
+def test_a_file_cut_short_while_read_names_the_tensor_and_the_file(tmp_path, monkeypatch, preadv):
+    import os
+
     from iamflow_core.weights import reading
 
+    if not preadv:
+        monkeypatch.delattr(os, "preadv")
     monkeypatch.setattr(reading, "PIECE_BYTES", 1000)
     path = tmp_path / "mixed.safetensors"
     _mixed_file(path)

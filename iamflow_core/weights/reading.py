@@ -9,6 +9,7 @@ with a file raises `CheckpointError`, naming the file, what was found and what w
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -134,8 +135,9 @@ def _safetensors_dtype(name: str, key: str, file: Path) -> torch.dtype:
 #
 # One thread reading a memory-mapped file tensor by tensor copies a page at a time, and its copy to a GPU goes through
 # CUDA's own small staging buffer: umT5's 11 GB took seconds. Here worker threads read pieces of the tensors with
-# `os.preadv` (no GIL held) into page-locked buffers of their own and copy each piece to its place in the tensor on
-# their own CUDA stream; the caller's stream waits for a tensor's pieces before it gets the tensor.
+# `os.preadv` (no GIL held; on Windows, which has none, from files of their own) into page-locked buffers of their
+# own and copy each piece to its place in the tensor on their own CUDA stream; the caller's stream waits for a
+# tensor's pieces before it gets the tensor.
 
 PIECE_BYTES = 16 << 20  # a read and a copy; two page-locked buffers of this size per worker
 READ_WORKERS = 8
@@ -212,14 +214,41 @@ class _Tensor:
         return self.data.view(self.extent.dtype).view(self.extent.shape)
 
 
-def _read_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill `view` from the file at `offset`; a file that ends first raises EOFError."""
+def _read_into(file: int | io.RawIOBase, view: memoryview, offset: int) -> None:
+    """Fill `view` from the file at `offset`; a file that ends first raises EOFError. `file`: a descriptor shared by
+    the workers, read with `os.preadv` (no file position involved), or, where the OS has no such read (Windows), a
+    file of this worker's own, moved to `offset` before each read."""
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
+        if isinstance(file, int):
+            n = os.preadv(file, [view[done:]], offset + done)
+        else:
+            file.seek(offset + done)
+            n = file.readinto(view[done:])
+        if not n:
             raise EOFError(f"the file ends at byte {offset + done}, {len(view) - done} bytes short")
         done += n
+
+
+class _Files:
+    """How a worker reaches the files: the descriptors opened for all workers where `os.preadv` reads at an offset
+    (Linux, macOS, the BSDs), else unbuffered files of the worker's own, opened on first use (Windows has no
+    positioned read in `os`, and one shared file position would mix the workers' reads up)."""
+
+    def __init__(self, fds: dict[Path, int]) -> None:
+        self.fds = fds
+        self.own: dict[Path, io.RawIOBase] | None = None if hasattr(os, "preadv") else {}
+
+    def __getitem__(self, path: Path) -> int | io.RawIOBase:
+        if self.own is None:
+            return self.fds[path]
+        if path not in self.own:
+            self.own[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by `close`
+        return self.own[path]
+
+    def close(self) -> None:
+        for file in (self.own or {}).values():
+            file.close()
 
 
 def _worker(tasks: queue.SimpleQueue, fds: dict[Path, int], device: torch.device, stop: threading.Event) -> None:
@@ -227,6 +256,7 @@ def _worker(tasks: queue.SimpleQueue, fds: dict[Path, int], device: torch.device
     page-locked and copied from on a stream of its own on a GPU; once `stop` is set the pieces left are skipped.
     Every piece is reported done, with the error that stopped it if any, so the caller never waits forever."""
     on_gpu = device.type == "cuda"
+    files = _Files(fds)
     try:
         if on_gpu:
             torch.cuda.set_device(device)
@@ -247,7 +277,7 @@ def _worker(tasks: queue.SimpleQueue, fds: dict[Path, int], device: torch.device
         try:
             if free is not None:
                 free[turn].synchronize()
-            _read_into(fds[tensor.extent.file], views[turn][:n], tensor.extent.offset + start)
+            _read_into(files[tensor.extent.file], views[turn][:n], tensor.extent.offset + start)
             with torch.cuda.stream(stream):  # no stream: on the CPU
                 tensor.data[start : start + n].copy_(buffers[turn][:n], non_blocking=on_gpu)
             copied = None
@@ -259,6 +289,7 @@ def _worker(tasks: queue.SimpleQueue, fds: dict[Path, int], device: torch.device
             tensor.piece_done(error=exc)
             continue
         tensor.piece_done(copied)
+    files.close()
     if on_gpu and failed is None:
         stream.synchronize()
 
@@ -271,7 +302,7 @@ def read_extents(extents: list[Extent], device: torch.device, path: Path) -> Ite
     fds: dict[Path, int] = {}
     try:
         for file in {e.file for e in extents}:
-            fds[file] = os.open(file, os.O_RDONLY)
+            fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # Windows: not in text mode
     except OSError as exc:
         for fd in fds.values():
             os.close(fd)
