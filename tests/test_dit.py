@@ -433,23 +433,16 @@ def test_a_qk_kernel_that_cannot_build_leaves_the_dit_to_plain_pytorch(monkeypat
 
     from iamflow_core.models import fused, kernels
 
-    class Unbuildable:
-        launches = 0
+    from ._unbuildable import UnbuildableKernel
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                Unbuildable.launches += 1
-                raise AttributeError("module 'triton.language' has no attribute 'join'")
-
-            return launch
-
+    unbuildable = UnbuildableKernel(AttributeError("module 'triton.language' has no attribute 'join'"))
     torch.manual_seed(0)
     x, weight = torch.randn(1, 6, 16), torch.rand(16) + 0.5
     angles = torch.rand(6, 4)
     expected = fused.rms_norm_rope(x, weight, 1e-6, 2, angles.cos(), angles.sin())  # plain PyTorch here
     monkeypatch.setattr(kernels, "triton", SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length()))
     monkeypatch.setattr(kernels, "_off", None)
-    monkeypatch.setattr(kernels, "_rms_norm_rope_kernel", Unbuildable(), raising=False)
+    monkeypatch.setattr(kernels, "_rms_norm_rope_kernel", unbuildable, raising=False)
     monkeypatch.setattr(kernels, "on_its_gpu", lambda x: nullcontext())
     monkeypatch.setattr(fused, "compiles", lambda x: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
@@ -460,6 +453,6 @@ def test_a_qk_kernel_that_cannot_build_leaves_the_dit_to_plain_pytorch(monkeypat
     monkeypatch.undo()
     torch.testing.assert_close(slot, expected, rtol=0, atol=0)
     torch.testing.assert_close(again, expected, rtol=0, atol=0)
-    assert Unbuildable.launches == 1
+    assert unbuildable.launches == 1
     (record,) = caplog.records
     assert "q/k norm-and-rotate kernel failed" in record.getMessage() and "'join'" in record.getMessage()

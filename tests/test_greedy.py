@@ -12,6 +12,7 @@ from iamflow_core.story.hf import end_tokens, greedy_config
 from iamflow_core.story.vlm import FrameVerifier
 
 from ._tiny_qwen import frames, tiny_qwen_folders
+from ._unbuildable import UnbuildableKernel
 
 NORA = Entity(1, "Nora", "person", ("short black curls", "beige sweater"))
 
@@ -234,16 +235,8 @@ def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch
     from iamflow_core.models import kernels
     from iamflow_core.story import greedy_ops as ops
 
-    class Unbuildable:
-        launches = 0
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                Unbuildable.launches += 1
-                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
-
-            return launch
-
+    no_compiler = RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+    unbuildable = UnbuildableKernel(no_compiler)
     torch.manual_seed(0)
     h, delta, weight = torch.randn(2, 1, 16), torch.randn(2, 1, 16), torch.rand(16) + 0.5
     qkv, q_w, k_w = torch.randn(2, (4 + 2 * 2) * 8), torch.rand(8) + 0.5, torch.rand(8) + 0.5
@@ -263,7 +256,7 @@ def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch
     monkeypatch.setattr(ops, "on_its_gpu", lambda x: nullcontext())
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
     for name in ("_add_rms_norm_kernel", "_qk_norm_rope_store_kernel", "_silu_mul_kernel"):
-        monkeypatch.setattr(ops, name, Unbuildable(), raising=False)
+        monkeypatch.setattr(ops, name, unbuildable, raising=False)
     with caplog.at_level(logging.WARNING, logger=kernels.__name__):
         got, again = run(), run()
         off = kernels._off
@@ -271,7 +264,7 @@ def test_a_kernel_that_cannot_build_leaves_the_step_to_plain_pytorch(monkeypatch
     for g, a, e in zip(got, again, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
         torch.testing.assert_close(a, e, rtol=0, atol=0)
-    assert Unbuildable.launches == 1 and "C compiler" in off  # the first failure turned the kernels off
+    assert unbuildable.launches == 1 and "C compiler" in off  # the first failure turned the kernels off
     (record,) = [r for r in caplog.records if r.name == kernels.__name__]
     message = record.getMessage()
     assert "answer decoder" in message and "C compiler" in message and "plain PyTorch" in message
