@@ -92,7 +92,9 @@ class LoadDiT(io.ComfyNode):
         )  # fmt: skip
         dit.attention_backend = backend
         details = f"{backend} · {dit.load_info.layout}, {dit.cfg.num_layers} blocks"
-        show_status(cls.hidden.unique_id, warning or attention_warning or str(dev), details)
+        not_compiled = fused.not_compiled_because(dev)
+        slower = f"slower, no compiled kernels: {not_compiled}" if not_compiled else None
+        show_status(cls.hidden.unique_id, warning or attention_warning or slower or str(dev), details)
         return io.NodeOutput(dit)
 
 

@@ -214,11 +214,34 @@ def test_without_triton_or_on_an_old_gpu_compiled_kernels_stay_off_with_one_warn
     caplog.clear()
     clean_env.setattr(fused, "_off", None)
     clean_env.setattr(kernels, "triton", SimpleNamespace())
-    clean_env.setattr(torch.cuda, "get_device_capability", lambda: (6, 1))
-    clean_env.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA GeForce GTX 1080 Ti")
+    clean_env.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    clean_env.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080 Ti")
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         fused.enable(True)
     assert not fused.enabled() and "GTX 1080 Ti has compute capability 6.1" in caplog.text
+
+
+def test_a_loader_can_say_why_a_gpu_will_run_without_compiled_kernels(clean_env):
+    """What the DiT loader node shows before a render: why compiled kernels will not run on its GPU (no Triton, or
+    turned off earlier in the process), nothing for a CPU, nor where the user turned them off."""
+    from types import SimpleNamespace
+
+    from iamflow_core.models import kernels
+
+    gpu = torch.device("cuda", 0)
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    clean_env.setattr(kernels, "triton", SimpleNamespace())
+    assert fused.not_compiled_because(gpu) is None
+    clean_env.setattr(kernels, "triton", None)
+    assert fused.not_compiled_because(gpu) == "Triton is not installed"
+    assert fused.not_compiled_because(torch.device("cpu")) is None
+    clean_env.setenv("IAMFLOW_COMPILE", "0")
+    assert fused.not_compiled_because(gpu) is None
+    clean_env.delenv("IAMFLOW_COMPILE")
+    clean_env.setattr(kernels, "triton", SimpleNamespace())
+    clean_env.setattr(fused, "_off", "modulate did not compile or run compiled (InvalidCxxCompiler: ...)")
+    assert fused.not_compiled_because(gpu).startswith("modulate did not compile")
 
 
 def test_kept_traces_guard_their_arguments_not_the_modules_globals():

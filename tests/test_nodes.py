@@ -199,6 +199,16 @@ def test_loaders_read_the_files_artists_have(comfy):
     (dit,), _ = run("IAMFlowLoadDiT", IAMFLOW_FILE, "None", "bf16", "auto", "auto", "cpu")
     assert dit.load_info.fp8 and dit.cfg.dim == 256 and status(comfy).startswith("cpu\nsdpa · ")
     assert "fp8" in status(comfy)
+
+
+def test_the_dit_loader_says_when_its_gpu_runs_without_compiled_kernels(comfy, monkeypatch):
+    """Where compiled kernels cannot run on the DiT's device (here told so: a CPU never compiles), the loader's
+    status says the render will be slower and why, before the artist presses Run."""
+    from iamflow_core.models import fused
+
+    monkeypatch.setattr(fused, "not_compiled_because", lambda device: "Triton is not installed")
+    run("IAMFlowLoadDiT", DIT_FILE, "None", "fp32", "auto", "auto", "cpu")
+    assert status(comfy).splitlines()[0] == "slower, no compiled kernels: Triton is not installed"
     dit, te, vae = load_models()
     assert dit.attention_backend == "sdpa" and next(dit.parameters()).dtype == torch.float32
     assert te.encode(["a woman reads"]).shape == (1, 512, 64)

@@ -92,18 +92,28 @@ def enable(flag: bool = True) -> None:
         )  # fmt: skip
 
 
-def _triton_missing() -> str | None:
-    """Why TorchInductor cannot compile for this process's current GPU, where that shows before a compile: no
-    Triton, or a GPU older than Triton supports. None otherwise (a missing C compiler shows at the first compile),
-    and without CUDA (CPU tensors never take the compiled path)."""
-    if not torch.cuda.is_available():
+def _triton_missing(device: torch.device | None = None) -> str | None:
+    """Why TorchInductor cannot compile for `device` (default: the current GPU), where that shows before a compile:
+    no Triton, or a GPU older than Triton supports. None otherwise (a missing C compiler shows at the first
+    compile), and without CUDA (CPU tensors never take the compiled path)."""
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return None
     if kernels.triton is None:
         return "Triton is not installed"
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     if major < 7:
-        return f"{torch.cuda.get_device_name()} has compute capability {major}.{minor}, older than Triton supports"
+        name = torch.cuda.get_device_name(device)
+        return f"{name} has compute capability {major}.{minor}, older than Triton supports"
     return None
+
+
+def not_compiled_because(device: torch.device) -> str | None:
+    """Why the models on `device` will run without compiled kernels, for a user to see (a loader node's status):
+    they were turned off in this process (`turn_off`), or cannot work there (`_triton_missing`); None when they
+    will be used, or were turned off on purpose (`IAMFLOW_COMPILE=0`), and off the GPU (never compiled there)."""
+    if not _compile_allowed() or device.type != "cuda":
+        return None
+    return _off or _triton_missing(device)
 
 
 # Whether this module's compiled functions keep their Dynamo traces in the kernel cache (`enable`, `_keeping_traces`).
