@@ -279,19 +279,10 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
                 compiled[0] = _compile(fn, dynamic)
                 return run(x, *args, **kwargs)
             result = fn(x, *args, **kwargs)  # an error here is the call's own (its inputs): raised as it is
-            turn_off(f"{fn.__name__} did not compile or run compiled ({_first_line(error)})")
+            turn_off(f"{fn.__name__} did not compile or run compiled ({kernels.first_line(error)})")
             return result
 
     return run
-
-
-def _first_line(error: Exception, limit: int = 300) -> str:
-    """`Type: message` of an error, the compiler's own where Dynamo wrapped it (`inner_exception`), its first line
-    only (TorchInductor's carry advice on debugging after it), at most `limit` characters."""
-    error = getattr(error, "inner_exception", None) or error
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _off: str | None = None  # why compiled kernels are off for the rest of this process (`turn_off`)
@@ -328,7 +319,7 @@ def _drop_kept_traces(fn: Callable, error: Exception) -> None:
 
     global _keep_traces
     logger.warning("compiling %s with a trace from the kernel cache failed (%s); tracing it again and clearing the "
-                   "kept traces", fn.__name__, _first_line(error))  # fmt: skip
+                   "kept traces", fn.__name__, kernels.first_line(error))  # fmt: skip
     _keep_traces = False
     try:
         from torch._dynamo.package import DynamoCache

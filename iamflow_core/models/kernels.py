@@ -51,6 +51,16 @@ def error_stands(error: Exception) -> bool:
     )
 
 
+def first_line(error: Exception, limit: int = 300) -> str:
+    """`Type: message` of an error for a one-line warning: the compiler's own where Dynamo wrapped it
+    (`inner_exception`), its first line only (TorchInductor's and Triton's go on with advice and source), at most
+    `limit` characters."""
+    error = getattr(error, "inner_exception", None) or error
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def launched(launch: Callable[[], None], what: str) -> bool:
     """Run `launch`, the launch of `what` (for the warning). If the kernel cannot be built or launched, turn the
     hand-written kernels off for the process with one warning and return False: the caller computes the same values
@@ -62,7 +72,7 @@ def launched(launch: Callable[[], None], what: str) -> bool:
     except Exception as error:  # noqa: BLE001 - Triton reports a missing compiler or an old GPU in several types
         if error_stands(error):
             raise
-        _off = f"{type(error).__name__}: {error}"
+        _off = first_line(error)
         logger.warning("%s failed (%s); the hand-written Triton kernels run as plain PyTorch from now on (the same "
                        "values, slower). They need %s", what, _off, NEEDS)  # fmt: skip
         return False
