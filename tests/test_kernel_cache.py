@@ -419,3 +419,15 @@ def test_a_compiler_part_that_fails_is_left_to_the_first_compile(monkeypatch, ca
     with caplog.at_level(logging.DEBUG, logger=fused.__name__):
         fused._load_compiler_parts()
     assert ran == ["next"] and "compiler warm-up: the broken part not loaded ahead" in caplog.text
+
+
+def test_a_benchmark_row_says_whether_compiled_kernels_were_in_effect(clean_env):
+    """`bench speed` rows carry it, so a number made without compiled kernels is never read as one made with them."""
+    clean_env.setattr(fused, "_enabled", True)
+    assert fused.in_effect() == "on"
+    clean_env.setattr(fused, "_enabled", False)
+    assert fused.in_effect() == "off"
+    clean_env.setenv("IAMFLOW_COMPILE", "0")
+    assert fused.in_effect() == "off: IAMFLOW_COMPILE=0"
+    fused.turn_off("Triton is not installed")
+    assert fused.in_effect() == "off: Triton is not installed"

@@ -30,6 +30,7 @@ import torch
 
 from ..config import VIDEO_FPS, WAN21_TEMPORAL_FACTOR, DiTConfig, T5Config, VAEConfig
 from ..model_presets import DEFAULT_MODEL_PRESET, MODEL_PRESETS, ModelPreset, model_preset
+from ..models import fused
 from ..models.attention import BACKENDS, resolve_backend
 from ..models.dit import CausalWanDiT
 from ..models.fp8 import FP8Linear
@@ -238,6 +239,7 @@ def run_case(
         "video_fps": round(result.frames_written / wall, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
         "warmup_s": round(warmup_s, 1), "timeline": story_timeline(handed_out, plan.switch_chunks, wall),
+        "compiled_kernels": fused.in_effect(),  # after the render: a compile that failed in it turned them off
     }  # fmt: skip
     if picture_ms is not None:
         row.update(pictures=len(registry.references), picture_prepare_ms=picture_ms,

@@ -306,6 +306,15 @@ def off_because() -> str | None:
     return _off
 
 
+def in_effect() -> str:
+    """Whether compiled kernels are in effect now, in words for a benchmark's row: "on", or "off: " and why."""
+    if _enabled:
+        return "on"
+    if _off is not None:
+        return f"off: {_off}"
+    return "off: IAMFLOW_COMPILE=0" if not _compile_allowed() else "off"
+
+
 def _compile(fn: Callable, dynamic: bool | None) -> Callable:
     options = {"guard_filter_fn": _tensor_guards_only} if _traces_kept() else None
     with _keeping_traces():  # the compiled function gets the package its traces are kept in
