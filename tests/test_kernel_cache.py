@@ -178,6 +178,9 @@ def test_a_compiler_that_cannot_build_turns_compiled_kernels_off_and_the_call_go
 
 
 def test_out_of_memory_in_a_compiled_call_stands_and_leaves_the_compiler_on(clean_env, monkeypatch):
+    """Running out of GPU memory is not the compiler's fault: the error reaches the caller (the render reports it)
+    and compiled kernels stay on; the plain function, which needs more memory, is not tried."""
+
     def compile_(fn, **options):
         def oom(*args):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
