@@ -145,7 +145,7 @@ def test_a_kept_trace_that_fails_is_traced_again_and_the_kept_ones_cleared(clean
     assert not fused._traces_kept() and not torch._dynamo.config.caching_precompile and not os.path.exists(kept)
     with pytest.raises(ValueError):  # with no kept trace to blame, a failure is the function's own
         fused._fusable(lambda x: (_ for _ in ()).throw(ValueError("own")))(torch.zeros(2))
-    assert fused.enabled() and fused.off_because() is None  # the call's own error leaves the compiler on
+    assert fused.enabled() and fused._off is None  # the call's own error leaves the compiler on
 
 
 def test_a_compiler_that_cannot_build_turns_compiled_kernels_off_and_the_call_goes_on(clean_env, tmp_path, caplog):
@@ -170,7 +170,7 @@ def test_a_compiler_that_cannot_build_turns_compiled_kernels_off_and_the_call_go
         clean_env.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled after the compiler failed"))
         assert torch.equal(times_three(x, y), x * 3 + y)
         fused.enable(True)
-    assert not fused.enabled() and fused.off_because().startswith("times_three did not compile")
+    assert not fused.enabled() and fused._off.startswith("times_three did not compile")
     (record,) = caplog.records
     message = record.getMessage()
     assert "compiled kernels are off for this process" in message and "InvalidCxxCompiler" in message
@@ -193,7 +193,7 @@ def test_out_of_memory_in_a_compiled_call_stands_and_leaves_the_compiler_on(clea
     fused.enable(True)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         fused._fusable(lambda x: x + 1)(torch.zeros(2))
-    assert fused.enabled() and fused.off_because() is None
+    assert fused.enabled() and fused._off is None
 
 
 def test_without_triton_or_on_an_old_gpu_compiled_kernels_stay_off_with_one_warning(clean_env, tmp_path, caplog):
@@ -209,7 +209,7 @@ def test_without_triton_or_on_an_old_gpu_compiled_kernels_stay_off_with_one_warn
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         fused.enable(True)
         fused.enable(True)
-    assert not fused.enabled() and fused.off_because() == "Triton is not installed"
+    assert not fused.enabled() and fused._off == "Triton is not installed"
     (record,) = caplog.records
     assert "Triton is not installed" in record.getMessage() and "triton-windows" in record.getMessage()
     assert not (tmp_path / "kernels").exists()  # nothing was set up for compiling

@@ -301,11 +301,6 @@ def turn_off(why: str) -> None:
     _enabled = False
 
 
-def off_because() -> str | None:
-    """Why compiled kernels were turned off for this process (`turn_off`), or None."""
-    return _off
-
-
 def in_effect() -> str:
     """Whether compiled kernels are in effect now, in words for a benchmark's row: "on", or "off: " and why."""
     if _enabled:

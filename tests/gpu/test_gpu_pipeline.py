@@ -203,7 +203,7 @@ def test_without_a_c_compiler_the_story_renders_as_plain_pytorch(tmp_path):
         gate_up = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
         plain = torch.nn.functional.silu(gate_up[:, :64]) * gate_up[:, 64:]
         same = torch.equal(greedy_ops.silu_mul(gate_up), plain)
-        print(json.dumps({"chunks": chunks, "compiled": fused.enabled(), "why": fused.off_because(),
+        print(json.dumps({"chunks": chunks, "compiled": fused.enabled(), "why": fused._off,
                           "kernels_off": kernels._off, "same": same}))
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
