@@ -315,24 +315,31 @@ class KVCache:
         frames older than the window (the head of a recache) are dropped.
         """
         slots = (*self.state.sink, *self.state.local)
-        stored = {frame: i for i, frame in enumerate(slots) if frame is not None}
-        newest = max(stored, default=-1)
-        self.state, placements = commit_frames(self.state, [f for f in self._query_frames if f > newest])
-        placements += [(f, stored[f]) for f in self._query_frames if f in stored]
+        self.state, placements = self.placements()
         first = self._query_frames[0]
         for frame, i in placements:
             if self.cfg.sink_ema and i >= self.cfg.sink_frames > 0 and slots[i] not in (None, frame):
                 self._blend_into_sink(i, slots[i])  # slots[i] leaves the window now
                 slots = slots[:i] + (None,) + slots[i + 1 :]  # once per frame, however many pass through the slot
-            src = self._tokens(self._query_slot + frame - first)
-            dst = self._tokens(self._window_slot(i))
-            self.k[:, :, dst[0] : dst[1]] = self.k[:, :, src[0] : src[1]]
-            self.v[:, :, dst[0] : dst[1]] = self.v[:, :, src[0] : src[1]]
+            self._keep(self._tokens(self._query_slot + frame - first), self._tokens(self._window_slot(i)))
             self.slot_positions[i] = self.layout.query_positions[frame - first]
             if i < self.cfg.sink_frames:
                 self._sink_origin = None
         self.layout = None
         self._rotate = None
+
+    def placements(self) -> tuple[WindowState, list[tuple[int, int]]]:
+        """What `commit` would do now: the window state after it and the (frame, sink/local slot) of each queried
+        frame it keeps (new frames by `commit_frames`, stored ones in their own slots; older ones are dropped)."""
+        stored = {frame: i for i, frame in enumerate((*self.state.sink, *self.state.local)) if frame is not None}
+        newest = max(stored, default=-1)
+        state, placements = commit_frames(self.state, [f for f in self._query_frames if f > newest])
+        return state, placements + [(f, stored[f]) for f in self._query_frames if f in stored]
+
+    def _keep(self, src: tuple[int, int], dst: tuple[int, int]) -> None:
+        """Copy the K/V of query tokens `src` into window tokens `dst` (a commit)."""
+        self.k[:, :, dst[0] : dst[1]] = self.k[:, :, src[0] : src[1]]
+        self.v[:, :, dst[0] : dst[1]] = self.v[:, :, src[0] : src[1]]
 
     def _blend_into_sink(self, slot: int, frame: int) -> None:
         """Reward Forcing's EMA sink: `frame`, leaving local slot `slot`, is blended into sink slot
@@ -373,6 +380,11 @@ class KVCache:
 
     def clear_memory(self) -> None:
         self._memory = None
+
+    def arriving(self, frames: Sequence[int]) -> bool:
+        """Whether any of these frames' K/V are still on their way from another GPU (`relay.ReceivingCache`): reading
+        them now would wait for that GPU."""
+        return False
 
     def _frame_tokens(self, frame: int) -> tuple[int, int, int]:
         """Token range of a stored frame in the buffer, and the position its keys are rotated at."""

@@ -66,6 +66,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("devices and precision")
     run.add_argument("--device", default=dev_default, help=f"DiT and text encoder (default {dev_default})")
     run.add_argument("--vae-device", default=vae_default, help=f"VAE decode (default {vae_default})")
+    run.add_argument(
+        "--clean-pass-device", default="none", metavar="DEVICE",
+        help="where each chunk's clean pass (the forward that writes the KV cache) runs: none (the DiT's GPU), vae "
+        "(the VAE's GPU) or a GPU such as cuda:1. On a second GPU it runs one layer behind the DiT's next chunk, "
+        "with a copy of the DiT and of the cache there (README: 'Two GPUs'); default none",
+    )  # fmt: skip
     run.add_argument("--text-device", help="text encoder, if not the DiT's device (e.g. cpu)")
     run.add_argument(
         "--offload-text-encoder", action="store_true",
@@ -307,7 +313,8 @@ def generate(args: argparse.Namespace) -> int:
     preset = model_preset(args.preset_model)
     print(f"model preset {preset.name}: {preset.summary}", file=sys.stderr)
     config = sampler_config(settings, size.height, size.width, preset)
-    pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None)
+    pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None,
+                             clean_pass_device=args.clean_pass_device)  # fmt: skip
     verifier = runs.make_verifier(args, settings)
     stops: list[tuple[Path, RenderResult]] = []
     try:

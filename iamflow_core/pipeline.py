@@ -28,6 +28,7 @@ from .memory import MemoryPolicy, NoMemory, StepContext
 from .models import fused
 from .models.dit import CausalWanDiT, CrossKV
 from .models.vae import WanVAE
+from .relay import Relay, SecondGPU, Written
 from .schedule import sigma, warp_timesteps
 from .story import ChunkPlan, Story, plan_chunks
 from .transition import Switch, Transition, make_transition
@@ -122,6 +123,8 @@ class _Run:
     noise_shape: tuple[int, ...]
     decoder: Decoder | None
     text_seconds: float
+    relay: Relay | None = None  # the clean passes on a second GPU
+    written: Written | None = None  # the last clean pass sent to the second GPU
     in_flight: Pending | None = None  # the decode of the chunk made last, not handed out yet
     size: tuple[int, int] = (0, 0)  # the video's height and width
     first_frame: int = 0  # latent frames before chunk 0 (1 with a start image)
@@ -162,6 +165,8 @@ class StreamingPipeline:
     (463 vs 484 ms per chunk on one H100). In turn on a GPU, the decode is queued behind its chunk and its frames
     are read back one chunk later, so the host's work between chunks never leaves the GPU idle.
     profile: synchronise the GPU after each stage, so a chunk's timings are its stages' GPU times.
+    clean_pass_device: a second GPU that runs every pass writing the KV cache, one layer behind the DiT's next
+    forward (`relay.py`): it holds a copy of the DiT and of the cache. None: the DiT's GPU runs them.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class StreamingPipeline:
         overlap_decode: bool | None = None,
         profile: bool = False,
         compile_kernels: bool | None = None,
+        clean_pass_device: torch.device | str | None = None,
     ) -> None:
         if compile_kernels if compile_kernels is not None else dit.device.type == "cuda":
             fused.enable()  # fused elementwise kernels: the second chunk compiles them (tens of seconds, once)
@@ -181,6 +187,7 @@ class StreamingPipeline:
         self.vae = vae
         self.overlap_decode = overlap_decode
         self.profile = profile
+        self.second = SecondGPU(dit, clean_pass_device) if clean_pass_device is not None else None
 
     def _prompts(self, prompts: list[str], texts: torch.Tensor | None) -> Prompts:
         """The prompts' states on the CPU: given (`texts`, one row per prompt), or encoded `ENCODE_BATCH` distinct
@@ -248,8 +255,12 @@ class StreamingPipeline:
         finally:
             if run.decoder is not None:
                 run.decoder.close()
+            if run.relay is not None:
+                run.relay.close()
             fused.save_traces()  # what later chunks traced (the rolling window's moves, a switch's shapes)
             self.dit.release_graphs()  # no GPU memory held between stories (ComfyUI keeps the model loaded)
+            if self.second is not None:
+                self.second.replica.release_graphs()
 
     def _prepare(
         self, story: Story, config: SamplerConfig, memory: MemoryPolicy, texts: torch.Tensor | None,
@@ -271,14 +282,18 @@ class StreamingPipeline:
         first = prompts.cross(0)
         text_seconds = time.perf_counter() - t0
         tokens_per_frame = (h // self.dit.cfg.patch_size[1]) * (w // self.dit.cfg.patch_size[2])
-        cache = self.dit.new_cache(config.cache, tokens_per_frame=tokens_per_frame)
+        relay = None
+        if self.second is not None:
+            cache, relay = self.second.pair(self.dit, config.cache, tokens_per_frame)
+        else:
+            cache = self.dit.new_cache(config.cache, tokens_per_frame=tokens_per_frame)
         decoder = None
         if self.vae is not None:
             decoder = Decoder(self.vae, self._overlaps(), _frames_hook(memory), sync=self.profile)
         run = _Run(
             story, plan, memory, prompts, cache, make_transition(config.transition, first, cache),
             torch.Generator(device).manual_seed(story.noise_seed), warp_timesteps(config.steps, config.shift),
-            (1, self.dit.cfg.in_channels, config.cache.chunk_frames, h, w), decoder, text_seconds,
+            (1, self.dit.cfg.in_channels, config.cache.chunk_frames, h, w), decoder, text_seconds, relay,
         )  # fmt: skip
         run.t_dev = [torch.full((1,), t, device=device) for t in run.timesteps]
         if config.first_steps is not None:  # e.g. Causal Forcing++ 1/2-step: the first frame in 4 steps
@@ -300,7 +315,7 @@ class StreamingPipeline:
         with torch.no_grad():
             self._context_pass(run, latent, 0, run.prompts.cross(0))
         run.transition.remember(0, latent)
-        frames = run.decoder.submit(-1, latent).result()[0] if run.decoder is not None else None
+        frames = run.decoder.submit(-1, *self._to_decode(run, latent, 0)).result()[0] if run.decoder else None
         run.first_frame, run.lead = 1, (latent, frames)
 
     def _overlaps(self) -> bool:
@@ -363,7 +378,7 @@ class StreamingPipeline:
             timings["memory"] += time.perf_counter() - t0
             if alpha is not None:
                 ctx.info["transition_alpha"] = alpha
-        decode = run.decoder.submit(i, x0) if run.decoder is not None else None  # 8. decode beside the next chunk
+        decode = run.decoder.submit(i, *self._to_decode(run, x0, i)) if run.decoder is not None else None  # 8. decode
         event = {
             "index": i,
             "num_chunks": run.plan.num_chunks,
@@ -409,7 +424,20 @@ class StreamingPipeline:
     def _context_pass(self, run: _Run, latents: torch.Tensor, first: int, cross: CrossKV) -> None:
         """The clean pass at t = 0: `latents` become frames first, first + 1, ... of the cache, under `cross`."""
         with fused.launch_guard():
-            self.dit.write_chunk(latents, run.zero, cross, run.cache, first)
+            if run.relay is not None:
+                run.written = run.relay.clean_pass(latents, cross, first)
+            else:
+                self.dit.write_chunk(latents, run.zero, cross, run.cache, first)
+
+    def _to_decode(self, run: _Run, latents: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """The latents a decode takes and what it waits for. With the clean pass on the VAE's GPU: the copy made
+        there for the pass, after the pass, which the DiT's next chunk waits for layer by layer (a decode beside it
+        slowed it: 2x H200, iamflow, 303.7 ms a steady chunk against 259.8, two calls); the first chunk's right
+        after the copy, for the first frames' sake. Else the latents, after the work queued on their GPU."""
+        written = run.written
+        if written is None or self.vae is None or self.vae.device != self.second.device:
+            return latents, None
+        return written.latents, written.copied if chunk == 0 else written.done
 
     def _sync(self) -> None:
         if self.profile and self.dit.device.type == "cuda":

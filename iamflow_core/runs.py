@@ -165,7 +165,25 @@ def on_stop(target: Path, story: Story, registry: EntityRegistry | None, stops: 
 
 
 def check_devices(args: argparse.Namespace) -> None:
-    """Every device flag names a device this machine has (one message listing those it has)."""
+    """Every device flag names a device this machine has (one message listing those it has); --clean-pass-device
+    becomes the GPU it names, or None for the DiT's own."""
     for flag in ("device", "vae_device", "text_device", "llm_device", "vlm_device"):
         if getattr(args, flag) is not None:
             setattr(args, flag, str(resolve_device(getattr(args, flag))))
+    if hasattr(args, "clean_pass_device"):
+        args.clean_pass_device = clean_pass_device(args.clean_pass_device, args.device, args.vae_device)
+
+
+def clean_pass_device(want: str | None, device: str, vae_device: str) -> str | None:
+    """The GPU the clean passes run on for --clean-pass-device `want`: none (None: the DiT's GPU), vae (the VAE's
+    GPU) or a GPU's name. Raises ValueError naming the fix when that is not a second GPU."""
+    if want in (None, "none"):
+        return None
+    target = vae_device if want == "vae" else str(resolve_device(want))
+    if device.startswith("cuda") and target.startswith("cuda") and torch.device(target) != torch.device(device):
+        return target
+    where = f"the DiT is on {device}" + (f" and the VAE on {vae_device}" if want == "vae" else f", it names {target}")
+    raise ValueError(
+        f"--clean-pass-device {want}: the clean pass moves to a second GPU, but {where}; give the VAE or the clean "
+        "pass a GPU of its own (--vae-device cuda:1 --clean-pass-device vae), or leave it out"
+    )

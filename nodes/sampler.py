@@ -246,6 +246,13 @@ class StreamingSampler(io.ComfyNode):
                     tooltip="Image-to-video: the video's first frame, which the story continues (scaled to cover "
                     "width x height and cropped to its centre). Needs the VAE.",
                 ),
+                io.Combo.Input(
+                    "clean_pass", options=list(CLEAN_PASS), default="dit_gpu", optional=True,
+                    tooltip="Where each chunk's clean pass (the DiT forward that writes the chunk into its memory of "
+                    "the video) runs. vae_gpu: on the VAE's GPU, one layer behind the DiT's next chunk, with a copy "
+                    "of the DiT and of that memory there (about 9 GB more on that GPU); faster on two GPUs linked "
+                    "to each other (the README's 'Two GPUs'). dit_gpu: on the DiT's GPU.",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="Every frame, [N, H, W, 3] (one black frame without "
@@ -262,7 +269,7 @@ class StreamingSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls, dit, text_encoder, story, width, height, seed, filename_prefix, memory=None, vae=None, start_image=None,
-        model_preset=DEFAULT_MODEL_PRESET,
+        model_preset=DEFAULT_MODEL_PRESET, clean_pass="dit_gpu",
     ):  # fmt: skip
         from iamflow_core.settings import LONGLIVE
 
@@ -271,14 +278,16 @@ class StreamingSampler(io.ComfyNode):
         run_story = replace(story.story, seed=seed)
         out_path, subfolder = _output_path(filename_prefix, width, height) if vae is not None else (None, "")
         config = _config(settings, height, width, model_preset)
+        second, warning = _clean_pass_device(clean_pass, dit, vae)
         result = _render(cls.hidden.unique_id, (dit, text_encoder, vae), run_story, settings, story, memory,
-                         config, out_path, start)  # fmt: skip
+                         config, out_path, start, second)  # fmt: skip
         state = StateValue(story.story, story.registry, replace(result, frames=None, latents=None))
         outputs = (to_image(result.frames, height, width), to_comfy_latent(result.latents), state)
         if out_path is None:
             return io.NodeOutput(*outputs, None)
         seconds = result.frames_written / VIDEO_FPS
-        show_status(cls.hidden.unique_id, f"{result.frames_written} frames · {seconds:.1f} s → {out_path.name}")
+        done = f"{result.frames_written} frames · {seconds:.1f} s → {out_path.name}"
+        show_status(cls.hidden.unique_id, done, warning)
         video = ui.PreviewVideo([ui.SavedResult(out_path.name, subfolder, io.FolderType.output)])
         return io.NodeOutput(*outputs, InputImpl.VideoFromFile(str(out_path)), ui=video)
 
@@ -304,6 +313,30 @@ def _pictures(image, vae, story, settings):
     return as_rgb(image, "start_image")
 
 
+# The sampler's clean_pass choices: where each chunk's clean pass runs (`StreamingPipeline(clean_pass_device=...)`).
+CLEAN_PASS = ("dit_gpu", "vae_gpu")
+
+
+def _clean_pass_device(choice: str, dit, vae) -> tuple[str | None, str | None]:
+    """The clean pass's GPU for the clean_pass widget (None: the DiT's) and a short warning when vae_gpu could not be
+    had: a workflow saved on two GPUs still runs on one, as the device widgets fall back (logged in full here)."""
+    if choice not in CLEAN_PASS:
+        raise ValueError(f"clean_pass {choice!r} is not one of {', '.join(CLEAN_PASS)}; pick one on the sampler")
+    if choice == "dit_gpu":
+        return None, None
+    if vae is None:
+        why = "no VAE connected"
+    elif vae.device == dit.device:
+        why = f"VAE on {vae.device} with the DiT"
+    elif dit.device.type != "cuda" or vae.device.type != "cuda":
+        why = f"VAE on {vae.device}, DiT on {dit.device}"
+    else:
+        return str(vae.device), None
+    logger.warning("clean_pass vae_gpu: %s, so the clean pass runs on the DiT's GPU (load the VAE onto a second GPU "
+                   "to move it there)", why)  # fmt: skip
+    return None, f"clean pass on the DiT's GPU: {why}"
+
+
 def _config(settings, height: int, width: int, preset: str):
     """The sampler config: the memory settings, the video size and the checkpoint's preset (a clear error for a
     preset name this pack does not have, e.g. from a newer workflow)."""
@@ -313,7 +346,7 @@ def _config(settings, height: int, width: int, preset: str):
     return sampler_config(settings, height, width, model_preset(preset))
 
 
-def _render(unique_id, models, run_story, settings, story, memory, config, out_path, start_image=None):
+def _render(unique_id, models, run_story, settings, story, memory, config, out_path, start_image=None, second=None):
     """The library's render with ComfyUI's progress, previews and Cancel; raises ComfyUI's interrupt on Cancel."""
     from iamflow_core.pipeline import StreamingPipeline
     from iamflow_core.weights import check_compatible
@@ -327,7 +360,7 @@ def _render(unique_id, models, run_story, settings, story, memory, config, out_p
     try:
         with _verifier_for_run(settings, memory) as verifier:
             result = render_story(
-                StreamingPipeline(*models), run_story, config,
+                StreamingPipeline(*models, clean_pass_device=second), run_story, config,
                 build_memory(settings, story.registry, verifier), out_path=out_path, on_chunk=monitor,
                 cancel=monitor.cancel, spool_dir=folder_paths.get_temp_directory(), start_image=start_image,
             )  # fmt: skip

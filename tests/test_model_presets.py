@@ -231,7 +231,7 @@ def test_an_ema_sink_takes_in_each_frame_that_leaves_the_window():
     cfg = CacheConfig(chunk_frames=3, sink_frames=3, window_frames=9, sink_positions="adjacent", sink_ema=w)
     x, text = _inputs(frames=15)
     cache, cross = model.new_cache(cfg, tokens_per_frame=(H // 2) * (W // 2)), model.encode_text(text)
-    rotate, seen = model._rotator(H // 2, W // 2), []
+    rotate, seen = model.rotator(H // 2, W // 2), []
     with torch.no_grad():
         for s in range(0, 15, 3):
             sink = [cache.frame_kv(f)[:2] for f in cache.state.sink if f is not None]

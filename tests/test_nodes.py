@@ -5,6 +5,7 @@ its runtime modules (tests/_comfy_stub.py). Also `render_story`, the library cal
 import dataclasses
 import inspect
 import json
+import logging
 import sys
 import threading
 import types
@@ -560,3 +561,23 @@ def test_requirements_agree_with_pyproject():
     lines = (root / "requirements.txt").read_text().splitlines()
     required = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert required == declared, "requirements.txt (the node pack's) and pyproject.toml dependencies differ"
+
+
+def test_clean_pass_on_the_vae_gpu_falls_back_to_the_dit_gpu_with_a_note(comfy, caplog):
+    """A two-GPU workflow (clean_pass vae_gpu) on a machine whose VAE shares the DiT's device still runs, as the
+    device widgets fall back: the clean pass stays on the DiT's device and the sampler says so."""
+    from nodes.sampler import _clean_pass_device
+
+    dit, te, vae = load_models()
+    story = story_value(registry=False)
+    with caplog.at_level(logging.WARNING):
+        (images, _, _, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae,
+                                   clean_pass="vae_gpu", unique_id="4")  # fmt: skip
+    (plain, _, _, _), _ = run("IAMFlowStreamingSampler", dit, te, story, 48, 32, 3, "x", vae=vae)
+    torch.testing.assert_close(images, plain)
+    assert status(comfy, "4").endswith("\nclean pass on the DiT's GPU: VAE on cpu with the DiT")
+    assert "clean_pass vae_gpu" in caplog.text
+    assert _clean_pass_device("dit_gpu", dit, vae) == (None, None)
+    assert _clean_pass_device("vae_gpu", dit, None)[1] == "clean pass on the DiT's GPU: no VAE connected"
+    with pytest.raises(ValueError, match="clean_pass 'both' is not one of dit_gpu, vae_gpu"):
+        _clean_pass_device("both", dit, vae)

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from iamflow_core.config import CacheConfig, SamplerConfig, TransitionConfig
+from iamflow_core.decode import Decoder
 from iamflow_core.memory import MemFlowMemory, NoMemory
+from iamflow_core.models import fused
 from iamflow_core.pipeline import StreamingPipeline
 from iamflow_core.presets import tiny_models
 from iamflow_core.story import Segment, Story
+from iamflow_core.video import to_uint8_frames
 
 SMALL = SamplerConfig(height=32, width=48, cache=CacheConfig(memory_frames=3))
 STORY = Story(
@@ -192,3 +195,29 @@ def test_the_memory_hooks_run_inside_their_profiler_ranges(models):
     ranges = [e.name for e in prof.events() if e.name.startswith("iamflow.memory.")]
     assert sorted(ranges) == sorted(f"iamflow.memory.{name}" for name in names)
     assert names.count("after_chunk") == names.count("on_frames") == 4 and names.count("on_switch") == 1
+
+
+def test_a_decode_worker_holds_the_launch_lock_layer_by_layer_not_for_the_whole_decode(models, monkeypatch):
+    """The sampler's thread launches its next chunk under the same lock: it must not wait for a whole decode."""
+    monkeypatch.setattr(fused, "_enabled", True)  # the lock is held only with compiled kernels on
+    steps, held_between = [], []
+    turn = fused.launch_turn
+
+    def spy():
+        held_between.append(fused._launch_lock._is_owned())
+        steps.append(1)
+        return turn()
+
+    monkeypatch.setattr(fused, "launch_turn", spy)
+    vae = models[2]
+    decoder = Decoder(vae, overlap=True)
+    plain = vae.new_decode_state()
+    latents = torch.randn(1, 16, 3, 4, 6)
+    try:
+        frames, _ = decoder.submit(0, latents).result()
+    finally:
+        decoder.close()
+    with torch.no_grad():
+        expected = to_uint8_frames(vae.decode_stream(latents, plain))
+    assert np.array_equal(frames, expected)
+    assert len(steps) > len(vae.decoder.upsamples) and not any(held_between)

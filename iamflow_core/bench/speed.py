@@ -101,24 +101,24 @@ def _jobs_since(before: dict, after: dict) -> dict:
     return {"scored": scored, "dropped": dropped, "mean_job_s": round(seconds / scored, 3) if scored else None}
 
 
-def _warm_up(models, story: Story, config, memory) -> float:
+def _warm_up(models, story: Story, config, memory, **pipeline) -> float:
     """Compiles the fused kernels for these shapes (not timed); a full window before the switch (4 chunks of 3
     frames, 21 of 1 frame-wise), so the warm-up also compiles the full recache. Returns its seconds."""
     t0 = time.perf_counter()
     frame_s = WAN21_TEMPORAL_FACTOR / VIDEO_FPS  # one latent frame: 0.25 s
     first, second = config.cache.window_frames * frame_s, 2 * config.cache.chunk_frames * frame_s  # 3 s, 1.5 s
     warm = Story((Segment(story.prompts[0], first), Segment(story.prompts[1], second)))
-    for _ in StreamingPipeline(*models).run(warm, config, memory):
+    for _ in StreamingPipeline(*models, **pipeline).run(warm, config, memory):
         pass
     return time.perf_counter() - t0
 
 
-def _per_chunk_ms(models, story: Story, config, memory, chunks: int) -> tuple[dict[str, float], float]:
+def _per_chunk_ms(models, story: Story, config, memory, chunks: int, **pipeline) -> tuple[dict[str, float], float]:
     """Per-stage time per chunk from a short run with synchronised stages (slower overall, so separate), and the
     text encoding time."""
     half = config.cache.chunk_frames * WAN21_TEMPORAL_FACTOR / VIDEO_FPS * chunks / 2  # seconds of chunks / 2
     short = Story((Segment(story.prompts[0], half), Segment(story.prompts[1], half)))
-    events = list(StreamingPipeline(*models, profile=True).run(short, config, memory))
+    events = list(StreamingPipeline(*models, profile=True, **pipeline).run(short, config, memory))
     sums: dict[str, float] = {}
     for e in events[1:]:  # skip the first chunk (warm-up, text encoding)
         for k, v in e.timings.items():
@@ -198,10 +198,12 @@ TRACE_FIRST = 30
 def run_case(
     models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None, verifier_queue: int = 4,
     model: ModelPreset | None = None, pictures: int = 0, trace: int = 0, trace_dir: Path | None = None,
+    clean_pass_device: str | None = None,
 ) -> dict:  # fmt: skip
     """One row: `story` rendered with memory `memory_mode` and the streaming preset `model` (default LongLive's);
     identity rows with `pictures` reference pictures per entity; with `trace` > 0, a profiler window over that many
-    steady chunks of another render (`bench.trace`), its Chrome trace kept in `trace_dir` if given."""
+    steady chunks of another render (`bench.trace`), its Chrome trace kept in `trace_dir` if given;
+    `clean_pass_device`: the clean passes on that GPU (`relay.py`)."""
     dit, _, vae = models
     devices = sorted({str(dit.device), str(vae.device)})
     settings = CASES[memory_mode]
@@ -216,7 +218,8 @@ def run_case(
         settings = dataclasses.replace(settings, archive_limit_mb=settings.archive_limit_mb + extra)
         picture_ms = _picture_ms(models, story, config, settings, registry)
     verifier = _verifier(memory_mode, vlm_dir, str(vae.device), verifier_queue)
-    warmup_s = _warm_up(models, story, config, build_memory(settings, registry, verifier))
+    pipeline = {"clean_pass_device": clean_pass_device}
+    warmup_s = _warm_up(models, story, config, build_memory(settings, registry, verifier), **pipeline)
     drain_s, before = _drain(verifier) if verifier is not None else (None, None)
     captures = verifier.verifier.graph_captures if verifier is not None else 0  # the VLM decoder's CUDA graphs
     for d in devices:
@@ -226,15 +229,16 @@ def run_case(
     with tempfile.TemporaryDirectory() as tmp:  # the CLI's own render call, so the benchmark measures what users run
         t0 = time.perf_counter()
         result = render_story(
-            StreamingPipeline(*models), story, config, policy, out_path=Path(tmp) / "v.mp4", keep_frames=False,
-            keep_latents=False, on_chunk=lambda event, _: handed_out.append((event.index, time.perf_counter() - t0)),
+            StreamingPipeline(*models, **pipeline), story, config, policy, out_path=Path(tmp) / "v.mp4",
+            keep_frames=False, keep_latents=False,
+            on_chunk=lambda event, _: handed_out.append((event.index, time.perf_counter() - t0)),
         )  # fmt: skip
     wall = result.timings["wall"]
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
     row = {
         "memory": memory_mode, "model": model.name, "attention": dit.attention_backend,
         "quantization": "fp8" if any(isinstance(m, FP8Linear) for m in dit.modules()) else "off",
-        "transition": settings.transition,
+        "transition": settings.transition, "clean_pass": clean_pass_device or "dit",
         "gpus": len(devices), "video_frames": result.frames_written, "wall_s": round(wall, 2),
         "video_fps": round(result.frames_written / wall, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
@@ -253,7 +257,9 @@ def run_case(
                            "skipped_chunks": policy.jobs_skipped, "warmup_drain_s": drain_s,
                            "graph_captures": verifier.verifier.graph_captures - captures}  # fmt: skip
     memory = build_memory(settings, registry, verifier)
-    row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(models, story, config, memory, profile_chunks)
+    row["per_chunk_ms"], row["text_encoding_ms"] = _per_chunk_ms(
+        models, story, config, memory, profile_chunks, **pipeline
+    )
     if trace:
         from .trace import traced_render
 
@@ -261,7 +267,7 @@ def run_case(
         saved = Path(trace_dir) / name if trace_dir is not None else None
         first = max(1, min(TRACE_FIRST, plan.num_chunks - trace))  # a shorter --story: its last chunks
         memory = build_memory(settings, registry, verifier)
-        row["trace"] = traced_render(models, story, config, memory, first, trace, saved)
+        row["trace"] = traced_render(models, story, config, memory, first, trace, saved, **pipeline)
     if verifier is not None:
         verifier.close()
     return row
@@ -295,6 +301,11 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     )  # fmt: skip
     parser.add_argument("--trace-dir", help="keep each traced window's Chrome trace here (open it in Perfetto)")
     parser.add_argument(
+        "--clean-pass", nargs="+", choices=["dit", "second"], default=["dit"],
+        help="2-GPU rows: the clean pass on the DiT's GPU (dit) or on the second GPU, one layer behind the next "
+        "chunk (second; `--clean-pass-device cuda:1` of the CLI); one set of rows each",
+    )  # fmt: skip
+    parser.add_argument(
         "--pictures",
         nargs="+",
         type=int,
@@ -323,12 +334,14 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
                 from .qwen_random import model_folders
 
                 vlm_dir = model_folders(Path(args.workdir), "cuda:1" if gpus == 2 else "cuda:0")[1]
-            for memory_mode in args.memory:
-                for pictures in args.pictures if CASES[memory_mode].mode == "identity" else [0]:
-                    row = run_case(
-                        models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue,
-                        model_preset(args.preset_model), pictures, args.trace, args.trace_dir,
-                    )  # fmt: skip
-                    yield json.dumps(row)
+            clean_passes = [None if c == "dit" else "cuda:1" for c in args.clean_pass if gpus == 2 or c == "dit"]
+            for clean_pass in clean_passes:
+                for memory_mode in args.memory:
+                    for pictures in args.pictures if CASES[memory_mode].mode == "identity" else [0]:
+                        row = run_case(
+                            models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue,
+                            model_preset(args.preset_model), pictures, args.trace, args.trace_dir, clean_pass,
+                        )  # fmt: skip
+                        yield json.dumps(row)
             del models
             torch.cuda.empty_cache()

@@ -174,10 +174,11 @@ def _memory_hooks(spans: list[dict], dit_device: int, dit_gaps: list[tuple[float
 
 
 def traced_render(
-    models, story, config, memory, first: int, count: int, save_to: Path | None = None
+    models, story, config, memory, first: int, count: int, save_to: Path | None = None, **pipeline
 ) -> dict[str, Any]:  # fmt: skip
     """Render `story` (as `render_story` does, no file) with a profiler over chunks [first, first + count), stop
-    after them, and `summarize` the window. save_to: also keep the Chrome trace there (open it in Perfetto)."""
+    after them, and `summarize` the window. save_to: also keep the Chrome trace there (open it in Perfetto).
+    pipeline: `StreamingPipeline` options (the clean pass's device)."""
     dit = models[0]
     if dit.device.type != "cuda":
         raise ValueError(f"a traced render profiles GPU kernels; the DiT is on {dit.device}")
@@ -198,7 +199,7 @@ def traced_render(
     if first < 1 or count < 1:
         raise ValueError(f"trace window first={first}, count={count}: the first chunk is 1 or later, count 1 or more")
     try:
-        render_story(StreamingPipeline(*models), story, config, memory, on_chunk=on_chunk, cancel=stop,
+        render_story(StreamingPipeline(*models, **pipeline), story, config, memory, on_chunk=on_chunk, cancel=stop,
                      keep_frames=False, keep_latents=False)  # fmt: skip
     finally:
         if "profiler" in state and not stop.is_set():  # the story ended inside the window

@@ -48,7 +48,8 @@ class _Candidate:
     segment: int
     frames: tuple[int, ...]
     entities: tuple[int, ...]
-    text_scores: HostValues  # one per frame, read when the frame is chosen (by then on the host)
+    query: torch.Tensor  # the prompt's text query at this chunk
+    text_scores: HostValues | None = None  # one per frame, read when the frame is chosen (by then on the host)
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,13 @@ class IdentityMemory:
         stored = set(ctx.cache.state.local)  # sink frames are always attended; nothing to archive
         frames = tuple(f for f in range(ctx.start_frame, ctx.start_frame + ctx.num_frames) if f in stored)
         if frames:
-            scores = self._text_scores(ctx, frames)
-            self._pending.append(_Candidate(ctx.chunk, ctx.segment, frames, self._entities(ctx.segment), scores))
+            self._pending.append(_Candidate(ctx.chunk, ctx.segment, frames, self._entities(ctx.segment),
+                                            self._text_query(ctx)))  # fmt: skip
+        # Scored behind the chunk on the GPU, or a chunk later when its K/V come from another GPU (`relay.py`): by
+        # then they are there, and the DiT's GPU does not wait for them.
+        for candidate in self._pending:
+            if candidate.text_scores is None and not ctx.cache.arriving(candidate.frames):
+                candidate.text_scores = self._text_scores(ctx, candidate.query, candidate.frames)
         # Decide before the frames leave the window: the next commit evicts the oldest chunk still in it.
         keep = ctx.cache.cfg.local_frames // ctx.cache.cfg.chunk_frames
         archived = self._decide(ctx, until=ctx.chunk - keep + 2)
@@ -242,12 +248,15 @@ class IdentityMemory:
             self._weights[ctx.segment] = weights
         return self._weights[ctx.segment]
 
-    def _text_scores(self, ctx: StepContext, frames: tuple[int, ...]) -> HostValues:
-        """The frames' text scores, queued on the GPU behind the chunk: the loop does not wait for them."""
+    def _text_query(self, ctx: StepContext) -> torch.Tensor:
+        """The prompt's text query for frame scores: one per prompt (per chunk while a soft switch blends)."""
         if self._query is None or self._query[0] is not ctx.cross or self._query[1] != ctx.segment:
             query = text_query(ctx.cross, ctx.text.to(ctx.cross.k.device), self._token_weights(ctx))
-            self._query = (ctx.cross, ctx.segment, query)  # one per prompt (per chunk while a soft switch blends)
-        query = self._query[2]
+            self._query = (ctx.cross, ctx.segment, query)
+        return self._query[2]
+
+    def _text_scores(self, ctx: StepContext, query: torch.Tensor, frames: tuple[int, ...]) -> HostValues:
+        """The frames' text scores, queued on the GPU behind the chunk: the loop does not wait for them."""
         descriptors = []
         for f in frames:
             k, position = ctx.cache.frame_keys(f)
@@ -281,6 +290,8 @@ class IdentityMemory:
         for candidate in [c for c in self._pending if c.chunk < until]:
             self._pending.remove(candidate)
             visual = self._visual(ctx, candidate)
+            if candidate.text_scores is None:  # its K/V are still on their way: this waits for them
+                candidate.text_scores = self._text_scores(ctx, candidate.query, candidate.frames)
             text = np.array(candidate.text_scores.tolist())
             spread = text.max() - text.min()
             text_norm = (text - text.min()) / spread if spread > 0 else np.full_like(text, NEUTRAL)

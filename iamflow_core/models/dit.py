@@ -254,6 +254,11 @@ class CausalWanDiT(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
+    @property
+    def graph_replays(self) -> int:
+        """CUDA-graph replays of chunk forwards over this model's life."""
+        return self._graphs.replays
+
     def release_graphs(self) -> None:
         """Free the captured CUDA graphs and their memory (the pipeline calls this when a story ends)."""
         self._graphs.clear()
@@ -327,7 +332,7 @@ class CausalWanDiT(nn.Module):
             self._rope_memo = (key, self.rope.grid(positions, h, w, self.device))
         return self._rope_memo[1]
 
-    def _rotator(self, h: int, w: int) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    def rotator(self, h: int, w: int) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
         """Moves stored keys [layers, B, n*T, H, D] in time by per-frame deltas (for the cache, past the table)."""
 
         def rotate(k: torch.Tensor, deltas: list[int]) -> torch.Tensor:
@@ -371,7 +376,7 @@ class CausalWanDiT(nn.Module):
         f, h, w = self._grid(x)
         if cache.tokens_per_frame != h * w:
             raise ValueError(f"cache holds {cache.tokens_per_frame} tokens per frame, latents give {h * w}")
-        layout = cache.begin(range(start_frame, start_frame + f), self._rotator(h, w))
+        layout = cache.begin(range(start_frame, start_frame + f), self.rotator(h, w))
         q_cos, q_sin = self._rope(layout.query_positions, h, w)
         context = CachedContext(cache)
         if self._use_graphs(x, cache):
@@ -400,16 +405,19 @@ class CausalWanDiT(nn.Module):
         capturable = self.cuda_graphs and x.is_cuda and cache.cfg.sparse_topk == 0
         return capturable and graphs_allowed() and not fused.eager_now()
 
-    def new_cache(self, cfg, tokens_per_frame: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache sized for this model on its device."""
-        return KVCache(
+    def new_cache(
+        self, cfg, tokens_per_frame: int, batch: int = 1, dtype: torch.dtype | None = None, kind: type = KVCache,
+        device: torch.device | None = None,
+    ) -> KVCache:  # fmt: skip
+        """A KV cache (a `KVCache`, or the subclass `kind`) sized for this model, on its device or `device`."""
+        return kind(
             cfg,
             num_layers=self.cfg.num_layers,
             tokens_per_frame=tokens_per_frame,
             num_heads=self.cfg.num_heads,
             head_dim=self.cfg.head_dim,
             batch=batch,
-            device=self.device,
+            device=device or self.device,
             dtype=dtype or self.blocks[0].norm3.weight.dtype,  # the compute dtype (linears may be FP8)
             rope_limit=self.cfg.rope_max_positions,
         )

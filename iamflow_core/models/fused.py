@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import wraps
@@ -246,6 +247,16 @@ def release_compile_workers() -> threading.Thread | None:
 def launch_guard() -> AbstractContextManager:
     """Hold while launching model work from a thread when compiled kernels are on (see `_launch_lock`)."""
     return _launch_lock if _enabled else nullcontext()
+
+
+@contextmanager
+def launch_turn() -> Iterator[None]:
+    """`launch_guard` for one step of a long run of launches (a layer of a decode): held for the step, then this
+    thread gives way, so a thread waiting to launch goes next instead of after the whole run."""
+    with launch_guard():
+        yield
+    if _enabled:
+        time.sleep(0)  # lets the OS run a thread the release woke before this one takes the lock again
 
 
 def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callable:

@@ -138,3 +138,62 @@ def rms_norm_rope(
             )  # fmt: skip
 
     return out if launched(launch, "the DiT's q/k norm-and-rotate kernel") else None
+
+
+# --- signals between two GPUs (the clean pass on the second GPU, `relay.py`) -----------------------------------------
+# One program copies BLOCK elements of a frame's K or V into the other GPU's cache and then adds 1 to that layer's
+# counter there, after a barrier of its threads and with release ordering at system scope, so a reader that sees the
+# count also sees the rows. The reader's GPU runs `wait_count` before the layer's attention: one program that
+# spins (acquire loads of the counter) until the count reaches the target. Both run inside CUDA graphs.
+PUSH_BLOCK = 4096
+# Spins before a wait gives up (about 0.2 us each on an H200: some 13 s). It then sets the error flag, which
+# `relay.Relay.check` turns into an exception: a GPU never hangs on a signal that cannot come.
+WAIT_LIMIT = 1 << 26
+
+if triton is not None:
+
+    @triton.jit
+    def _push_kernel(src_ptr, dst_ptr, src_offsets, dst_offsets, counter_ptr, part_size, BLOCK: tl.constexpr):
+        pid, part = tl.program_id(0), tl.program_id(1)
+        dst_start = tl.load(dst_offsets + part)
+        if dst_start >= 0:  # a frame the cache keeps; -1: one it drops (the head of a recache)
+            src_start = tl.load(src_offsets + part)
+            offs = pid * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < part_size
+            rows = tl.load(src_ptr + src_start + offs, mask=mask)
+            tl.store(dst_ptr + dst_start + offs, rows, mask=mask)
+        tl.debug_barrier()
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="sys")
+
+    @triton.jit
+    def _wait_kernel(counter_ptr, target_ptr, error_ptr, limit):
+        target = tl.load(target_ptr)
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="sys")
+        spins = 0
+        while (seen < target) & (spins < limit):
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="sys")
+            spins += 1
+        if seen < target:
+            tl.store(error_ptr, 1)
+
+
+def push_programs(part_size: int) -> int:
+    """Programs (and so counter increments) of one part of a `push`."""
+    return triton.cdiv(part_size, PUSH_BLOCK)
+
+
+def push(src: torch.Tensor, dst: torch.Tensor, src_offsets: torch.Tensor, dst_offsets: torch.Tensor,
+         counter: torch.Tensor, part_size: int) -> None:  # fmt: skip
+    """Copy parts of `part_size` elements from src (on the current GPU) to dst (on this or another GPU, peer access
+    on), part p from element src_offsets[p] to dst_offsets[p] (int64 tensors on src's GPU; a negative destination
+    skips the part), then add `push_programs(part_size)` per part to `counter` (int32, one element, on dst's GPU)."""
+    grid = (push_programs(part_size), src_offsets.numel())
+    with on_its_gpu(src):
+        _push_kernel[grid](src, dst, src_offsets, dst_offsets, counter, part_size, BLOCK=PUSH_BLOCK, num_warps=4)
+
+
+def wait_count(counter: torch.Tensor, target: torch.Tensor, error: torch.Tensor) -> None:
+    """On counter's GPU, hold the current stream until `counter` (int32, one element) reaches `target` (int32 on the
+    same GPU, read when the wait runs); after `WAIT_LIMIT` spins give up and set `error` to 1."""
+    with on_its_gpu(counter):
+        _wait_kernel[(1,)](counter, target, error, WAIT_LIMIT, num_warps=1)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -496,12 +497,19 @@ class Decoder(nn.Module):
         self.upsamples = nn.Sequential(*blocks)
         self.head = _head(dims[-1], 3)
 
-    def forward(self, x: torch.Tensor, cache: TimeCache, first_chunk: bool) -> torch.Tensor:
-        x = self.conv1(x, cache)
+    def forward(
+        self, x: torch.Tensor, cache: TimeCache, first_chunk: bool,
+        step: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> torch.Tensor:  # fmt: skip
+        """step: a context each layer's work is launched in (a lock held layer by layer, not for the whole decode)."""
+        with step():
+            x = self.conv1(x, cache)
         for layer in (*self.middle, *self.upsamples):
-            x = _apply(layer, x, cache, first_chunk)
+            with step():
+                x = _apply(layer, x, cache, first_chunk)
         norm, _, conv = self.head
-        return conv(x, cache, norm=norm)
+        with step():
+            return conv(x, cache, norm=norm)
 
 
 def _assign_cache_slots(root: nn.Module) -> int:
@@ -588,12 +596,14 @@ class WanVAE(nn.Module):
         """A fresh state for one streaming decode (one video)."""
         return VAEDecodeState(caches=[None] * self._decoder_slots)
 
-    def decode_stream(self, latents: torch.Tensor, state: VAEDecodeState) -> torch.Tensor:
+    def decode_stream(
+        self, latents: torch.Tensor, state: VAEDecodeState, step: Callable[[], AbstractContextManager] = nullcontext
+    ) -> torch.Tensor:  # fmt: skip
         """Decode the next chunk of a latent stream, continuing from `state` (updated in place).
 
         latents: [B, z, n, h, w] normalized, any n >= 1 -> video [B, 3, n', 8h, 8w] in [-1, 1], where
         n' = 1 + 4(n - 1) for the first chunk of the stream and 4n afterwards. Concatenating the chunks gives
-        the same frames as `decode` of the whole sequence.
+        the same frames as `decode` of the whole sequence. step: a context each layer's work is launched in.
         """
         self._check_latents(latents)
         b, _, n, h, w = latents.shape
@@ -610,10 +620,12 @@ class WanVAE(nn.Module):
                 "use a new_decode_state() for a different video"
             )
         # the constants follow the latents' dtype: a loaded model may keep its buffers in float32
-        x = self.conv2(latents * self.latents_std.to(latents.dtype) + self.latents_mean.to(latents.dtype))
-        video = self.decoder(x, state.caches, first_chunk=state.latent_frames == 0)
+        with step():
+            x = self.conv2(latents * self.latents_std.to(latents.dtype) + self.latents_mean.to(latents.dtype))
+        video = self.decoder(x, state.caches, state.latent_frames == 0, step)
         state.latent_frames += n
-        return video.clamp(-1.0, 1.0)
+        with step():
+            return video.clamp(-1.0, 1.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a whole latent sequence, one latent frame at a time to bound memory (as Wan2.1 does).
