@@ -250,7 +250,7 @@ class StreamingSampler(io.ComfyNode):
                     "clean_pass", options=list(CLEAN_PASS), default="dit_gpu", optional=True,
                     tooltip="Where each chunk's clean pass (the DiT forward that writes the chunk into its memory of "
                     "the video) runs. vae_gpu: on the VAE's GPU, one layer behind the DiT's next chunk, with a copy "
-                    "of the DiT and of that memory there (about 9 GB more on that GPU); faster on two GPUs linked "
+                    "of the DiT and of that memory there (about 9.5 GiB more on that GPU); faster on two GPUs linked "
                     "to each other (the README's 'Two GPUs'). dit_gpu: on the DiT's GPU.",
                 ),
             ],
