@@ -315,7 +315,9 @@ class StreamingPipeline:
         with torch.no_grad():
             self._context_pass(run, latent, 0, run.prompts.cross(0))
         run.transition.remember(0, latent)
-        frames = run.decoder.submit(-1, *self._to_decode(run, latent, 0)).result()[0] if run.decoder else None
+        frames = None
+        if run.decoder is not None:
+            frames = run.decoder.submit(-1, *self._to_decode(run, latent, 0)).result()[0]
         run.first_frame, run.lead = 1, (latent, frames)
 
     def _overlaps(self) -> bool:
