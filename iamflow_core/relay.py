@@ -29,6 +29,7 @@ from .cache import KVCache, Rotate
 from .devices import own_stream
 from .models import kernels
 from .models.dit import CausalWanDiT, CrossKV
+from .models.graphs import GraphRunner
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,10 @@ def _on(device: torch.device, stream: torch.cuda.Stream | None) -> Iterator[None
 
 
 def replicate(dit: CausalWanDiT, device: torch.device) -> CausalWanDiT:
-    """A copy of `dit` on `device`: the same modules (FP8 linears, merged LoRA), its weights copied across, none of
-    its CUDA graphs or device-bound tables."""
-    memo: dict[int, object] = {id(dit._graphs): type(dit._graphs)()}
+    """A copy of `dit` on `device` for clean passes: the same modules (FP8 linears, merged LoRA), its weights copied
+    across, none of its CUDA graphs or device-bound tables. It runs one forward a chunk, so it captures a layout's
+    graph at the layout's second chunk (the DiT's own waits for a chunk's five forwards)."""
+    memo: dict[int, object] = {id(dit._graphs): GraphRunner(eager_runs=1)}
     for t in (*dit.parameters(), *dit.buffers()):
         moved = t.detach().to(device)
         memo[id(t)] = torch.nn.Parameter(moved, requires_grad=False) if isinstance(t, torch.nn.Parameter) else moved
@@ -210,7 +212,6 @@ class SecondGPU:
         gpu = device.type == "cuda"
         self.stream = own_stream(device, self, priority=-(1 << 10)) if gpu else None
         self.copies = own_stream(device, self) if gpu else None
-        self.replica._graphs.eager_runs = 1  # one forward a chunk: capture a layout at its second chunk
         size = sum(t.nbytes for t in (*self.replica.parameters(), *self.replica.buffers()))
         logger.info("clean passes on %s, one layer behind the DiT on %s (a copy of the DiT there: %.1f GB)", device,
                     dit.device, size / 1e9)  # fmt: skip
