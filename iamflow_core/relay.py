@@ -27,6 +27,7 @@ import torch
 
 from .cache import KVCache, Rotate
 from .devices import own_stream
+from .memory.archive import HostValues
 from .models import kernels
 from .models.dit import CausalWanDiT, CrossKV
 from .models.graphs import GraphRunner
@@ -270,7 +271,7 @@ class Relay:
         with _on(gpu.device, gpu.stream):
             self.zero = torch.zeros(1, device=gpu.device)
         self._cross: tuple[CrossKV, CrossKV] | None = None  # (the DiT's conditioning, its copy on the second GPU)
-        self._error: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._error: HostValues | None = None  # the wait's flag on its way to the host
 
     def clean_pass(self, latents: torch.Tensor, cross: CrossKV, first: int) -> Written:
         """Write latent frames first, first + 1, ... into both caches under `cross`, from the second GPU. Returns the
@@ -312,25 +313,19 @@ class Relay:
         """Raise if a wait of the DiT's GPU gave up (read a chunk late, without waiting for the GPU)."""
         if not self.cache.error.is_cuda:
             return
-        if self._error is not None and self._error[1].query():
-            if self._error[0].item():
+        if self._error is not None and self._error.ready():
+            if self._error.tolist()[0]:
                 raise RuntimeError(
                     f"the DiT's GPU waited more than {kernels.WAIT_LIMIT} spins (~13 s) for the clean pass on "
                     f"{self.gpu.device}: that GPU stopped or fell far behind. Render with the clean pass on the DiT's "
-                    "GPU (--clean-pass-device none, or the sampler's clean_pass_gpu off)"
+                    "GPU (--clean-pass-device none, or the sampler's clean_pass dit_gpu)"
                 )
             self._error = None
         if self._error is None:
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            host.copy_(self.cache.error, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.cache.error.device))
-            self._error = (host, done)
+            self._error = HostValues(self.cache.error)
 
 
 def _check_pair(dit_device: torch.device, device: torch.device) -> None:
-    if device.type != "cuda":
-        raise ValueError(f"the clean pass goes to a GPU, not {device}; name one such as cuda:1")
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         raise ValueError(f"{device}: this machine has {torch.cuda.device_count()} GPU(s); name one of them")

@@ -423,7 +423,8 @@ def test_archived_frames_keep_their_descriptor_so_ranking_never_reads_host_copie
 def test_host_values_read_back_what_the_device_computed():
     from iamflow_core.memory.archive import HostValues
 
-    assert HostValues(torch.tensor([0.5, 2.0])).tolist() == [0.5, 2.0]
+    values = HostValues(torch.tensor([0.5, 2.0]))
+    assert values.ready() and values.tolist() == [0.5, 2.0]  # on the CPU nothing is on its way
 
 
 def test_a_refresh_takes_every_frame_from_the_gpu_and_none_from_host_memory(models, monkeypatch):

@@ -314,6 +314,10 @@ class HostValues:
         else:
             self._host = t
 
+    def ready(self) -> bool:
+        """Whether `tolist` would return without waiting."""
+        return self._done is None or self._done.query()
+
     def tolist(self) -> list:
         if self._done is not None:
             self._done.synchronize()
