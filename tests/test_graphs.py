@@ -2,8 +2,9 @@
 for other threads' launches and compiles."""
 
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
+import pytest
 import torch
 
 from iamflow_core.models import graphs
@@ -19,6 +20,15 @@ class _FakeStream:
 
 
 class _FakeGraph:
+    held: list[bool] = []  # for each capture begun: whether `graphs.capture_lock` was held
+
+    def capture_begin(self, *pool, capture_error_mode="global"):
+        assert capture_error_mode == "thread_local"
+        self.held.append(graphs.capture_lock.locked())
+
+    def capture_end(self):
+        pass
+
     def pool(self):
         return None
 
@@ -27,17 +37,13 @@ class _FakeGraph:
 
 
 def fake_captures(monkeypatch) -> list[bool]:
-    """Make `torch.cuda.graph` a capture that records, in the returned list, whether `graphs.capture_lock` was held
-    when it began (no GPU needed)."""
+    """Make CUDA graphs captures that record, in the returned list, whether `graphs.capture_lock` was held when they
+    began (no GPU needed)."""
     held: list[bool] = []
-
-    @contextmanager
-    def fake_capture(graph, **kwargs):
-        held.append(graphs.capture_lock.locked())
-        yield
-
+    monkeypatch.setattr(_FakeGraph, "held", held)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
     monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
     return held
@@ -48,14 +54,13 @@ def test_a_capture_holds_the_process_wide_capture_lock(monkeypatch):
     graphs expect one capture at a time in a process, and two that overlapped in a render failed together."""
     held = fake_captures(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: _FakeStream())
     runner = GraphRunner(eager_runs=1)
     x = torch.ones(3)
     assert torch.equal(runner.run("cache", "layout", lambda a: a * 2, x), x * 2)  # eager
     assert held == []
     runner.run("cache", "layout", lambda a: a * 2, x)  # captured (the fake graph replays nothing)
-    assert held == [True] and runner.captures == 1 and not graphs.capture_lock.locked()
+    assert held == [True] and runner.captures == 1 and runner.capture_s > 0 and not graphs.capture_lock.locked()
 
 
 def test_a_capture_waits_for_another_threads_launches_and_compiles(monkeypatch):
@@ -75,7 +80,7 @@ def test_a_capture_waits_for_another_threads_launches_and_compiles(monkeypatch):
             release.wait(10)
 
     def verifier() -> None:
-        with graphs.capturing(None, None, _FakeStream()):
+        with graphs.capturing(_FakeGraph(), None, _FakeStream()):
             captured.set()
 
     threads = [threading.Thread(target=sampler), threading.Thread(target=verifier)]
@@ -88,6 +93,50 @@ def test_a_capture_waits_for_another_threads_launches_and_compiles(monkeypatch):
     for t in threads:
         t.join(10)
     # the sampler's own capture, inside its launches: the lock is re-entrant
-    with fused.launch_guard(), graphs.capturing(None, None, _FakeStream()):
+    with fused.launch_guard(), graphs.capturing(_FakeGraph(), None, _FakeStream()):
         pass
     assert held == [True, True] and not graphs.capture_lock.locked()
+
+
+def test_a_capture_empties_the_cache_only_where_the_gpu_is_nearly_full(monkeypatch):
+    """A capture leaves PyTorch's cached memory alone (the VAE decode reuses it; emptying it synchronises), except on
+    a GPU with less than `ROOM_FOR_A_CAPTURE` free, where the graph's pool needs the room."""
+    fake_captures(monkeypatch)
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    for free, expected in ((80 << 30, []), (graphs.ROOM_FOR_A_CAPTURE - 1, [True])):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 << 30))
+        emptied.clear()
+        with graphs.capturing(_FakeGraph(), None, _FakeStream()):
+            pass
+        assert emptied == expected
+
+
+def test_a_capture_broken_inside_ends_and_raises_what_broke_it(monkeypatch):
+    """An error inside a capture ends the capture (its own error, that the capture was invalidated, says less) and is
+    raised as it was; the runner then runs the forward eagerly."""
+    fake_captures(monkeypatch)
+    ended: list[bool] = []
+
+    def end_invalidated(self):
+        ended.append(True)
+        raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(_FakeGraph, "capture_end", end_invalidated)
+    with pytest.raises(RuntimeError, match="not permitted"), graphs.capturing(_FakeGraph(), None, _FakeStream()):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    assert ended == [True] and not graphs.capture_lock.locked()
+    runner = GraphRunner(eager_runs=0)
+    calls: list[int] = []
+
+    def breaks_captures(a):
+        calls.append(1)
+        if len(calls) == 2:  # the capture's run (the first is the real run before it)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return a * 2
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: _FakeStream())
+    x = torch.ones(3)
+    assert torch.equal(runner.run("cache", "layout", breaks_captures, x), x * 2)
+    assert runner.captures == 0 and len(calls) == 3

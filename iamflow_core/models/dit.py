@@ -259,6 +259,11 @@ class CausalWanDiT(nn.Module):
         """CUDA-graph replays of chunk forwards over this model's life."""
         return self._graphs.replays
 
+    @property
+    def graph_captures(self) -> tuple[int, float]:
+        """CUDA graphs captured over this model's life, and the host seconds their captures took."""
+        return self._graphs.captures, self._graphs.capture_s
+
     def release_graphs(self) -> None:
         """Free the captured CUDA graphs and their memory (the pipeline calls this when a story ends)."""
         self._graphs.clear()

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -39,10 +40,16 @@ logger = logging.getLogger(__name__)
 capture_lock = threading.Lock()
 
 
+# Free GPU memory below which a capture first empties PyTorch's cache (`capturing`). A DiT forward's graph takes a
+# few hundred MB from its pool.
+ROOM_FOR_A_CAPTURE = 2 << 30
+
+
 @contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> Iterator[None]:
-    """`torch.cuda.graph` as every capture here runs: in thread_local mode, holding `capture_lock`, and before it the
-    launch lock of compiled kernels (`fused.launch_guard`), always in that order, so the two cannot deadlock.
+    """A capture of the work launched inside onto `stream`, as every capture here runs: in thread_local mode, holding
+    `capture_lock`, and before it the launch lock of compiled kernels (`fused.launch_guard`), always in that order,
+    so the two cannot deadlock.
 
     The launch lock keeps compiles out of a capture. Seen in a 1-GPU iamflow render (one H200): while the verifier's
     thread captured its answer step, the sampler loaded a compiled function from the kernel cache; the capture was
@@ -51,20 +58,33 @@ def capturing(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> I
     already; so a capture in the verifier's thread waits for the sampler's current launches, and the sampler for
     the capture (once or twice a story).
 
+    Not `torch.cuda.graph`: before each capture it synchronises the GPU and empties PyTorch's caches of GPU and
+    page-locked host memory, on every GPU. In a render that stalls the thread capturing until all the GPU's queued
+    work is done (with the clean pass on the second GPU, a verifier's job there as well), frees the blocks the VAE
+    decode and the archive's copies reuse (freeing memory synchronises again), and leaves the DiT's GPU idle.
+    Nothing in a capture needs them: the capture stream waits for the work the captured run depends on, and the
+    graph's memory comes from its own pool. Only where the GPU is nearly full (a 24-GB card) is PyTorch's cache
+    emptied first, so that the pool has room without freeing memory during the capture.
+
     `stream` must be one no other thread launches on (`devices.own_stream`): work launched onto a stream being
     captured joins the capture."""
     launches = fused.launch_guard()
     before = torch.cuda.current_stream(), torch.cuda.current_stream(stream.device)
     try:
-        with (
-            launches,
-            capture_lock,
-            torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
-        ):
-            yield
+        with launches, capture_lock, torch.cuda.stream(stream):
+            if torch.cuda.mem_get_info(stream.device)[0] < ROOM_FOR_A_CAPTURE:
+                torch.cuda.empty_cache()
+            graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
+            try:
+                yield
+            except BaseException:
+                with suppress(RuntimeError):
+                    graph.capture_end()  # ends the capture this failure broke; its own error says less
+                raise
+            graph.capture_end()
     finally:
-        # `torch.cuda.graph` leaves its stream context entered when the capture fails to begin or end: this thread
-        # would launch on the capture stream from then on (seen on an H200 after a failed capture).
+        # Leave both GPUs' current streams as they were, also when the capture failed to begin or end (with
+        # `torch.cuda.graph`, a failed capture left this thread launching on the capture stream; seen on an H200).
         for previous in reversed(before):  # the stream's GPU first, the current GPU's last (set_stream moves to it)
             torch.cuda.set_stream(previous)
 
@@ -97,6 +117,7 @@ class GraphRunner:
         self._side: torch.cuda.Stream | None = None  # the stream captures run on (`_capture_stream`)
         self.captures = 0  # graphs captured and replays run over this runner's life (not reset by clear)
         self.replays = 0
+        self.capture_s = 0.0  # host seconds in captures (with their real run before) over its life
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -125,7 +146,9 @@ class GraphRunner:
             self._seen[key] = seen + 1
             if seen < self.eager_runs or len(self._graphs) >= self.max_graphs:
                 return fn(*inputs)
+            t0 = time.perf_counter()
             graph = self._capture(fn, inputs)
+            self.capture_s += time.perf_counter() - t0
             if graph is None:
                 return fn(*inputs)
             self._graphs[key] = graph

@@ -183,10 +183,39 @@ def test_a_capture_in_another_thread_waits_for_compiles():
     assert failures == []
 
 
+def test_a_capture_neither_waits_for_other_work_nor_frees_cached_memory():
+    """A capture in a render leaves the rest of the GPU alone (`graphs.capturing`): it does not wait for work queued
+    on other streams (the VAE decode, the verifier's job, the DiT's queue) and keeps PyTorch's cached blocks, which
+    the next decode reuses. `torch.cuda.graph` synchronised the GPU and emptied the caches before every capture."""
+    import threading
+
+    from iamflow_core.devices import own_stream
+    from iamflow_core.models.graphs import GraphRunner
+
+    busy = torch.cuda.Stream()
+    with torch.cuda.stream(busy):
+        torch.cuda._sleep(3_000_000_000)  # a second or more of another stream's work
+        busy_done = torch.cuda.Event()
+        busy_done.record()
+    cached = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    del cached  # a freed block, kept in PyTorch's cache
+    reserved = torch.cuda.memory_reserved()
+    mine = own_stream("cuda", threading.current_thread())
+    with torch.cuda.stream(mine):
+        runner = GraphRunner(eager_runs=0)
+        x = torch.randn(256, 256, device="cuda")
+        out = runner.run("owner", "key", lambda a: torch.tanh(a @ a).sum(0), x)
+        still_busy = not busy_done.query()
+        assert runner.captures == 1 and still_busy, "the capture waited for another stream's work"
+        assert torch.cuda.memory_reserved() >= reserved, "the capture emptied PyTorch's cache"
+        assert torch.allclose(out, torch.tanh(x @ x).sum(0), atol=1e-3, rtol=1e-3)
+    busy_done.synchronize()
+
+
 def test_a_failed_capture_gives_the_thread_its_stream_back():
-    """`torch.cuda.graph` leaves its stream context entered when a capture fails at its end (here: a device-wide wait
-    inside it invalidates it): the thread would launch on the capture stream from then on. `capturing` gives the
-    thread back the stream it had."""
+    """A capture that fails at its end (here: a device-wide wait inside it invalidates it) gives the thread back the
+    stream it had (`torch.cuda.graph` left its stream context entered: the thread launched on the capture stream
+    from then on)."""
     import threading
 
     from iamflow_core.devices import own_stream
