@@ -177,6 +177,52 @@ def test_a_compiler_that_cannot_build_turns_compiled_kernels_off_and_the_call_go
     assert "plain PyTorch" in message and "pip install triton" in message and "IAMFLOW_COMPILE=0" in message
 
 
+def test_a_compiled_call_refused_beside_another_threads_fx_trace_runs_plain_and_the_compiler_stays_on(
+    clean_env, caplog
+):
+    """Dynamo refuses a compiled call while an FX trace is under way anywhere in the process (its flag is
+    process-wide). That call runs as plain PyTorch, compiled kernels stay on, and once the trace ends calls run
+    compiled again; before, the refusal turned compiled kernels off for the rest of the render."""
+    import threading
+
+    import torch.fx
+
+    clean_env.setattr(fused, "use_cache_dir", lambda: None)  # no cache folder: no kept traces
+    clean_env.setattr(fused, "compiles", lambda x: fused.enabled())
+    compiled_runs: list[int] = []
+
+    def eager_backend(gm, example_inputs):
+        def run(*args):
+            compiled_runs.append(1)
+            return gm(*args)
+
+        return run
+
+    clean_env.setattr(fused, "_compile", lambda fn, dynamic: torch.compile(fn, backend=eager_backend, fullgraph=True))
+    fused.enable(True)
+    inside, release = threading.Event(), threading.Event()
+
+    class Waits(torch.nn.Module):
+        def forward(self, x):
+            inside.set()
+            release.wait(10)
+            return x + 1
+
+    tracer = threading.Thread(target=lambda: torch.fx.symbolic_trace(Waits()))
+    tracer.start()
+    assert inside.wait(10)
+    add_two = fused._fusable(lambda x: x + 2)
+    try:
+        with caplog.at_level(logging.WARNING, logger=fused.__name__):
+            assert torch.equal(add_two(torch.zeros(3)), torch.full((3,), 2.0))
+    finally:
+        release.set()
+        tracer.join(10)
+    assert compiled_runs == [] and fused.enabled() and fused._off is None
+    assert "FX trace was under way in another thread" in caplog.text
+    assert torch.equal(add_two(torch.ones(3)), torch.full((3,), 3.0)) and compiled_runs == [1]
+
+
 def test_out_of_memory_in_a_compiled_call_stands_and_leaves_the_compiler_on(clean_env, monkeypatch):
     """Running out of GPU memory is not the compiler's fault: the error reaches the caller (the render reports it)
     and compiled kernels stay on; the plain function, which needs more memory, is not tried."""

@@ -265,8 +265,9 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
     symbolic one, and its kernels are specialised. dynamic=None lets Dynamo go symbolic once shapes vary (functions
     called on varying numbers of frames).
 
-    A compiled call that fails is told apart: out of memory, or inside a CUDA-graph capture, it stands; with a kept
-    trace, the function is traced afresh; otherwise the plain function runs on the same arguments, and if that
+    A compiled call that fails is told apart: out of memory, or inside a CUDA-graph capture, it stands; refused
+    because an FX trace was under way in the process, that call runs as plain PyTorch (`_beside_a_trace`); with a
+    kept trace, the function is traced afresh; otherwise the plain function runs on the same arguments, and if that
     succeeds the compiler is what failed (no C compiler, a Triton that cannot build a kernel), so compiled kernels
     go off for the process (`turn_off`) and the render goes on; if it fails too, its error is the call's own."""
     if fn is None:
@@ -285,6 +286,8 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
         except Exception as error:  # noqa: BLE001 - a kept trace, the compiler or the call itself: told apart below
             if kernels.error_stands(error):
                 raise
+            if _beside_a_trace(error):
+                return fn(x, *args, **kwargs)
             if _traces_kept():  # a kept trace may be the cause: trace afresh, without keeping traces
                 _drop_kept_traces(fn, error)
                 compiled[0] = _compile(fn, dynamic)
@@ -294,6 +297,25 @@ def _fusable(fn: Callable | None = None, *, dynamic: bool | None = False) -> Cal
             return result
 
     return run
+
+
+_beside_trace_noted = False
+
+
+def _beside_a_trace(error: Exception) -> bool:
+    """Whether Dynamo refused a compiled call because an FX trace was under way somewhere in the process. The flag it
+    reads is process-wide, so a trace in another thread (a compile outside the launch lock: another node pack's, or
+    a model run by a thread of ours that does not take the lock) refuses our calls until it ends; seen once on a
+    fresh 2x H200 machine, where it turned compiled kernels off for the rest of a render (31.5 FPS against 42). Not
+    the compiler's fault: the call runs as plain PyTorch, the next one compiled again; noted once a process."""
+    global _beside_trace_noted
+    if "symbolically trace a dynamo-optimized function" not in str(error):
+        return False
+    if not _beside_trace_noted:
+        _beside_trace_noted = True
+        logger.warning("a compiled kernel ran as plain PyTorch once: an FX trace was under way in another thread "
+                       "(%s); the next calls run compiled again", kernels.first_line(error))  # fmt: skip
+    return True
 
 
 _off: str | None = None  # why compiled kernels are off for the rest of this process (`turn_off`)
@@ -671,6 +693,19 @@ def channel_rms_silu(
     """SiLU of `channel_rms`; with `past` ([B, C, P, H, W], a causal conv's cached input frames), those frames come
     first along time (dim 2), written in the same pass instead of a concatenation afterwards."""
     h = F.silu(channel_rms.__wrapped__(x, gamma, scale))
+    return h if past is None else torch.cat([past, h], dim=2)
+
+
+@_fusable
+def tap_sum_rms_silu(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, scale: float,
+    batch: int, past: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """`channel_rms_silu` of a conv's output given as its three time taps [B * T, C, H, W] (`tap_sum` without a
+    residual), the sum normalised as it is made: [B, C, T, H, W], after `past` along time. One pass where the sum
+    would be written and read back."""
+    h = (a.float() + b.float() + c.float() + bias.float().view(1, -1, 1, 1)).unflatten(0, (batch, -1)).transpose(1, 2)
+    h = F.silu(F.normalize(h, dim=1).to(a.dtype) * scale * gamma)
     return h if past is None else torch.cat([past, h], dim=2)
 
 
