@@ -152,6 +152,7 @@ def test_the_story_timeline_splits_the_wall_time_around_the_steady_chunks():
     assert timeline["start_extra_ms"] == 200 and timeline["switch_extra_ms"] == 150
     assert timeline["other_extra_ms"] == 30 and timeline["switches"] == 1
     assert timeline["after_last_chunk_ms"] == pytest.approx(60.0)
+    assert timeline["slowest"][:4] == [[12, 150], [1, 100], [2, 100], [20, 30]] and len(timeline["slowest"]) == 8
     wall = times[-1][1] + 0.06
     parts = 29 * 100 + 500 + 200 + 150 + 30 + 60
     assert parts == pytest.approx(1000 * wall)  # the parts add up to the wall time

@@ -157,8 +157,8 @@ def _picture_ms(models, story: Story, config, settings, registry) -> float:
 
 
 def story_timeline(
-    handed_out: list[tuple[int, float]], switches: tuple[int, ...], wall: float, settle: int = 6
-) -> dict[str, float | int | None]:
+    handed_out: list[tuple[int, float]], switches: tuple[int, ...], wall: float, settle: int = 6, slowest: int = 8
+) -> dict[str, float | int | list | None]:
     """Where a render's wall time goes beyond its steady chunks, from the times its chunks were handed out
     ((chunk, seconds since the render started), in order) and the chunks its prompt switches start at.
 
@@ -168,7 +168,7 @@ def story_timeline(
     steady ones: the layouts the cache fills through, their CUDA graph captures, a memory starting to archive),
     switch_extra_ms (the two intervals around each switch over steady ones, whichever the switch's work falls in: a
     decode is handed out a chunk late), other_extra_ms, and after_last_chunk_ms (the last decode, closing the
-    file)."""
+    file); slowest: the `slowest` longest intervals as [chunk, ms over steady], longest first."""
     if len(handed_out) < 2:
         return {}
     chunks = [c for c, _ in handed_out]
@@ -188,6 +188,7 @@ def story_timeline(
         "steady_chunk_ms": round(steady_ms, 1), "start_extra_ms": round(extra["start"]),
         "switch_extra_ms": round(extra["switch"]), "switches": len([s for s in switches if s in chunks]),
         "other_extra_ms": round(extra["other"]), **ends,
+        "slowest": [[c, round(ms - steady_ms)] for c, ms in sorted(interval.items(), key=lambda i: -i[1])[:slowest]],
     }  # fmt: skip
 
 
@@ -198,11 +199,11 @@ TRACE_FIRST = 30
 def run_case(
     models, story: Story, memory_mode: str, profile_chunks: int, vlm_dir: Path | None = None, verifier_queue: int = 4,
     model: ModelPreset | None = None, pictures: int = 0, trace: int = 0, trace_dir: Path | None = None,
-    clean_pass_device: str | None = None,
+    clean_pass_device: str | None = None, trace_from: int = TRACE_FIRST,
 ) -> dict:  # fmt: skip
     """One row: `story` rendered with memory `memory_mode` and the streaming preset `model` (default LongLive's);
     identity rows with `pictures` reference pictures per entity; with `trace` > 0, a profiler window over that many
-    steady chunks of another render (`bench.trace`), its Chrome trace kept in `trace_dir` if given;
+    chunks of another render from chunk `trace_from` (`bench.trace`), its Chrome trace kept in `trace_dir` if given;
     `clean_pass_device`: the clean passes on that GPU (`relay.py`)."""
     dit, _, vae = models
     devices = sorted({str(dit.device), str(vae.device)})
@@ -227,13 +228,18 @@ def run_case(
     policy = build_memory(settings, registry, verifier)
     handed_out: list[tuple[int, float]] = []  # (chunk, seconds since the render call) as each chunk comes out
     pipe = StreamingPipeline(*models, **pipeline)  # made before the clock starts, as a CLI run makes it once
+    runners = {"dit": dit, "clean_pass": pipe.second.replica if pipe.second is not None else None}
+    captured = {name: m.graph_captures for name, m in runners.items() if m is not None}
     with tempfile.TemporaryDirectory() as tmp:  # the CLI's own render call, so the benchmark measures what users run
         t0 = time.perf_counter()
         result = render_story(
             pipe, story, config, policy, out_path=Path(tmp) / "v.mp4", keep_frames=False, keep_latents=False,
             on_chunk=lambda event, _: handed_out.append((event.index, time.perf_counter() - t0)),
         )  # fmt: skip
-    del pipe
+    # CUDA graphs captured in the render (a layout's second chunk), and the host seconds their captures took
+    graphs = {name: [m.graph_captures[0] - captured[name][0], round(m.graph_captures[1] - captured[name][1], 3)]
+              for name, m in runners.items() if m is not None}  # fmt: skip
+    del pipe, runners
     wall = result.timings["wall"]
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
     row = {
@@ -245,6 +251,7 @@ def run_case(
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices},
         "warmup_s": round(warmup_s, 1), "timeline": story_timeline(handed_out, plan.switch_chunks, wall),
         "compiled_kernels": fused.in_effect(),  # after the render: a compile that failed in it turned them off
+        "graph_captures": graphs,
     }  # fmt: skip
     if picture_ms is not None:
         row.update(pictures=len(registry.references), picture_prepare_ms=picture_ms,
@@ -266,7 +273,7 @@ def run_case(
 
         name = f"trace_{memory_mode}_{len(devices)}gpu_{row['quantization']}.json"
         saved = Path(trace_dir) / name if trace_dir is not None else None
-        first = max(1, min(TRACE_FIRST, plan.num_chunks - trace))  # a shorter --story: its last chunks
+        first = max(1, min(trace_from, plan.num_chunks - trace))  # a shorter --story: its last chunks
         memory = build_memory(settings, registry, verifier)
         row["trace"] = traced_render(models, story, config, memory, first, trace, saved, **pipeline)
     if verifier is not None:
@@ -296,9 +303,13 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     )  # fmt: skip
     parser.add_argument(
         "--trace", type=int, default=0, metavar="N",
-        help=f"profile N steady chunks (from chunk {TRACE_FIRST}) of one more render per row: each GPU's busy share, "
+        help="profile N chunks (from --trace-from) of one more render per row: each GPU's busy share, "
         "the DiT GPU's idle gaps and what each thread ran in them, the top kernels, and what the memory policy's "
         "hooks cost the DiT's GPU (memory_critical_ms_per_chunk)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trace-from", type=int, default=TRACE_FIRST, metavar="C",
+        help=f"the first chunk --trace profiles (default {TRACE_FIRST}, steady chunks mid-prompt; 1: the start)",
     )  # fmt: skip
     parser.add_argument("--trace-dir", help="keep each traced window's Chrome trace here (open it in Perfetto)")
     parser.add_argument(
@@ -316,6 +327,8 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     args = parser.parse_args(argv)
     if args.trace < 0 or args.trace > 20:
         parser.error(f"--trace {args.trace}: give 1 to 20 chunks to profile (0, the default, profiles none)")
+    if args.trace_from < 1:
+        parser.error(f"--trace-from {args.trace_from}: give a chunk from 1 on (chunk 0 renders before any profile)")
     if not torch.cuda.is_available():
         raise SystemExit("the speed benchmark needs a CUDA GPU")
     story = _story(args.story)
@@ -342,6 +355,7 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
                         row = run_case(
                             models, story, memory_mode, args.chunks_profile, vlm_dir, args.verifier_queue,
                             model_preset(args.preset_model), pictures, args.trace, args.trace_dir, clean_pass,
+                            args.trace_from,
                         )  # fmt: skip
                         yield json.dumps(row)
             del models
