@@ -697,19 +697,6 @@ def channel_rms_silu(
 
 
 @_fusable
-def tap_sum_rms_silu(
-    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, scale: float,
-    batch: int, past: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """`channel_rms_silu` of a conv's output given as its three time taps [B * T, C, H, W] (`tap_sum` without a
-    residual), the sum normalised as it is made: [B, C, T, H, W], after `past` along time. One pass where the sum
-    would be written and read back."""
-    h = (a.float() + b.float() + c.float() + bias.float().view(1, -1, 1, 1)).unflatten(0, (batch, -1)).transpose(1, 2)
-    h = F.silu(F.normalize(h, dim=1).to(a.dtype) * scale * gamma)
-    return h if past is None else torch.cat([past, h], dim=2)
-
-
-@_fusable
 def phase_interleave(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The output of a 2x nearest upsampling and a 3x3 conv, from the conv's four phase kernels run on the small
     frames (`vae.Resample`). y: [N, 4 * O, H + 1, W + 1], phase (a, b) in channel block 2a + b -> [N, O, 2H, 2W];
