@@ -305,9 +305,10 @@ _beside_trace_noted = False
 def _beside_a_trace(error: Exception) -> bool:
     """Whether Dynamo refused a compiled call because an FX trace was under way somewhere in the process. The flag it
     reads is process-wide, so a trace in another thread (a compile outside the launch lock: another node pack's, or
-    a model run by a thread of ours that does not take the lock) refuses our calls until it ends; seen once on a
-    fresh 2x H200 machine, where it turned compiled kernels off for the rest of a render (31.5 FPS against 42). Not
-    the compiler's fault: the call runs as plain PyTorch, the next one compiled again; noted once a process."""
+    a model run by a thread of ours that does not take the lock) refuses our calls until it ends. Seen in the first
+    renders of three of four fresh 2x H200 machines (iamflow, empty kernel cache), where it used to turn compiled
+    kernels off for the rest of the render (31.5 FPS against 42). Not the compiler's fault: the call runs as plain
+    PyTorch, the next one compiled again; noted once a process."""
     global _beside_trace_noted
     if "symbolically trace a dynamo-optimized function" not in str(error):
         return False
