@@ -169,15 +169,20 @@ class IdentityMemory:
                                             self._text_query(ctx)))  # fmt: skip
         # Scored behind the chunk on the GPU, or a chunk later when its K/V come from another GPU (`relay.py`): by
         # then they are there, and the DiT's GPU does not wait for them.
-        for candidate in self._pending:
-            if candidate.text_scores is None and not ctx.cache.arriving(candidate.frames):
-                candidate.text_scores = self._text_scores(ctx, candidate.query, candidate.frames)
+        # Each step in a profiler range of its own, so that a trace (`bench speed --trace`) says which one held the
+        # sampler's thread.
+        with torch.profiler.record_function("iamflow.identity.text_scores"):
+            for candidate in self._pending:
+                if candidate.text_scores is None and not ctx.cache.arriving(candidate.frames):
+                    candidate.text_scores = self._text_scores(ctx, candidate.query, candidate.frames)
         # Decide before the frames leave the window: the next commit evicts the oldest chunk still in it.
         keep = ctx.cache.cfg.local_frames // ctx.cache.cfg.chunk_frames
-        archived = self._decide(ctx, until=ctx.chunk - keep + 2)
+        with torch.profiler.record_function("iamflow.identity.decide"):
+            archived = self._decide(ctx, until=ctx.chunk - keep + 2)
         if archived:
             ctx.info["archived"] = [f.summary() for f in archived]
-            self._refresh(ctx, archived)
+            with torch.profiler.record_function("iamflow.identity.refresh"):
+                self._refresh(ctx, archived)
         self._fresh.clear()
         ctx.info["archive_frames"] = len(self.archive)
         ctx.info["archive_mb"] = round(self.archive.nbytes / 2**20, 1)
