@@ -147,7 +147,7 @@ def rms_norm_rope(
 # spins (acquire loads of the counter) until the count reaches the target. Both run inside CUDA graphs.
 PUSH_BLOCK = 4096
 # Spins before a wait gives up (about 0.2 us each on an H200: some 13 s). It then sets the error flag, which
-# `relay.Relay.check` turns into an exception: a GPU never hangs on a signal that cannot come.
+# `relay.Relay._check` turns into an exception: a GPU never hangs on a signal that cannot come.
 WAIT_LIMIT = 1 << 26
 
 if triton is not None:
