@@ -392,6 +392,46 @@ def test_plain_jobs_go_to_the_verifier_only_when_their_verdict_can_count():
     assert pacing.late_verdicts == 0 and pacing.jobs_skipped == 1
 
 
+def test_the_loop_does_not_wait_for_frames_whose_verdict_could_not_come_in_time():
+    """A chunk whose frames are still decoding at its frame choice is chosen on text at once when a job sent then
+    could not finish within the wait (the verifier is busy, or its jobs are slower than the wait). When its frames
+    come, a plain job is not sent; an attribute check is, and its verdict counts as a late one."""
+
+    class Verifier:
+        busy, recent = 0, 1.0
+
+        def pending(self):
+            return self.busy
+
+        def recent_job_seconds(self):
+            return self.recent
+
+        def result(self, key, wait=True, timeout=None):
+            return Verdict((0.5,), {2: ("red scarf",)})
+
+    verifier = Verifier()
+    pacing = VerdictPacing(verifier, None)
+    pacing.chunk_seconds, pacing._last_chunk_at = 0.3, time.perf_counter()  # a 15-ms wait, 1-s jobs
+    pacing.submit_timeout = 0.1  # (a loop that waited for the frames would give up on them after this)
+    flushed = []
+    for chunk in (5, 6):
+        pacing.expect(chunk)
+        assert pacing.verdict(chunk, lambda: flushed.append(chunk)) is None
+    assert flushed == [] and list(pacing.late_verdicts_ready()) == []  # nothing waited for; frames still to come
+    assert not pacing.worth_scoring(False, 5)  # chunk 5's frames: a plain job would not count any more
+    pacing.skip(5)
+    assert pacing.worth_scoring(True, 6)  # chunk 6's: an attribute check still goes
+    pacing.submitted(6)
+    assert [v.corrections for v in pacing.late_verdicts_ready()] == [{2: ("red scarf",)}]
+    assert pacing.late_verdicts == 1 and not pacing._late and not pacing._submitted and not pacing._skipped
+    verifier.recent = None  # the job time not known yet: the loop waits for the frames (they come here at once)
+    pacing.expect(7)
+    pacing.verdict(7, lambda: pacing.skip(7))
+    verifier.busy = 1  # ... unless a job sent now would queue behind another
+    pacing.expect(8)
+    assert pacing.verdict(8, lambda: pytest.fail("waited for the frames")) is None
+
+
 def test_verifier_wait_is_validated():
     with pytest.raises(ValueError, match="verifier_wait"):
         MemorySettings(verifier_wait=-1)

@@ -5,13 +5,14 @@ time goes.
 
 Random weights at full size (compute does not depend on the values), bf16, fused kernels on unless --no-compile.
 The breakdown comes from one profiled chunk: convolutions, the fused Triton kernels (norms, tap sums), adds,
-copies and the rest.
+copies and the rest. `launch_ms` is the host's time to queue a chunk (kernel by kernel).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 
 import torch
@@ -37,19 +38,23 @@ def kind_of(kernel: str) -> str:
 
 @torch.no_grad()
 def time_decode(vae: WanVAE, latent_frames: int, height: int, width: int, chunks: int = 5, warmup: int = 4) -> dict:
-    """Mean GPU milliseconds per steady chunk, and one profiled chunk's milliseconds by kind of kernel."""
+    """Mean GPU and host milliseconds per steady chunk, and one profiled chunk's milliseconds by kind of kernel."""
     state = vae.new_decode_state()
     z = torch.randn(1, vae.cfg.z_dim, latent_frames, height // 8, width // 8, device=vae.device, dtype=vae.dtype)
     for _ in range(warmup):
         vae.decode_stream(z, state)
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    launched = time.perf_counter()
     start.record()
     for _ in range(chunks):
         vae.decode_stream(z, state)
     end.record()
+    launched = time.perf_counter() - launched
     end.synchronize()
     return {
         "chunk_ms": round(start.elapsed_time(end) / chunks, 1),
+        "launch_ms": round(1000 * launched / chunks, 1),
         **kernel_time.profile_kinds(lambda: vae.decode_stream(z, state), KINDS),
         "conv_plans": [plan_line(key, plan) for key, plan in CONV_PLANS.items()],
     }

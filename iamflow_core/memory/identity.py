@@ -196,7 +196,7 @@ class IdentityMemory:
         picks = frames[_last_frame_of_each_latent(frames.shape[0], info.latent_frames, info.temporal_factor)]
         entities = [self.registry.entity(i) for i in self._entities(info.segment)] if self.registry else []
         check = info.first_of_segment and bool(entities)
-        if not self.pacing.worth_scoring(check):
+        if not self.pacing.worth_scoring(check, chunk):
             self.pacing.skip(chunk)
             return
         try:

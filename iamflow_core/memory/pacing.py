@@ -3,7 +3,8 @@
 The memory chooses a chunk's frame a little after the chunk is made (just before its frames leave the window), so
 the verifier has had a chunk's time to answer. `VerdictPacing` waits at most a small share of the sampler's chunk
 time for a verdict (or the set `verifier_wait`), never for a job still queued behind others, and keeps the late
-ones: a verdict that comes after its chunk's frame was chosen still corrects the registry's attributes.
+ones: a verdict that comes after its chunk's frame was chosen still corrects the registry's attributes. Nor does
+it wait for a chunk's frames to be decoded when a job sent that instant could not finish within the wait anyway.
 
 It also decides which chunks go to the verifier at all (`worth_scoring`). An attribute check always goes: its
 corrections count whenever they come. A plain job only scores frames for the frame choice, so it goes when its
@@ -48,6 +49,7 @@ class VerdictPacing:
         self._submitted: dict[int, threading.Event] = {}  # set once a chunk's frames went to the verifier
         self._late: list[int] = []
         self._skipped: set[int] = set()
+        self._chosen: set[int] = set()  # chunks whose frame was chosen before their frames were decoded
         self._deciding = False  # inside `verdict`: frames handed over now are at their frame choice already
         self._skipped_in_row = 0
         self.late_verdicts = 0
@@ -78,10 +80,12 @@ class VerdictPacing:
             return None
         return max(0.0, self._last_chunk_at + self.chunk_seconds - time.perf_counter()) + self.wait_limit()
 
-    def worth_scoring(self, check_attributes: bool) -> bool:
+    def worth_scoring(self, check_attributes: bool, chunk: int | None = None) -> bool:
         """Whether a chunk's frames should go to the verifier now (see the module docstring)."""
         if check_attributes:
             return True
+        if chunk in self._chosen:
+            return False  # its frame is chosen already: a plain job's scores would not count
         if self.verifier.pending():
             return False  # it would wait behind another job: too late whatever the job time
         recent = getattr(self.verifier, "recent_job_seconds", lambda: None)()
@@ -116,6 +120,14 @@ class VerdictPacing:
         submitted = self._submitted.get(chunk)
         if submitted is None:
             return None
+        if not submitted.is_set() and self._too_slow_for_the_wait():
+            # The frames are still decoding, and a job sent now would still be running when the wait ends: choose on
+            # text at once instead of waiting for the decode (2x H200, iamflow, the VAE on the second GPU: the
+            # sampler waited 93-100 ms for it, twice in a story's first ten chunks, with the DiT's GPU idle). Should
+            # the frames go to the verifier still (an attribute check), its verdict is a late one.
+            self._chosen.add(chunk)
+            self._late.append(chunk)
+            return None
         if not submitted.is_set():  # the frames may still be decoding: the loop waits only here
             self._deciding = True
             try:
@@ -140,9 +152,28 @@ class VerdictPacing:
         self.verdicts_used += verdict.ok  # a dropped or failed job's neutral verdict carries no scores
         return verdict
 
+    def _too_slow_for_the_wait(self) -> bool:
+        """Whether a job sent now would not be done when the loop stops waiting for its verdict: the verifier is busy
+        (the job would queue), or its recent plain jobs took longer than the wait."""
+        if self.verifier.pending():
+            return True
+        recent = getattr(self.verifier, "recent_job_seconds", lambda: None)()
+        return recent is not None and recent > self.wait_limit()
+
     def late_verdicts_ready(self) -> Iterator[Verdict]:
         """Verdicts that came after their chunk's frame was chosen (each once)."""
         for chunk in list(self._late):
+            if chunk in self._chosen:  # chosen before its frames were decoded: were they sent at all?
+                submitted = self._submitted[chunk]
+                if not submitted.is_set():
+                    continue  # still decoding
+                self._chosen.discard(chunk)
+                del self._submitted[chunk]
+                if chunk in self._skipped:  # not sent: no verdict will come
+                    self._skipped.discard(chunk)
+                    self._late.remove(chunk)
+                    continue
+                self.late_verdicts += 1
             verdict = self.verifier.result(chunk, wait=False)
             if verdict.ready:
                 self._late.remove(chunk)

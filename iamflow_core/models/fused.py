@@ -688,6 +688,14 @@ def tap_sum(
 
 
 @_fusable
+def bias_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y + bias per channel (dim 1) (+ residual), in float32, one pass: a conv run without its bias, whose bias
+    PyTorch would add in a pass of its own after cuDNN, and a residual add in another."""
+    out = y.float() + bias.float().view(1, -1, *(1,) * (y.ndim - 2))
+    return (out if residual is None else out + residual.float()).to(y.dtype)
+
+
+@_fusable
 def channel_rms_silu(
     x: torch.Tensor, gamma: torch.Tensor, scale: float, past: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -157,7 +157,9 @@ def _conv_by_stacked_taps(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tens
 
 
 def _conv3d(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    out = F.conv3d(x, conv.weight, conv.bias, 1, conv.padding)
+    if conv.bias is not None and fused.compiles(x):  # the bias and the residual in one pass (`fused.bias_add`)
+        return fused.bias_add(F.conv3d(x, conv.weight, None, conv.stride, conv.padding), conv.bias, residual)
+    out = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
     return out if residual is None else out.add_(residual)
 
 
@@ -167,8 +169,8 @@ _PLANS = {"conv3d": _conv3d, "taps": _conv_by_taps, "stacked": _conv_by_stacked_
 def _plan_file_key(key: tuple, device: torch.device) -> str:
     """A plan's key in the file: the shape key with what decides the timings (the GPU, torch, cuDNN)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    # "taps 3": three plans, the tap sums fused with the bias (timings of earlier plan sets are not reused)
-    return f"{gpu} | torch {torch.__version__} | cudnn {torch.backends.cudnn.version()} | taps 3 | {key[:2]} {key[3:]}"
+    # "bias 4": three plans, the tap sums and conv3d's bias fused (timings of earlier plan sets are not reused)
+    return f"{gpu} | torch {torch.__version__} | cudnn {torch.backends.cudnn.version()} | bias 4 | {key[:2]} {key[3:]}"
 
 
 def _plans_path():
@@ -262,8 +264,8 @@ class CausalConv3d(nn.Conv3d):
         written beside it in the same pass. residual: [B, C_out, T', H', W'], added to the output.
         """
         if self.time_pad == 0:
-            x = super().forward(x if norm is None else fused.channel_rms_silu(x, norm.gamma, norm.scale))
-            return x if residual is None else x.add_(residual)
+            x = x if norm is None else fused.channel_rms_silu(x, norm.gamma, norm.scale)
+            return _conv3d(self, x, residual)
         past = None if cache is None else cache[self.cache_slot]
         if norm is not None:
             x = fused.channel_rms_silu(x, norm.gamma, norm.scale, past)
@@ -283,8 +285,7 @@ class CausalConv3d(nn.Conv3d):
             x = _channels_last_on_gpu(F.pad(x, (0, 0, 0, 0, missing, 0)))  # the pad may give the plain layout back
         if self._tunable(x):
             return _PLANS[_conv_plan(self, x)](self, x, residual)
-        x = super().forward(x)
-        return x if residual is None else x.add_(residual)
+        return _conv3d(self, x, residual)
 
     def _tunable(self, x: torch.Tensor) -> bool:
         return (

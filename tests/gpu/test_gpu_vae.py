@@ -78,3 +78,27 @@ def test_every_tuned_conv_reads_channels_last_whatever_the_first_chunk(monkeypat
     for n in (first, 1, 3):
         vae.decode_stream(z[:, :, :n], state)
     assert seen and all(x.is_contiguous(memory_format=torch.channels_last_3d) for x in seen)
+
+
+@torch.no_grad()
+def test_a_conv3d_plan_adds_its_bias_and_residual_in_one_channels_last_pass():
+    """The convs cuDNN runs as one conv3d get their bias and a residual block's shortcut from one compiled kernel
+    (`fused.bias_add`), whose output stays channels-last for the convs after it."""
+    from iamflow_core.models.vae import CausalConv3d, _conv3d
+
+    fused.enable(True)
+    try:
+        torch.manual_seed(0)
+        conv = CausalConv3d(32, 32, 3, padding=1).cuda().to(torch.bfloat16)
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        x = torch.randn(1, 32, 6, 24, 40, device="cuda", dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        residual = torch.randn(1, 32, 4, 24, 40, device="cuda", dtype=torch.bfloat16)
+        residual = residual.contiguous(memory_format=torch.channels_last_3d)
+        got = _conv3d(conv, x, residual)
+        expected = torch.nn.functional.conv3d(x.float(), conv.weight.float(), conv.bias.float(), 1, conv.padding)
+        expected += residual.float()
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+    finally:
+        fused.enable(False)
