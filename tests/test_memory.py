@@ -416,7 +416,7 @@ def test_the_loop_does_not_wait_for_frames_whose_verdict_could_not_come_in_time(
     flushed = []
     for chunk in (5, 6):
         pacing.expect(chunk)
-        assert pacing.verdict(chunk, lambda: flushed.append(chunk)) is None
+        assert pacing.verdict(chunk, lambda c=chunk: flushed.append(c)) is None
     assert flushed == [] and list(pacing.late_verdicts_ready()) == []  # nothing waited for; frames still to come
     assert not pacing.worth_scoring(False, 5)  # chunk 5's frames: a plain job would not count any more
     pacing.skip(5)
