@@ -58,6 +58,38 @@ def test_overlapped_decode_gives_the_same_frames_as_sequential(models):
         assert np.array_equal(x.frames, y.frames)
 
 
+def test_a_chunk_still_decoding_is_handed_out_after_the_next_one_is_made_not_waited_for(models, monkeypatch):
+    """With a decode worker (the VAE on its own GPU), the loop does not wait for the previous chunk's frames before it
+    makes the next chunk: chunk 1, still decoding when chunk 2 is made, is handed out once chunk 3 is made (before,
+    the loop waited for it after chunk 2). Order and frames stay."""
+    made, log = threading.Event(), []
+    decode, chunk = Decoder._decode, StreamingPipeline._chunk
+
+    def slow_decode(self, i, latents, ready, eager=False):
+        if i == 1:
+            made.wait(10)  # chunk 1's frames come only once chunk 3 is made (a loop that waits for them: 10 s)
+        return decode(self, i, latents, ready, eager)
+
+    def logged_chunk(self, run, i):
+        out = chunk(self, run, i)
+        log.append(f"made {i}")
+        if i == 3:
+            made.set()
+        return out
+
+    monkeypatch.setattr(Decoder, "_decode", slow_decode)
+    monkeypatch.setattr(StreamingPipeline, "_chunk", logged_chunk)
+    dit, te, vae = models
+    events = []
+    for event in StreamingPipeline(dit, te, vae, overlap_decode=True).run(STORY, SMALL):
+        log.append(f"out {event.index}")
+        events.append(event)
+    assert log.index("made 3") < log.index("out 1")
+    assert [e.index for e in events] == list(range(len(events))) and all(e.frames is not None for e in events)
+    sequential = _run(models, overlap_decode=False)
+    assert all(np.array_equal(x.frames, y.frames) for x, y in zip(events, sequential))
+
+
 def test_streamed_frames_equal_one_full_decode(models):
     events = _run(models)
     vae = models[2]
