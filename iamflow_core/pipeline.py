@@ -248,9 +248,10 @@ class StreamingPipeline:
                 # The previous chunk is handed out while this one decodes, once its own frames are there; one whose
                 # frames a decode worker still makes waits for the next chunk to be made, not the loop for it.
                 while pending and (len(pending) > 1 or _decoded(pending[0][1])):
-                    yield self._finish(pending.popleft())
-                if i == 2:  # chunk 1, decoded, traced what a steady chunk runs: the next process loads the traces
-                    fused.save_traces()
+                    finished = pending.popleft()
+                    yield self._finish(finished)
+                    if finished[0]["index"] == 1:  # chunk 1, decoded, traced what a steady chunk runs: the next
+                        fused.save_traces()  # process loads the traces
                 pending.append(made)
                 run.in_flight = made[1]
                 if i == 0:  # the first frames as soon as they exist, not after the second chunk is made
