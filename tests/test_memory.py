@@ -420,6 +420,9 @@ def test_the_loop_does_not_wait_for_frames_whose_verdict_could_not_come_in_time(
     assert flushed == [] and list(pacing.late_verdicts_ready()) == []  # nothing waited for; frames still to come
     assert not pacing.worth_scoring(False, 5)  # chunk 5's frames: a plain job would not count any more
     pacing.skip(5)
+    pacing._skipped_in_row = PROBE_EVERY - 1  # ... but a probe of the job time still goes, as for any chunk
+    assert pacing.worth_scoring(False, 5)
+    pacing._skipped_in_row = 0
     assert pacing.worth_scoring(True, 6)  # chunk 6's: an attribute check still goes
     pacing.submitted(6)
     assert [v.corrections for v in pacing.late_verdicts_ready()] == [{2: ("red scarf",)}]

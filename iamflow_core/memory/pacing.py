@@ -84,12 +84,11 @@ class VerdictPacing:
         """Whether a chunk's frames should go to the verifier now (see the module docstring)."""
         if check_attributes:
             return True
-        if chunk in self._chosen:
-            return False  # its frame is chosen already: a plain job's scores would not count
         if self.verifier.pending():
             return False  # it would wait behind another job: too late whatever the job time
         recent = getattr(self.verifier, "recent_job_seconds", lambda: None)()
-        left = self.time_left()
+        # A chunk whose frame is chosen already: its scores would not count, so only a probe of the job time goes.
+        left = 0.0 if chunk in self._chosen else self.time_left()
         if recent is None or left is None or recent <= left:
             self._skipped_in_row = 0
             return True
