@@ -86,7 +86,7 @@ class VerdictPacing:
             return True
         if self.verifier.pending():
             return False  # it would wait behind another job: too late whatever the job time
-        recent = getattr(self.verifier, "recent_job_seconds", lambda: None)()
+        recent = self._recent_job_seconds()
         # A chunk whose frame is chosen already: its scores would not count, so only a probe of the job time goes.
         left = 0.0 if chunk in self._chosen else self.time_left()
         if recent is None or left is None or recent <= left:
@@ -151,12 +151,16 @@ class VerdictPacing:
         self.verdicts_used += verdict.ok  # a dropped or failed job's neutral verdict carries no scores
         return verdict
 
+    def _recent_job_seconds(self) -> float | None:
+        """How long the verifier's recent plain jobs took (None before the first, or a verifier that does not say)."""
+        return getattr(self.verifier, "recent_job_seconds", lambda: None)()
+
     def _too_slow_for_the_wait(self) -> bool:
         """Whether a job sent now would not be done when the loop stops waiting for its verdict: the verifier is busy
         (the job would queue), or its recent plain jobs took longer than the wait."""
         if self.verifier.pending():
             return True
-        recent = getattr(self.verifier, "recent_job_seconds", lambda: None)()
+        recent = self._recent_job_seconds()
         return recent is not None and recent > self.wait_limit()
 
     def late_verdicts_ready(self) -> Iterator[Verdict]:

@@ -683,8 +683,7 @@ def tap_sum(
     """a + b + c + bias per channel (dim 1) (+ residual), summed in float32: the three time taps of a conv computed
     as 2D convs, and a residual block's shortcut. One pass over the outputs, which at the decoder's full resolution
     are about a GB each."""
-    out = a.float() + b.float() + c.float() + bias.float().view(1, -1, 1, 1)
-    return (out if residual is None else out + residual.float()).to(a.dtype)
+    return bias_add.__wrapped__(a.float() + b.float() + c.float(), bias, residual).to(a.dtype)
 
 
 @_fusable
