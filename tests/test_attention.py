@@ -1,5 +1,5 @@
-"""Attention backends on CPU: FP8 attention's per-head quantization and key centring (emulated: the FA3 kernel
-itself runs in the GPU tests), and how `--attention auto` picks a backend."""
+"""Attention backends on CPU: FP8 attention's per-head quantization, measured (with the keys centred) or bounded by
+the q/k norms (emulated: the FA3 kernel itself runs in the GPU tests), and how `--attention auto` picks a backend."""
 
 import pytest
 import torch
@@ -56,10 +56,63 @@ def test_fp8_backend_off_the_gpu_runs_sdpa_and_cross_attention_stays_16_bit():
     assert attn.precise("flash3_fp8") == "flash3" and attn.precise("sdpa") == "sdpa"
 
 
-def test_auto_never_picks_fp8_attention_and_the_choice_is_checked(monkeypatch):
-    assert attn.resolve_backend("auto") == "sdpa"  # this CPU machine has no flash kernel
+def test_auto_picks_fp8_attention_only_for_a_dit_with_fp8_linears_and_the_choice_is_checked(monkeypatch):
+    assert attn.resolve_backend("auto") == attn.resolve_backend("auto", fp8=True) == "sdpa"  # no flash kernel here
     with pytest.raises(ValueError, match=r"'flash3_fp8' is not available on this machine \(available: auto, sdpa\)"):
         attn.resolve_backend("flash3_fp8")
     monkeypatch.setattr(attn, "available_backends", lambda: ["auto", "sdpa", "flash3", "flash3_fp8"])
-    assert attn.resolve_backend("auto") == "flash3"  # FP8 attention is slower at the DiT's shapes: a choice only
+    assert attn.resolve_backend("auto") == "flash3"  # a 16-bit DiT keeps 16-bit attention unless asked
+    assert attn.resolve_backend("auto", fp8=True) == "flash3_fp8"
+    assert attn.resolve_backend("flash3", fp8=True) == "flash3"  # a choice stands
     assert attn.resolve_backend("flash3_fp8") == "flash3_fp8"
+    monkeypatch.setattr(attn, "available_backends", lambda: ["auto", "sdpa", "flash3"])  # an FA3 without FP8
+    assert attn.resolve_backend("auto", fp8=True) == "flash3"
+
+
+def _normed_rotated(x, weight, heads):
+    """The DiT's q or k: RMSNorm over all channels with `weight`, then a rotation of each channel pair."""
+    b, seq, dim = x.shape
+    normed = fused.rms_norm(x, weight, 1e-6).view(b, seq, heads, -1, 2)
+    angle = torch.rand(seq, 1, normed.shape[3]) * 6.3
+    cos, sin = angle.cos(), angle.sin()
+    a, c = normed[..., 0], normed[..., 1]
+    return torch.stack((a * cos - c * sin, a * sin + c * cos), dim=-1).flatten(3)
+
+
+def test_the_norm_bound_holds_for_any_token_and_keeps_e4m3_precision():
+    torch.manual_seed(3)
+    heads, dim = 4, 256
+    weight = torch.rand(dim) * 2
+    weight[70] = 9.0  # one loud channel widens its head's scale only
+    x = torch.randn(2, 500, dim)
+    x[0, 0] = 0
+    x[0, 0, 70] = 1e4  # all of a token's energy in the loud channel: the largest element the norm can make
+    x[0, 1] = 0
+    x[0, 1, 200:202] = 50.0  # all of it in one rotated pair of another head
+    y = _normed_rotated(x, weight, heads)
+    bound = fused.rms_norm_bound(weight, heads)
+    assert torch.allclose(bound, weight.view(heads, -1).amax(dim=1) * dim**0.5)
+    assert (y.abs().amax(dim=(0, 1, 3)) <= bound * 1.0001).all()
+    assert y[0, 0].view(heads, -1, 2).norm(dim=-1).max() > 0.999 * bound[1]  # a rotated pair reaches it: not loose
+    data, scale = fused.heads_fp8_bounded(y, weight)
+    assert data.dtype == torch.float8_e4m3fn and scale.shape == (2, heads)
+    assert torch.equal(scale, (bound / 448).expand(2, -1))
+    assert data.float().abs().max() <= 448 and torch.isfinite(data.float()).all()
+    typical = y[1:]  # tokens without an outlier sit ~40x below the bound, still in e4m3's normal range
+    back = data[1:].float() * scale[1:, None, :, None]
+    for head in range(heads):
+        assert _rel(back[..., head, :], typical[..., head, :]) < 0.04  # as precise as a scale measured per head
+
+
+def test_bounded_fp8_attention_is_as_close_as_measured_scales():
+    torch.manual_seed(4)
+    heads, dim = 2, 128
+    wq, wk = torch.rand(dim) + 0.5, torch.rand(dim) + 0.5
+    q, k = (_normed_rotated(torch.randn(1, 256, dim), w, heads) for w in (wq, wk))
+    v = torch.randn(1, 256, heads, dim // heads)
+    exact = _exact(q, k, v)
+    (q8, qs), (k8, ks) = fused.heads_fp8_bounded(q, wq), fused.heads_fp8_bounded(k, wk)
+    v8, vs = fused.heads_fp8(v, False)
+    bounded = _exact(*(x8.float() * s[:, None, :, None] for x8, s in ((q8, qs), (k8, ks), (v8, vs))))
+    measured = _fp8_emulated(q, k, v, True)
+    assert _rel(bounded, exact) < 1.5 * _rel(measured, exact) + 1e-3, (_rel(bounded, exact), _rel(measured, exact))

@@ -202,6 +202,21 @@ def test_loaders_read_the_files_artists_have(comfy):
     assert "fp8" in status(comfy)
 
 
+def test_auto_attention_is_fp8_for_an_fp8_dit_where_fa3_has_its_fp8_kernel(comfy, monkeypatch):
+    """An FP8 file (or quantization fp8) gets FA3's FP8 attention from `auto`; a 16-bit DiT, or the FP8 file
+    dequantized, keeps 16-bit attention. (The CPU has no FA3: its list of backends is told here.)"""
+    from iamflow_core.models import attention
+
+    monkeypatch.setattr(attention, "available_backends", lambda: ["auto", "sdpa", "flash3", "flash3_fp8"])
+    for file, quantization, backend in (
+        (IAMFLOW_FILE, "auto", "flash3_fp8"), (IAMFLOW_FILE, "off", "flash3"), (DIT_FILE, "auto", "flash3"),
+        (DIT_FILE, "fp8", "flash3_fp8"),
+    ):  # fmt: skip
+        (dit,), _ = run("IAMFlowLoadDiT", file, "None", "fp32", quantization, "auto", "cpu")
+        assert dit.attention_backend == backend, (file, quantization)
+        assert status(comfy).splitlines()[1].startswith(f"{backend} · ")
+
+
 def test_the_dit_loader_says_when_its_gpu_runs_without_compiled_kernels(comfy, monkeypatch):
     """Where compiled kernels cannot run on the DiT's device (here told so: a CPU never compiles), the loader's
     status says the render will be slower and why, before the artist presses Run."""

@@ -728,3 +728,20 @@ def test_a_reader_whose_copy_fails_says_which_tensor_and_never_hangs(tmp_path, m
     with pytest.raises(RuntimeError, match=r"reading tensor ids of .* onto cpu failed: the copy engine went away"):
         list(reading.read_extents([extents["ids"], extents["big"]], torch.device("cpu"), path))
     assert not [t for t in threading.enumerate() if t.name.startswith("iamflow-read-")]
+
+
+def test_the_cli_loader_gives_an_fp8_file_fp8_attention_where_fa3_has_it(monkeypatch, tmp_path, dit):
+    """`load_models` (the CLI's): `--attention auto` on an FP8 file is FA3's FP8 kernel; dequantized, FA3 in bf16.
+    (This CPU has no FA3: its backends are told here.)"""
+    from iamflow_core.models import attention
+    from iamflow_core.weights import bundle
+    from iamflow_core.weights.folders import ModelFiles
+
+    monkeypatch.setattr(attention, "available_backends", lambda: ["auto", "sdpa", "flash3", "flash3_fp8"])
+    monkeypatch.setattr(bundle, "load_text_encoder", lambda *args: "text encoder")
+    monkeypatch.setattr(bundle, "check_compatible", lambda *models: None)
+    path = ck.write_iamflow_fp8(tmp_path / "iamflow_fp8.safetensors", dit)
+    files = ModelFiles(dit=path, text_encoder=tmp_path / "t5.safetensors", vae=None)
+    for quantization, backend in (("auto", "flash3_fp8"), ("off", "flash3")):
+        model, _, _ = bundle.load_models(files, device="cpu", dtype=torch.float32, quantization=quantization)
+        assert model.attention_backend == backend

@@ -54,7 +54,8 @@ def build_models(
     quantization: str = "off",
 ):  # fmt: skip
     """Full-size DiT, umT5 and VAE with random weights; attention resolved as the CLI does ('auto': FA3 on Hopper
-    when installed, else SDPA); quantization "fp8" quantizes the DiT as the CLI's `--quantization fp8` does."""
+    when installed, else SDPA; FA3's FP8 kernel for the FP8 DiT); quantization "fp8" quantizes the DiT as the CLI's
+    `--quantization fp8` does."""
     from ..presets import tiny_tokenizer
 
     torch.manual_seed(0)
@@ -63,7 +64,7 @@ def build_models(
         t5 = UMT5Encoder(T5Config()).to(dtype).eval().requires_grad_(False)
     if quantization == "fp8":
         quantize_dit(dit)
-    dit.attention_backend = resolve_backend(attention)
+    dit.attention_backend = resolve_backend(attention, fp8=quantization == "fp8")
     with torch.device(vae_device):
         vae = WanVAE(VAEConfig()).to(dtype).eval().requires_grad_(False)
     # A stand-in tokenizer: the encoder still runs its full 512 positions, which is what costs time.
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> Iterator[str]:
     )  # fmt: skip
     parser.add_argument(
         "--quantization", nargs="+", choices=["off", "fp8"], default=["off"],
-        help="DiT linears: off (bf16) or fp8 (FP8 matmuls, as the CLI's --quantization fp8); one set of rows each",
+        help="DiT linears: off (bf16) or fp8 (FP8 matmuls and, with --attention auto, FP8 attention, as the "
+        "CLI's --quantization fp8); one set of rows each",
     )  # fmt: skip
     parser.add_argument(
         "--trace", type=int, default=0, metavar="N",

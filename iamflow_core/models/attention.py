@@ -4,10 +4,10 @@ PyTorch SDPA always works (CPU and GPU, self- and cross-attention, with or witho
 (`flash_attn`) and FlashAttention 3 (`flash_attn_interface`, or the forward-only `fa3_fwd_interface` wheel) are used
 when installed, for unmasked bf16/fp16 attention on CUDA; anything they cannot run falls back to SDPA.
 
-`flash3_fp8` runs FA3's FP8 kernel on Hopper: q, k and v go to e4m3 with one scale per head (`fused.heads_fp8`; the
-keys centred first, which leaves softmax unchanged), the output comes back in bf16. It applies to the DiT's
-self-attention over the cache; `precise` gives the backend for attention that stays in 16 bits (cross-attention to
-the 512 text tokens). It is a choice, never `auto`'s: at the DiT's shapes it is slower (see `_flash3_fp8`).
+`flash3_fp8` runs FA3's FP8 kernel on Hopper: q, k and v go to e4m3 with one scale per head, the output comes back
+in bf16. It applies to the DiT's self-attention over the cache; `precise` gives the backend for attention that stays
+in 16 bits (cross-attention to the 512 text tokens). `auto` picks it for a DiT with FP8 linears (an FP8 checkpoint,
+or `quantization="fp8"`), never for a 16-bit one, whose output it would change by ~0.3-0.6 % (see `_flash3_fp8`).
 """
 
 from __future__ import annotations
@@ -86,13 +86,15 @@ def available_backends() -> list[str]:
     return names
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, fp8: bool = False) -> str:
     """Turn a user choice into a concrete backend, failing clearly on unknown or unavailable names. `auto` is FA3 on
-    Hopper when installed, else SDPA; never `flash3_fp8`, which is slower at the DiT's shapes (see `_flash3_fp8`)."""
+    Hopper when installed, else SDPA; with fp8 (a DiT with FP8 linears) FA3's FP8 kernel where this FA3 has it."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     available = available_backends()
     if name == "auto":
+        if fp8 and "flash3_fp8" in available:
+            return "flash3_fp8"
         return "flash3" if "flash3" in available else "sdpa"
     if name not in available:
         raise ValueError(
@@ -108,15 +110,18 @@ def precise(backend: str) -> str:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", mask: torch.Tensor | None = None
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", mask: torch.Tensor | None = None,
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Softmax attention with the 1/sqrt(head_dim) scale.
 
-    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; mask: bool [Lq, Lk] (True = attend) or None. Returns [B, Lq, H, D].
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; mask: bool [Lq, Lk] (True = attend) or None. norms: the weights of the
+    RMSNorms (over all H*D channels) that made q and k before their rotation, which bound them for FP8 attention
+    (`fused.rms_norm_bound`). Returns [B, Lq, H, D].
     """
     flash_ok = mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
     if backend == "flash3_fp8" and flash_ok and q.dtype == torch.bfloat16:
-        return _flash3_fp8(q, k, v)
+        return _flash3_fp8(q, k, v, norms)
     if backend in ("flash3", "flash3_fp8") and flash_ok:
         return _run_flash3(q, k, v)
     if backend == "flash2" and flash_ok:
@@ -130,14 +135,22 @@ def attention(
     return out.transpose(1, 2)
 
 
-def _flash3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """FA3's FP8 kernel on per-head e4m3 copies of q, k (centred) and v; bf16 out.
+def _flash3_fp8(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """FA3's FP8 kernel on per-head e4m3 copies of q, k and v; bf16 out.
 
-    Measured on an H200 at a streaming chunk's shapes (4680 queries, 18,720 keys, 12 heads of 128): the FP8 kernel
-    takes 0.75 ms against FA3's 0.82 ms in bf16, but quantizing q, k and v takes 0.45 ms, so a DiT forward is
-    slower (56.9 against 55.0 ms). Even a cache that kept its keys and values in FP8 would save at most the kernel's
-    0.07 ms a layer, 4 % of a forward."""
-    q8, q_scale = fused.heads_fp8(q, False)
-    k8, k_scale = fused.heads_fp8(k, True)  # centred
+    With `norms` q and k are scaled by their bound (`fused.heads_fp8_bounded`: one pass each, nothing measured);
+    without, by their measured amax, the keys centred first (`fused.heads_fp8`: a shared offset would otherwise take
+    the range). v always by its amax. At a streaming chunk's shapes on an H200 (4680 queries, 12 heads of 128) the
+    kernel took 0.65 ms against FA3's 0.81 in bf16 with 18,720 keys, 0.79 against 1.01 with 23,400; `bench dit`
+    timed a DiT forward at 47.4 ms against 52.3 (53.0 against 58.8 with 3 memory frames). With every scale measured
+    it saved about half as much."""
+    if norms is None:
+        q8, q_scale = fused.heads_fp8(q, False)
+        k8, k_scale = fused.heads_fp8(k, True)  # centred
+    else:
+        q8, q_scale = fused.heads_fp8_bounded(q, norms[0])
+        k8, k_scale = fused.heads_fp8_bounded(k, norms[1])
     v8, v_scale = fused.heads_fp8(v, False)
     return _run_flash3(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)

@@ -94,7 +94,8 @@ class SelfAttention(nn.Module):
         queried positions."""
         q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, self.num_heads, *rope)
         k_ctx, v_ctx = context(layer, *self.keys_values(x, rope, context, layer), q)
-        return self.o(attention(q, k_ctx, v_ctx, backend, mask).flatten(2))
+        norms = self.norm_q.weight, self.norm_k.weight  # bound q and k for FP8 attention
+        return self.o(attention(q, k_ctx, v_ctx, backend, mask, norms).flatten(2))
 
     def keys_values(
         self, x: torch.Tensor | Rows, rope: tuple[torch.Tensor, torch.Tensor], context: Context, layer: int

@@ -669,6 +669,25 @@ def heads_fp8(x: torch.Tensor, centre: bool) -> tuple[torch.Tensor, torch.Tensor
     return (x32 / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+def rms_norm_bound(norm_weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The largest |element| per head [H] of a tensor made by an RMSNorm over all H*D channels with weight
+    `norm_weight`, then rotated in pairs (RoPE), as the DiT's q and k are: the normalised channels' squares sum to at
+    most H*D, so a rotated pair is at most sqrt(H*D) long, times the largest |weight| of its head. Keys blended
+    (the sink's EMA) or moved in time stay within it too."""
+    return norm_weight.float().abs().view(heads, -1).amax(dim=1).clamp(min=_MIN_AMAX) * norm_weight.numel() ** 0.5
+
+
+@_fusable
+def heads_fp8_bounded(x: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`heads_fp8` for x [B, L, H, D] from `rms_norm_bound`'s RMSNorm + RoPE: each head's scale is its bound / 448,
+    known from the weights, so no pass measures x first (one pass instead of two, or three with the keys centred).
+    E4M3 keeps its 3 mantissa bits from 2^-6 to 448, so values ~40x below the bound lose no precision to the wider
+    scale: a 10-chunk stream of the full-size DiT stayed within 0.23-0.57 % of bf16, as with scales measured per
+    forward (H200). Returns (x_fp8 [B, L, H, D], scale [B, H] float32)."""
+    scale = (rms_norm_bound(norm_weight, x.shape[2]) / FP8_MAX).expand(x.shape[0], -1).contiguous()
+    return (x.float() / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
 # --- VAE -------------------------------------------------------------------------------------------------------
 @_fusable
 def channel_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
