@@ -352,6 +352,7 @@ class _Renderer:
         if extracted:
             say.out(extracted)
         dit, text_encoder, vae = runs.build_models(args)
+        say.err(runs.dit_line(dit))
         self.pipe = StreamingPipeline(dit, text_encoder, vae, overlap_decode=False if args.no_overlap else None,
                                       clean_pass_device=args.clean_pass_device)  # fmt: skip
         self.verifier = runs.make_verifier(args, self.settings)

@@ -310,6 +310,7 @@ def generate(args: argparse.Namespace) -> int:
     dit, text_encoder, vae = runs.build_models(args)
     timeline = _Timeline(args.timeline)
     timeline.mark("models_loaded")
+    print(runs.dit_line(dit), file=sys.stderr)
     preset = model_preset(args.preset_model)
     print(f"model preset {preset.name}: {preset.summary}", file=sys.stderr)
     config = sampler_config(settings, size.height, size.width, preset)

@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from iamflow_core import cli
 from iamflow_core.config import CacheConfig, SamplerConfig
@@ -121,8 +122,9 @@ def test_model_files_found_in_a_comfyui_models_folder(tmp_path):
     assert files.tokenizer is None  # taken from the text-encoder file
 
 
-def test_generate_from_a_comfyui_models_folder(tmp_path):
-    """The real loaders on files named and laid out as ComfyUI users have them (tiny sizes, CPU)."""
+def test_generate_from_a_comfyui_models_folder(tmp_path, capsys):
+    """The real loaders on files named and laid out as ComfyUI users have them (tiny sizes, CPU); the CLI says what
+    the DiT runs as once it has loaded."""
     from iamflow_core.presets import TINY_DIT, TINY_T5, TINY_VAE
 
     from ._comfy_layout import write_models
@@ -134,6 +136,24 @@ def test_generate_from_a_comfyui_models_folder(tmp_path):
     argv = ["generate", str(story), "--models", str(models), "--out", str(out), "--height", "32", "--width", "48"]
     assert cli.main([*argv, "--device", "cpu", "--vae-device", "cpu"]) == 0  # bf16, as on a GPU
     assert read_video_frame_count(out) == 45  # 4 chunks = 12 latent frames = 1 + 4 * 11
+    assert "DiT: wan, 2 blocks on cpu, bfloat16; attention sdpa\n" in capsys.readouterr().err
+
+
+def test_the_dit_line_names_fp8_linears_and_the_attention_they_bring(tmp_path, monkeypatch):
+    """An FP8 file: its FP8 linears are counted and `auto` attention is FA3's FP8 kernel where it exists (this CPU
+    has no FA3: the backends are told here)."""
+    from iamflow_core.models import attention
+    from iamflow_core.models.attention import resolve_backend
+    from iamflow_core.runs import dit_line
+    from iamflow_core.weights import load_dit
+
+    from . import _checkpoints as ck
+
+    monkeypatch.setattr(attention, "available_backends", lambda: ["auto", "sdpa", "flash3", "flash3_fp8"])
+    dit = load_dit(ck.write_iamflow_fp8(tmp_path / "iamflow_fp8.safetensors", ck.dit_state()), dtype=torch.float32)
+    dit.attention_backend = resolve_backend("auto", fp8=True)
+    # IAMFlow's file stores its attention projections in FP8: 8 a block (self- and cross-attention q, k, v, o)
+    assert dit_line(dit) == "DiT: wan-fp8, 2 blocks on cpu, float32, 16 FP8 linears; attention flash3_fp8"
 
 
 def test_iamflow_mode_with_llm_and_vlm_folders(tmp_path, capsys):
