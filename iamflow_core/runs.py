@@ -81,12 +81,12 @@ def build_models(args: argparse.Namespace):
 def dit_line(dit) -> str:
     """What the DiT runs as, said once it has loaded: its file's layout, device and dtype, its FP8 linears and its
     attention (FP8 attention is `auto`'s choice for a DiT with FP8 linears, and changes the frames by ~0.3-0.6 %)."""
-    from .models.fp8 import FP8Linear
+    from .models.fp8 import fp8_linears
 
     info = getattr(dit, "load_info", None)
     layout = f"{info.layout}, " if info is not None else ""
     dtype = str(next(dit.parameters()).dtype).removeprefix("torch.")
-    fp8 = sum(isinstance(m, FP8Linear) for m in dit.modules())
+    fp8 = fp8_linears(dit)
     linears = f", {fp8} FP8 linears" if fp8 else ""
     blocks = f"{dit.cfg.num_layers} blocks on {dit.device}, {dtype}"
     return f"DiT: {layout}{blocks}{linears}; attention {dit.attention_backend}"

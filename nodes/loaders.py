@@ -23,9 +23,9 @@ def _attention_backend(name: str, dit) -> tuple[str, str | None]:
     """The backend for `dit` (auto: FP8 attention for a DiT with FP8 linears). A saved backend this machine lacks
     (e.g. flash3 on a workflow from an H100) falls back to auto."""
     from iamflow_core.models.attention import available_backends, resolve_backend
-    from iamflow_core.models.fp8 import has_fp8_linears
+    from iamflow_core.models.fp8 import fp8_linears
 
-    fp8 = has_fp8_linears(dit)
+    fp8 = fp8_linears(dit) > 0
     if name in available_backends():
         return resolve_backend(name, fp8), None
     warning = f"{name} attention is not available here; using auto"

@@ -33,7 +33,7 @@ from ..model_presets import DEFAULT_MODEL_PRESET, MODEL_PRESETS, ModelPreset, mo
 from ..models import fused
 from ..models.attention import BACKENDS, resolve_backend
 from ..models.dit import CausalWanDiT
-from ..models.fp8 import has_fp8_linears
+from ..models.fp8 import fp8_linears
 from ..models.t5 import UMT5Encoder
 from ..models.vae import WanVAE
 from ..pipeline import StreamingPipeline
@@ -245,7 +245,7 @@ def run_case(
     plan = plan_chunks(story, chunk_frames=config.cache.chunk_frames)
     row = {
         "memory": memory_mode, "model": model.name, "attention": dit.attention_backend,
-        "quantization": "fp8" if has_fp8_linears(dit) else "off",
+        "quantization": "fp8" if fp8_linears(dit) else "off",
         "transition": settings.transition, "clean_pass": clean_pass_device or "dit",
         "gpus": len(devices), "video_frames": result.frames_written, "wall_s": round(wall, 2),
         "video_fps": round(result.frames_written / wall, 2),

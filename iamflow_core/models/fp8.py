@@ -145,10 +145,10 @@ def takes_rows(linear: nn.Module, dtype: torch.dtype) -> bool:
     return isinstance(linear, FP8Linear) and linear.runs_fp8(dtype)
 
 
-def has_fp8_linears(model: nn.Module) -> bool:
-    """Whether `model` holds FP8 linears (an FP8 checkpoint kept as FP8, or quantized): `auto` attention then runs in
-    FP8 too (`attention.resolve_backend`)."""
-    return any(isinstance(m, FP8Linear) for m in model.modules())
+def fp8_linears(model: nn.Module) -> int:
+    """How many FP8 linears `model` holds (an FP8 checkpoint kept as FP8, or quantized): with any, `auto` attention
+    runs in FP8 too (`attention.resolve_backend`)."""
+    return sum(isinstance(m, FP8Linear) for m in model.modules())
 
 
 def quantize_linear_fp8(linear: nn.Linear, *, use_scaled_mm: bool = False) -> FP8Linear:

@@ -13,7 +13,7 @@ import torch
 from ..models import fused
 from ..models.attention import resolve_backend
 from ..models.dit import CausalWanDiT
-from ..models.fp8 import has_fp8_linears
+from ..models.fp8 import fp8_linears
 from ..models.vae import WanVAE
 from .compat import check_compatible
 from .dit import load_dit
@@ -75,7 +75,7 @@ def load_models(
     fused.warm_up(device)
     text_encoder = _in_background(load_text_encoder, files, text_device or device, dtype, name="iamflow-load-umt5")
     dit = load_dit(files.dit, lora=files.lora, dtype=dtype, device=device, quantization=quantization)
-    dit.attention_backend = resolve_backend(attention, fp8=has_fp8_linears(dit))
+    dit.attention_backend = resolve_backend(attention, fp8=fp8_linears(dit) > 0)
     vae = load_vae(files.vae, dtype=dtype, device=vae_device or device) if files.vae else None
     text_encoder = text_encoder.result()
     check_compatible(dit, text_encoder, vae)
